@@ -18,7 +18,6 @@ class Architecture:
     required input size, or ``None`` if it takes any multiple of ``size_multiple``.
     ``official_converters`` maps a part (``"generator"``/``"discriminator"``) to a function turning an
     official state dict into one this project's module loads with ``strict=True``.
-    ``recipe`` builds the model's training recipe (losses, optimiser settings; see ``models.recipes``).
     """
 
     name: str
@@ -27,7 +26,6 @@ class Architecture:
     size_multiple: int
     train_size: int | None
     official_converters: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
-    recipe: Callable[..., object] | None = None
 
 
 _REGISTRY: dict[str, Architecture] = {}
