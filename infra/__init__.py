@@ -1,0 +1,1 @@
+"""Deployment material for holefill: the local stack (importable), production MLflow, KubeRay, cron."""

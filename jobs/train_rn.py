@@ -1,0 +1,28 @@
+"""Train RN on Ray Train + DeepSpeed and register the generator in MLflow.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/train_rn.py --config jobs/configs/train_rn.yaml --set train.max_steps=1000
+
+or directly: `python jobs/train_rn.py --set scaling.num_workers=2`. See `pipeline/train/config.py` for every key.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script (`python jobs/train_rn.py`, also inside a Ray job's working dir): make the repo importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.train.launch import job_main  # noqa: E402
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "train_rn.yaml")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (`holefill-train-rn`)."""
+    job_main("rn", argv, DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    main()

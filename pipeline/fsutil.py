@@ -1,0 +1,212 @@
+"""fsspec helpers shared by the data pipeline: open URLs, join them, publish files atomically, hash them.
+
+Every function takes a URL (a local path, ``file://…`` or ``s3://…``) plus optional storage options. Storage
+options are only handed to the filesystem they belong to: a local path never receives S3 credentials, so one
+options object can travel with a job whose source is local and whose destination is on S3.
+
+Atomic publication (:func:`atomic_write`) writes to a temporary name *in the destination folder* and then
+moves it into place. What "atomic" means differs per backend:
+
+* local / ``file://``: the move is ``os.replace`` on the same filesystem, so readers see either no file or
+  the complete file, never a prefix. A crash leaves at most a ``.tmp-*`` file behind.
+* S3: an object only becomes visible when its upload completes (single PUT or completed multipart upload),
+  so a reader never sees a partial object. The move is a server-side copy followed by a delete of the
+  temporary key; a crash between the two leaves a stray ``.tmp-*`` object and the complete final object.
+  Readers of holefill data follow the manifest, never listings, so stray temporaries are harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import posixpath
+import uuid
+from typing import IO, Any, Iterator, Mapping
+
+import fsspec
+from fsspec.core import url_to_fs as _fsspec_url_to_fs
+from pydantic import SecretStr
+
+from pipeline.config import Config
+
+__all__ = [
+    "StorageOptions",
+    "atomic_write",
+    "exists",
+    "is_remote",
+    "join_url",
+    "open_url",
+    "parent_url",
+    "protocol_of",
+    "publish_bytes",
+    "read_bytes",
+    "sha256_of_url",
+    "size_of_url",
+    "url_to_fs",
+]
+
+TEMP_MARKER = ".tmp-"
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_CHUNK = 1 << 20
+
+
+class StorageOptions(Config):
+    """Credentials and endpoint for object storage (S3 or an S3-compatible server).
+
+    The secret is a :class:`pydantic.SecretStr`, so printing or logging a config never shows it.
+    """
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: SecretStr | None = None
+    region: str | None = None
+    anon: bool = False
+
+    def for_s3fs(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` (the only place the secret is revealed)."""
+        options: dict[str, Any] = {}
+        if self.anon:
+            options["anon"] = True
+        if self.key is not None:
+            options["key"] = self.key
+        if self.secret is not None:
+            options["secret"] = self.secret.get_secret_value()
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        return options
+
+
+StorageOptionsLike = StorageOptions | Mapping[str, Any] | None
+
+
+def protocol_of(url: str) -> str:
+    """The URL's protocol (``"file"`` for plain paths)."""
+    head, sep, _ = str(url).partition("://")
+    return head.lower() if sep else "file"
+
+
+def is_remote(url: str) -> bool:
+    """True when ``url`` is not on the local filesystem."""
+    return protocol_of(url) not in _LOCAL_PROTOCOLS
+
+
+def _options_for(url: str, storage_options: StorageOptionsLike) -> dict[str, Any]:
+    # Local paths never get credentials: LocalFileSystem would silently accept and ignore them at best.
+    if storage_options is None or not is_remote(url):
+        return {}
+    if isinstance(storage_options, StorageOptions):
+        return storage_options.for_s3fs() if protocol_of(url) in {"s3", "s3a"} else {}
+    return dict(storage_options)
+
+
+def url_to_fs(url: str, storage_options: StorageOptionsLike = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and in-filesystem path for ``url``, configured with the options that apply to it."""
+    return _fsspec_url_to_fs(str(url), **_options_for(str(url), storage_options))
+
+
+def open_url(url: str, mode: str = "rb", storage_options: StorageOptionsLike = None, **kwargs: Any) -> IO:
+    """Open ``url`` like :func:`open` (binary or text mode); extra kwargs go to the filesystem's ``open``."""
+    fs, path = url_to_fs(url, storage_options)
+    if "w" in mode and not is_remote(url):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    return fs.open(path, mode, **kwargs)
+
+
+def read_bytes(url: str, storage_options: StorageOptionsLike = None) -> bytes:
+    """The whole content of ``url``."""
+    fs, path = url_to_fs(url, storage_options)
+    return fs.cat_file(path)
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path parts onto a URL or path, resolving ``..``; an absolute part replaces what precedes it.
+
+    ``join_url("s3://b/data/v2", "../v1/shard-000000.tar") == "s3://b/data/v1/shard-000000.tar"``.
+    """
+    url = str(base)
+    for part in parts:
+        part = str(part)
+        if "://" in part:
+            url = part
+            continue
+        head, sep, path = url.partition("://")
+        if not sep:
+            head, path = "", url
+        if part.startswith("/"):
+            joined = part
+        else:
+            joined = posixpath.join(path, part) if path else part
+        # normpath keeps a leading "//" and would turn "" into "."; both are not wanted here.
+        normalised = posixpath.normpath(joined) if joined else joined
+        if normalised.startswith("//"):
+            normalised = "/" + normalised.lstrip("/")
+        url = f"{head}://{normalised}" if sep else normalised
+    return url
+
+
+def parent_url(url: str) -> str:
+    """The folder holding ``url`` (same protocol)."""
+    head, sep, path = str(url).partition("://")
+    if not sep:
+        return posixpath.dirname(str(url).rstrip("/")) or "."
+    return f"{head}://{posixpath.dirname(path.rstrip('/'))}"
+
+
+def exists(url: str, storage_options: StorageOptionsLike = None) -> bool:
+    """True when ``url`` names an existing file or folder."""
+    fs, path = url_to_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def size_of_url(url: str, storage_options: StorageOptionsLike = None) -> int:
+    """Size of the file at ``url`` in bytes."""
+    fs, path = url_to_fs(url, storage_options)
+    return int(fs.size(path))
+
+
+def sha256_of_url(url: str, storage_options: StorageOptionsLike = None) -> str:
+    """Hex sha256 of the file at ``url``, streamed in 1 MiB chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open_url(url, "rb", storage_options) as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _temporary_sibling(path: str) -> str:
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, f".{name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, storage_options: StorageOptionsLike = None) -> Iterator[IO[bytes]]:
+    """Context manager yielding a binary file; on clean exit its content appears at ``url`` atomically.
+
+    The data goes to a temporary sibling first and is moved into place when the block ends without an
+    exception; on an exception the temporary is removed and ``url`` is untouched (see the module docstring
+    for what atomic means on each backend).
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if not is_remote(url):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    temporary = _temporary_sibling(path)
+    try:
+        with fs.open(temporary, "wb") as handle:
+            yield handle
+        fs.mv(temporary, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(temporary):
+                fs.rm(temporary)
+        raise
+
+
+def publish_bytes(url: str, data: bytes, storage_options: StorageOptionsLike = None) -> None:
+    """Write ``data`` to ``url`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(url, storage_options) as handle:
+        handle.write(data)

@@ -1,0 +1,448 @@
+"""WebDataset loaders for holefill shards: an endless, resampled training stream and an exact eval pass.
+
+A shard sample is three tar members sharing a key: ``KEY.jpg`` (RGB JPEG), ``KEY.mask.png`` (8-bit
+gray, 255 = hole, image-sized) and ``KEY.json`` (metadata). Both loaders
+
+* read shards through fsspec (local paths, ``file://``, ``s3://``, ...; webdataset has no S3 of its own),
+* pull only whitelisted members out of the tar stream (:data:`MEMBER_WHITELIST`); anything else, a
+  ``.pyd`` or ``.pth`` in particular, is skipped before its bytes are even read, so nothing in a shard
+  is ever unpickled,
+* decode with explicit handlers (PIL for the JPEG, :func:`pipeline.imageops.decode_mask_png` for the
+  mask, ``json.loads``), never webdataset's default decoders,
+* yield float batches: ``image`` (B, 3, S, S) in [0, 1] and ``mask`` (B, 1, S, S) with 1 = hole.
+
+Training (:func:`make_train_loader`) samples shards *with replacement* per rank and worker and stops the
+epoch after ``batches_per_epoch`` batches through ``WebLoader.with_epoch`` - on the loader, not the
+dataset, where it would be multiplied by the worker count - so every rank yields exactly the same number
+of batches and no DDP collective waits on a rank that ran dry. Workers send uint8 batches; the
+conversion to float happens in the consuming process (4x less inter-process traffic).
+
+Evaluation (:func:`make_eval_loader`) slices the shard list by rank, then by loader worker, and reads it
+once in a stable order: every eval sample is seen exactly once across all ranks and workers. Ranks may
+get different batch counts; evaluation has no per-batch collective, metrics are all-reduced once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from pipeline.fsutil import StorageOptionsLike, open_url
+from pipeline.imageops import decode_mask_png
+
+__all__ = [
+    "MEMBER_WHITELIST",
+    "EvalLoader",
+    "TrainLoader",
+    "center_crop",
+    "decode_sample",
+    "make_eval_loader",
+    "make_train_loader",
+    "random_crop_flip",
+    "resolve_shard_urls",
+]
+
+log = logging.getLogger(__name__)
+
+# The only tar members a loader reads. Extensions are everything after the key's first dot, lowercased.
+MEMBER_WHITELIST: frozenset[str] = frozenset({"jpg", "mask.png", "json"})
+
+# A resampled stream that keeps drawing shards with no usable sample would spin forever; give up after
+# this many shards in a row (times the number of distinct shards) produced nothing.
+_EMPTY_SHARD_PATIENCE = 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard lists
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_shard_urls(shards: str | Sequence[str], storage_options: StorageOptionsLike = None) -> list[str]:
+    """The shard URLs to read: a list as given, a brace pattern / single ``.tar``, or a manifest URL.
+
+    A string ending in ``.tar`` (optionally with ``{000..009}`` braces) names shards directly; any
+    other string is a manifest file or dataset folder read with ``pipeline.manifest.load_manifest``.
+    """
+    if isinstance(shards, str):
+        if shards.endswith(".tar"):
+            urls = list(wds.shardlists.expand_urls(shards))
+        else:
+            from pipeline.manifest import load_manifest  # deferred: manifests pull in pydantic schemas
+
+            urls = load_manifest(shards, storage_options).shard_urls()
+    else:
+        urls = [str(u) for u in shards]
+    if not urls:
+        raise ValueError("shard list is empty: a loader needs at least one shard")
+    return urls
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and decoding
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_whitelisted(fname: str) -> bool:
+    _, suffix = base_plus_ext(fname)
+    return suffix is not None and suffix.lower() in MEMBER_WHITELIST
+
+
+def _read_shard(url: str, storage_options: StorageOptionsLike, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """Raw samples of one shard (whitelisted members only, as bytes), grouped by key."""
+    with open_url(url, "rb", storage_options) as stream:
+        members = tar_file_iterator(stream, handler=handler, select_files=_is_whitelisted)
+
+        def with_url() -> Iterator[dict]:
+            for member in members:
+                member["__url__"] = url
+                yield member
+
+        # Grouping per shard: a key can never merge with a same-named key of the next shard.
+        yield from group_by_keys(with_url(), handler=handler)
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    im = Image.open(io.BytesIO(data), formats=("JPEG",))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+@dataclass(frozen=True)
+class DecodedSample:
+    """One shard sample in memory: uint8 RGB ``image`` (H, W, 3), uint8 ``mask`` (H, W) 255 = hole."""
+
+    key: str
+    image: np.ndarray
+    mask: np.ndarray
+    meta: dict
+
+
+def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
+    """Decode a raw shard sample (``jpg``, ``mask.png``, optional ``json``) with explicit handlers."""
+    key = str(sample.get("__key__", "?"))
+    missing = [name for name in ("jpg", "mask.png") if name not in sample]
+    if missing:
+        raise ValueError(f"sample {key}: missing member(s) {', '.join(missing)}")
+    image = _decode_rgb(sample["jpg"])
+    mask = decode_mask_png(sample["mask.png"])
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"sample {key}: mask {mask.shape} does not match image {image.shape[:2]}")
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return DecodedSample(key, image, mask, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Joint geometry
+# --------------------------------------------------------------------------------------------------
+
+
+def _cover(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up-scale image (bicubic) and mask (nearest) together so the short side is at least ``size``."""
+    h, w = mask.shape
+    if min(h, w) >= size:
+        return image, mask
+    scale = size / min(h, w)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    image = np.asarray(Image.fromarray(image).resize(new, Image.Resampling.BICUBIC))
+    mask = np.asarray(Image.fromarray(mask).resize(new, Image.Resampling.NEAREST))
+    return image, mask
+
+
+def random_crop_flip(
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same random ``size`` square crop and the same horizontal flip (p = 0.5) on image and mask."""
+    image, mask = _cover(image, mask, size)
+    h, w = mask.shape
+    y0 = int(rng.integers(0, h - size + 1))
+    x0 = int(rng.integers(0, w - size + 1))
+    image = image[y0 : y0 + size, x0 : x0 + size]
+    mask = mask[y0 : y0 + size, x0 : x0 + size]
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def center_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centre ``size`` square of image and mask (up-scaled first when smaller)."""
+    image, mask = _cover(image, mask, size)
+    h, w = mask.shape
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return image[y0 : y0 + size, x0 : x0 + size], mask[y0 : y0 + size, x0 : x0 + size]
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeding
+# --------------------------------------------------------------------------------------------------
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+@dataclass
+class _StreamSeed:
+    """Seeds of one rank's stream. ``epoch`` is bumped by the loader in the main process before each
+    pass; workers receive a copy at the start of the pass, so every (rank, worker, epoch) differs."""
+
+    seed: int
+    rank: int
+    epoch: int = 0
+
+    def derive(self, purpose: str) -> int:
+        worker, _ = _worker()
+        text = repr((self.seed, self.rank, worker, self.epoch, purpose)).encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8, person=b"holefill.load").digest(), "little")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline stages (picklable: they travel to DataLoader workers)
+# --------------------------------------------------------------------------------------------------
+
+
+def _warn_and_continue(exn: Exception) -> bool:
+    log.warning("skipping bad shard data: %s", exn)
+    return True
+
+
+def _reraise(exn: Exception) -> bool:
+    raise exn
+
+
+@dataclass
+class _ResampledSamples:
+    """Endless raw samples: shards drawn with replacement, seeded by (seed, rank, worker, epoch)."""
+
+    urls: list[str]
+    seeds: _StreamSeed
+    storage_options: StorageOptionsLike
+
+    def __call__(self) -> Iterator[dict]:
+        rng = random.Random(self.seeds.derive("shards"))
+        empty_streak = 0
+        while True:
+            url = rng.choice(self.urls)
+            produced = 0
+            for sample in _read_shard(url, self.storage_options, _warn_and_continue):
+                produced += 1
+                yield sample
+            empty_streak = 0 if produced else empty_streak + 1
+            if empty_streak > _EMPTY_SHARD_PATIENCE * len(self.urls):
+                raise RuntimeError(f"{empty_streak} shards in a row held no samples (last: {url})")
+
+
+def _shuffled(src: Iterator[dict], bufsize: int, seeds: _StreamSeed) -> Iterator[dict]:
+    """Reservoir-style shuffle buffer of raw (still encoded, hence small) samples."""
+    rng = random.Random(seeds.derive("shuffle"))
+    buffer: list[dict] = []
+    for sample in src:
+        if len(buffer) < bufsize:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(bufsize)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _train_crops(src: Iterator[dict], crop_size: int, seeds: _StreamSeed) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.Generator(np.random.PCG64(seeds.derive("crop")))
+    for raw in src:
+        try:
+            sample = decode_sample(raw)
+        except (ValueError, OSError) as exc:  # a corrupt sample must not stop a multi-day run
+            _warn_and_continue(exc)
+            continue
+        yield random_crop_flip(sample.image, sample.mask, crop_size, rng)
+
+
+def _collate_uint8(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    images = np.stack([s[0] for s in samples])  # (B, S, S, 3); stack also makes flipped views contiguous
+    masks = np.stack([s[1] for s in samples])
+    return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
+
+
+def _to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """uint8 (B,H,W,3) / (B,H,W) 0|255 -> float image (B,3,H,W) in [0,1], mask (B,1,H,W) 1 = hole."""
+    out = dict(batch)
+    out["image"] = batch["image"].permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    out["mask"] = (batch["mask"] > 127).unsqueeze(1).float()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Train loader
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainLoader:
+    """Iterable of exactly ``batches_per_epoch`` float batches per pass; each pass draws fresh samples.
+
+    Wraps a ``webdataset.WebLoader`` whose length is fixed with ``with_epoch``; ``set_epoch`` (or the
+    automatic increment on every ``iter``) moves the shard, shuffle and crop seeds to a new pass.
+    """
+
+    def __init__(self, loader: wds.WebLoader, seeds: _StreamSeed, batches_per_epoch: int) -> None:
+        self._loader = loader
+        self._seeds = seeds
+        self.batches_per_epoch = batches_per_epoch
+        self._started = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the seeds of pass ``epoch`` for the next iteration (as ``DistributedSampler.set_epoch``)."""
+        self._seeds.epoch = int(epoch)
+        self._started = False
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._started:
+            self._seeds.epoch += 1
+        self._started = True
+        for batch in self._loader:
+            yield _to_float(batch)
+
+
+def make_train_loader(
+    shards: str | Sequence[str],
+    *,
+    batch_size: int,
+    crop_size: int = 256,
+    batches_per_epoch: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    storage_options: StorageOptionsLike = None,
+    shuffle_buffer: int = 500,
+) -> TrainLoader:
+    """Endless-source training loader giving exactly ``batches_per_epoch`` batches on every rank.
+
+    Batches are ``{"image": (B,3,S,S) float [0,1], "mask": (B,1,S,S) float 1 = hole}`` with
+    ``S = crop_size``; image and mask share one random crop and one horizontal flip. Shards are drawn
+    with replacement, seeded by ``(seed, rank, loader worker, epoch)``; ``world_size`` is only checked
+    (ranks differ through ``rank``, not by splitting the shard list).
+    """
+    for name, value in (("batch_size", batch_size), ("crop_size", crop_size), ("batches_per_epoch", batches_per_epoch)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if num_workers < 0 or shuffle_buffer < 0:
+        raise ValueError("num_workers and shuffle_buffer must be >= 0")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+    urls = resolve_shard_urls(shards, storage_options)
+    seeds = _StreamSeed(seed=seed, rank=rank)
+    stages: list[Any] = [_ResampledSamples(urls, seeds, storage_options)]
+    if shuffle_buffer > 1:
+        stages.append(wds.pipelinefilter(_shuffled)(shuffle_buffer, seeds))
+    stages += [
+        wds.pipelinefilter(_train_crops)(crop_size, seeds),
+        wds.batched(batch_size, collation_fn=_collate_uint8, partial=False),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    loader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,  # workers must be re-created each pass to pick up the new epoch seed
+        prefetch_factor=2 if num_workers > 0 else None,
+    ).with_epoch(batches_per_epoch)
+    return TrainLoader(loader, seeds, batches_per_epoch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval loader
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ExactSamples:
+    """Every sample of this rank's and worker's slice of the shard list, once, in shard order."""
+
+    urls: list[str]
+    rank: int
+    world_size: int
+    crop_size: int | None
+    storage_options: StorageOptionsLike
+
+    def __call__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        worker, num_workers = _worker()
+        for url in self.urls[self.rank :: self.world_size][worker::num_workers]:
+            for raw in _read_shard(url, self.storage_options, _reraise):
+                sample = decode_sample(raw)
+                image, mask = sample.image, sample.mask
+                if self.crop_size is not None:
+                    image, mask = center_crop(image, mask, self.crop_size)
+                yield sample.key, image, mask
+
+
+def _collate_eval(samples: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    keys = [s[0] for s in samples]
+    shapes = {s[2].shape for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"eval images differ in size {sorted(shapes)}: set crop_size to batch them")
+    batch = _collate_uint8([(s[1], s[2]) for s in samples])
+    batch["key"] = keys
+    return batch
+
+
+class EvalLoader:
+    """One exact pass over this rank's eval slice: float image/mask, ``key`` list, ``hole_ratio`` (B,)."""
+
+    def __init__(self, loader: wds.WebLoader) -> None:
+        self._loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self._loader:
+            out = _to_float(batch)
+            out["hole_ratio"] = out["mask"].mean(dim=(1, 2, 3))
+            yield out
+
+
+def make_eval_loader(
+    shards: str | Sequence[str],
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    crop_size: int | None = 256,
+    storage_options: StorageOptionsLike = None,
+) -> EvalLoader:
+    """Loader that reads each eval sample exactly once across ``world_size`` ranks and their workers.
+
+    Shards are split ``urls[rank::world_size]``, then ``[worker::num_workers]`` inside each rank; with
+    fewer shards than ``world_size * num_workers`` some readers get none (still exact). ``crop_size``
+    centre-crops image and mask (``None`` keeps the stored size, which must then be uniform).
+    ``hole_ratio`` is measured on the mask as yielded, so buckets match what the metrics see.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if crop_size is not None and crop_size <= 0:
+        raise ValueError(f"crop_size must be > 0 or None, got {crop_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+    urls = resolve_shard_urls(shards, storage_options)
+    pipeline = wds.DataPipeline(
+        _ExactSamples(urls, rank, world_size, crop_size, storage_options),
+        wds.batched(batch_size, collation_fn=_collate_eval, partial=True),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return EvalLoader(loader)

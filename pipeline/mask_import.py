@@ -1,0 +1,145 @@
+"""Import an external folder of irregular masks (e.g. the NVIDIA irregular test masks) for evaluation.
+
+External mask sets disagree on polarity (NVIDIA and RN files: white = hole; LBAM's generator: black =
+hole), on size (NVIDIA: 512x512) and on bit depth (some are JPEG-compressed with gray edges). Importing
+normalises them to holefill's convention - (H, W) uint8, 255 = hole, binary, at a target size resized
+with *nearest* so no gray values appear - and files each mask under its hole-ratio bucket from
+:mod:`pipeline.buckets`.
+
+For evaluation only: RN and LBAM were *trained* on the NVIDIA masks, so using them for training here
+would leak the test masks into training (and the shard job never reads them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.buckets import BUCKET_NAMES, bucket_of
+from pipeline.fsutil import StorageOptionsLike, join_url, open_url, url_to_fs
+from pipeline.imageops import encode_mask_png
+from pipeline.masks import hole_ratio
+
+__all__ = [
+    "MASK_EXTENSIONS",
+    "ImportedMask",
+    "binarize_mask",
+    "bucket_counts",
+    "import_mask",
+    "import_mask_folder",
+    "write_imported_masks",
+]
+
+MASK_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class ImportedMask:
+    """One imported mask: its source file, a key safe for WebDataset, the mask and its bucket."""
+
+    source: str  # path relative to the imported folder, e.g. "testing_mask_dataset/00001.png"
+    key: str  # source without extension, separators -> "_", no dots
+    mask: np.ndarray  # (H, W) uint8, 255 = hole
+    hole_ratio: float
+    bucket: str | None  # bucket name from pipeline.buckets, None when outside (0.01, 0.6]
+
+
+def binarize_mask(gray: np.ndarray, *, white_is_hole: bool = True, threshold: int = 128) -> np.ndarray:
+    """8-bit gray -> uint8 {0, 255} with 255 = hole, honouring the source's polarity."""
+    if not 0 < threshold <= 255:
+        raise ValueError(f"threshold must be in (0, 255], got {threshold}")
+    white = np.asarray(gray) >= threshold
+    return np.where(white if white_is_hole else ~white, 255, 0).astype(np.uint8)
+
+
+def import_mask(
+    data: bytes, *, size: int | tuple[int, int] = 256, white_is_hole: bool = True, threshold: int = 128
+) -> np.ndarray:
+    """Decode one external mask file to holefill's form at ``size`` (side, or ``(height, width)``).
+
+    Binarised first, then resized with nearest-neighbour, so the result stays strictly {0, 255}.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if height <= 0 or width <= 0:
+        raise ValueError(f"mask size must be positive, got {size}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            gray = np.asarray(im.convert("L"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"mask file is not a readable image: {exc}") from None
+    mask = binarize_mask(gray, white_is_hole=white_is_hole, threshold=threshold)
+    if mask.shape != (height, width):
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+    return mask
+
+
+def _key_for(relative: str) -> str:
+    stem = posixpath.splitext(relative)[0]
+    return stem.replace("/", "_").replace("\\", "_").replace(".", "_")
+
+
+def import_mask_folder(
+    source: str,
+    *,
+    size: int | tuple[int, int] = 256,
+    white_is_hole: bool = True,
+    threshold: int = 128,
+    storage_options: StorageOptionsLike = None,
+) -> list[ImportedMask]:
+    """Import every mask file under ``source`` (local path or fsspec URL), sorted by relative path.
+
+    Raises ``ValueError`` when the folder holds no mask files or one of them cannot be read (an
+    evaluation set with silently missing masks would change the benchmark).
+    """
+    fs, root = url_to_fs(source, storage_options)
+    root = root.rstrip("/")
+    files = sorted(p for p in fs.find(root) if p.lower().endswith(MASK_EXTENSIONS))
+    if not files:
+        raise ValueError(f"no mask files ({', '.join(MASK_EXTENSIONS)}) under {source}")
+    imported: list[ImportedMask] = []
+    for path in files:
+        relative = posixpath.relpath(path, root) if path.startswith(root) else posixpath.basename(path)
+        try:
+            mask = import_mask(fs.cat_file(path), size=size, white_is_hole=white_is_hole, threshold=threshold)
+        except ValueError as exc:
+            raise ValueError(f"{relative}: {exc}") from None
+        ratio = hole_ratio(mask)
+        imported.append(ImportedMask(relative, _key_for(relative), mask, ratio, bucket_of(ratio)))
+    return imported
+
+
+def bucket_counts(masks: Iterable[ImportedMask]) -> dict[str, int]:
+    """Number of masks per bucket name (every bucket listed, plus ``"outside"`` for the rest)."""
+    counts = Counter(m.bucket or "outside" for m in masks)
+    return {name: counts.get(name, 0) for name in (*BUCKET_NAMES, "outside")}
+
+
+def write_imported_masks(
+    masks: Iterable[ImportedMask], dest: str, storage_options: StorageOptionsLike = None
+) -> str:
+    """Write ``dest/<bucket>/<key>.png`` (masks outside every bucket are left out) and ``dest/index.json``.
+
+    The index records every mask - source, key, hole ratio, bucket (``null`` when outside) - and the
+    per-bucket counts; returns its URL.
+    """
+    records = []
+    masks = list(masks)
+    for m in masks:
+        file = None
+        if m.bucket is not None:
+            file = f"{m.bucket}/{m.key}.png"
+            with open_url(join_url(dest, file), "wb", storage_options) as f:
+                f.write(encode_mask_png(m.mask))
+        records.append({"source": m.source, "key": m.key, "hole_ratio": m.hole_ratio, "bucket": m.bucket, "file": file})
+    index = {"masks": records, "bucket_counts": bucket_counts(masks), "polarity": "255 = hole"}
+    url = join_url(dest, "index.json")
+    with open_url(url, "wb", storage_options) as f:
+        f.write(json.dumps(index, indent=1).encode())
+    return url

@@ -1,0 +1,644 @@
+"""The shard job: source images -> WebDataset tar shards with precomputed masks, plus their manifest.
+
+Shape of a run (:func:`run_shard_job`):
+
+1. list the source (sorted, unique keys), keep only new items for an incremental version, apply ``limit``;
+2. plan shards deterministically: the i-th block of ``samples_per_shard`` items becomes ``shard-%06d.tar``;
+3. run ONE Ray task per shard (:func:`write_shard`), at most ``max_in_flight`` at a time. A task first checks
+   whether its shard is already published and verifies (the ``.tar.json`` sidecar records the plan's
+   fingerprint, size and sha256); if so it returns the recorded result, otherwise it writes the shard to a
+   temporary name, publishes it atomically and then publishes the sidecar;
+4. write the key list (watermark) and ``manifest.json`` atomically.
+
+Everything a shard holds is a function of the config and the source bytes: tar headers carry fixed times
+and owners, member order is fixed, masks come from ``(seed, key)``. So a re-run after a crash skips the
+finished shards, rewrites the others identically, and ends with byte-identical shards and manifest
+(creation time aside).
+
+Each sample is ``KEY.jpg`` (RGB JPEG), ``KEY.mask.png`` (8-bit gray, 255 = hole, image-sized) and ``KEY.json``
+(source path, label, size, hole ratio, mask generator + parameters + seed). Bad inputs are listed in the
+manifest with a reason and skipped; they never fail the job, so shards can hold fewer samples than planned.
+
+Eval sets (``eval.enabled``) come from a validation split: images are centre-cropped to ``store_size``
+squared, and each item gets a target hole-ratio bucket (round-robin over the buckets still short); its mask
+is redrawn with derived seeds until it lands in that bucket. Buckets left short by rejected images are
+topped up by further rounds over the next items, so every bucket ends with exactly ``per_bucket`` samples
+when the source allows it. An eval set is identified by its manifest hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.buckets import HOLE_RATIO_BUCKETS, bucket_name
+from pipeline.config import Config
+from pipeline.fsutil import (
+    StorageOptions,
+    atomic_write,
+    join_url,
+    parent_url,
+    protocol_of,
+    publish_bytes,
+    read_bytes,
+    sha256_of_url,
+    size_of_url,
+)
+from pipeline.imageops import DEFAULT_MAX_PIXELS, BadImageError, encode_mask_png, prepare_image
+from pipeline.manifest import (
+    HoleRatioHistogram,
+    Manifest,
+    ParentRef,
+    RejectedInput,
+    ShardEntry,
+    SourceDescription,
+    Watermark,
+    canonical_json,
+    combine_histograms,
+    load_manifest,
+    manifest_hash,
+    manifest_url_for,
+    read_keys,
+    write_keys,
+    write_manifest,
+)
+from pipeline.masks import MaskSpec, describe, hole_ratio, make_mask
+from pipeline.sources import SourceItem, SourceReader, SourceSpec, list_source, new_items
+
+__all__ = [
+    "EvalSettings",
+    "ShardJobConfig",
+    "ShardJobResult",
+    "ShardPlan",
+    "ShardResult",
+    "derive_mask_seed",
+    "plan_shards",
+    "run_shard_job",
+    "shard_name",
+    "write_shard",
+]
+
+log = logging.getLogger("holefill.sharding")
+
+# Bump when the bytes a shard task writes for the same inputs change (it invalidates old sidecars).
+SHARD_FORMAT = 1
+# Tar header fields are fixed so that equal inputs give byte-identical shards on every run and host.
+_TAR_MTIME = 0
+_TAR_MODE = 0o644
+
+
+class EvalSettings(Config):
+    """Pinned evaluation set: ``per_bucket`` samples in each hole-ratio bucket."""
+
+    enabled: bool = False
+    per_bucket: int = Field(default=100, ge=1)
+    buckets: tuple[tuple[float, float], ...] = HOLE_RATIO_BUCKETS
+    max_attempts: int = Field(default=500, ge=1, description="mask draws per item before it is given up")
+
+    @field_validator("buckets")
+    @classmethod
+    def _valid_buckets(cls, buckets: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        if not buckets:
+            raise ValueError("at least one bucket is needed")
+        for lo, hi in buckets:
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"bucket ({lo}, {hi}] must satisfy 0 <= lo < hi <= 1")
+        return buckets
+
+
+class ShardJobConfig(Config):
+    """Everything the shard job needs; validated before any Ray resource is requested."""
+
+    source: SourceSpec
+    out: str = Field(min_length=1, description="dataset folder (local path or URL) for shards and manifest")
+    dataset_version: str = Field(default="1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    samples_per_shard: int = Field(default=1000, ge=1)
+    masks: MaskSpec = Field(default_factory=MaskSpec)
+    seed: int = Field(default=0, ge=0)
+    store_size: int = Field(default=256, ge=32, le=8192)
+    center_crop: bool = False
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    jpeg_subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:4:4"
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard")
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    limit: int | None = Field(default=None, ge=1, description="use only the first N items (sorted by key)")
+    parent: str | None = Field(default=None, description="manifest of the version this one extends")
+    incremental_by: Literal["keys", "mtime"] = "keys"
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per shard task")
+    max_in_flight: int = Field(default=0, ge=0, description="shard tasks queued at once; 0 = 2 x cluster CPUs")
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256", description="how a re-run checks an existing shard before skipping it"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_sets_are_cropped(cls, data: Any) -> Any:
+        # Eval images are centre-cropped squares; make that the default in eval mode, and refuse an
+        # explicit contradiction instead of silently writing a different set.
+        if isinstance(data, dict):
+            evaluation = data.get("eval")
+            enabled = evaluation.get("enabled") if isinstance(evaluation, dict) else getattr(evaluation, "enabled", False)
+            if enabled:
+                if data.get("center_crop") is False:
+                    raise ValueError("eval sets are centre-cropped: center_crop cannot be false with eval.enabled")
+                data = {**data, "center_crop": True}
+        return data
+
+    @model_validator(mode="after")
+    def _eval_has_no_parent(self) -> "ShardJobConfig":
+        if self.eval.enabled and self.parent is not None:
+            raise ValueError("eval sets are pinned: parent (incremental versions) applies to training sets only")
+        return self
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as stored in the manifest: no secrets, no output location (a copy keeps its hash)."""
+        return self.model_dump(mode="json", exclude={"out", "storage_options", "num_cpus", "max_in_flight"})
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: ``shard-000042.tar``."""
+    return f"shard-{index:06d}.tar"
+
+
+def derive_mask_seed(seed: int, attempt: int) -> int:
+    """Seed of the ``attempt``-th mask draw of an eval item (attempt 0 is ``seed`` itself)."""
+    if attempt == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{attempt}".encode(), digest_size=8, person=b"holefill.retry").digest()
+    return int.from_bytes(digest, "little") >> 1  # non-negative 63-bit
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard's inputs, in write order; ``targets`` holds each item's bucket for eval sets."""
+
+    index: int
+    items: tuple[SourceItem, ...]
+    targets: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+
+class ShardResult(BaseModel):
+    """What a shard task reports, and what its ``.tar.json`` sidecar records (timings excepted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    name: str
+    fingerprint: str
+    planned: int
+    samples: int
+    bytes: int
+    sha256: str
+    keys: list[str]
+    rejected: list[RejectedInput]
+    histogram: HoleRatioHistogram
+    bucket_counts: dict[str, int] = {}
+    reused: bool = False
+    timings: dict[str, float] = {}
+
+    def sidecar(self) -> bytes:
+        return (canonical_json(self.model_dump(mode="json", exclude={"reused", "timings"})) + "\n").encode()
+
+
+def _task_settings(config: ShardJobConfig) -> dict[str, Any]:
+    """The config fields that determine a shard's bytes (source identity lives in the item list)."""
+    return {
+        "format": SHARD_FORMAT,
+        "masks": describe(config.masks),
+        "seed": config.seed,
+        "store_size": config.store_size,
+        "center_crop": config.center_crop,
+        "jpeg_quality": config.jpeg_quality,
+        "jpeg_subsampling": config.jpeg_subsampling,
+        "max_pixels": config.max_pixels,
+        "eval": config.eval.model_dump(mode="json") if config.eval.enabled else None,
+    }
+
+
+def plan_fingerprint(plan: ShardPlan, config: ShardJobConfig) -> str:
+    """sha256 identifying what shard ``plan`` must contain: settings plus each item's identity."""
+    items = [[i.key, i.path, i.label, i.size, i.mtime, i.offset] for i in plan.items]
+    payload = {"settings": _task_settings(config), "items": items, "targets": plan.targets, "name": plan.name}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def plan_shards(
+    items: Sequence[SourceItem], samples_per_shard: int, *, first_index: int = 0,
+    targets: Sequence[str] | None = None,
+) -> list[ShardPlan]:
+    """Cut sorted ``items`` into consecutive blocks of ``samples_per_shard`` (the last may be shorter)."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if targets is not None and len(targets) != len(items):
+        raise ValueError("targets must have one bucket per item")
+    plans = []
+    for number, start in enumerate(range(0, len(items), samples_per_shard)):
+        stop = start + samples_per_shard
+        plans.append(
+            ShardPlan(
+                index=first_index + number,
+                items=tuple(items[start:stop]),
+                targets=tuple(targets[start:stop]) if targets is not None else None,
+            )
+        )
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------- shard task
+
+
+class _HashingWriter:
+    """Write-through file wrapper that hashes and counts the bytes (no second read of the shard)."""
+
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        self._handle.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    info.mode = _TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _mask_for(item_key: str, target: str | None, config: ShardJobConfig, height: int, width: int):
+    """``(mask, seed used, attempt)``; for an eval target, the first derived-seed draw in that bucket."""
+    if target is None:
+        return make_mask(config.masks, config.seed, item_key, height, width), config.seed, 0
+    buckets = {bucket_name(b): b for b in config.eval.buckets}
+    lo, hi = buckets[target]
+    for attempt in range(config.eval.max_attempts):
+        seed = derive_mask_seed(config.seed, attempt)
+        mask = make_mask(config.masks, seed, item_key, height, width)
+        if lo < hole_ratio(mask) <= hi:
+            return mask, seed, attempt
+    return None, None, config.eval.max_attempts
+
+
+def _existing_result(plan: ShardPlan, fingerprint: str, config: ShardJobConfig) -> ShardResult | None:
+    """The recorded result of a published shard that still verifies, else ``None`` (rewrite it)."""
+    url = join_url(config.out, plan.name)
+    try:
+        recorded = ShardResult.model_validate_json(read_bytes(url + ".json", config.storage_options))
+        if recorded.fingerprint != fingerprint or size_of_url(url, config.storage_options) != recorded.bytes:
+            return None
+        if config.verify == "sha256" and sha256_of_url(url, config.storage_options) != recorded.sha256:
+            return None
+    except (FileNotFoundError, ValueError):
+        return None
+    return recorded.model_copy(update={"reused": True})
+
+
+def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
+    """Write (or reuse, when it exists and verifies) one shard; returns its stats. Runs as a Ray task.
+
+    Memory stays flat in the shard size: samples are read, encoded and streamed into the tar one at a time.
+    """
+    fingerprint = plan_fingerprint(plan, config)
+    existing = _existing_result(plan, fingerprint, config)
+    if existing is not None:
+        return existing
+
+    url = join_url(config.out, plan.name)
+    timings = {"read": 0.0, "prepare": 0.0, "mask": 0.0, "mask_png": 0.0, "write": 0.0}
+    mask_desc = describe(config.masks)
+    rejected: list[RejectedInput] = []
+    keys: list[str] = []
+    ratios: list[float] = []
+    bucket_counts: dict[str, int] = {}
+    targets = plan.targets or (None,) * len(plan.items)
+
+    with SourceReader(config.storage_options) as reader, atomic_write(url, config.storage_options) as handle:
+        sink = _HashingWriter(handle)
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as archive:
+            for item, target in zip(plan.items, targets):
+                clock = time.perf_counter()
+                try:
+                    data = reader.read(item)
+                except FileNotFoundError:
+                    rejected.append(RejectedInput(key=item.key, source=item.path, reason="missing"))
+                    continue
+                except (OSError, EOFError) as exc:
+                    rejected.append(RejectedInput(key=item.key, source=item.path, reason="unreadable", detail=str(exc)))
+                    continue
+                timings["read"] += (now := time.perf_counter()) - clock
+                try:
+                    image = prepare_image(
+                        data,
+                        store_size=config.store_size,
+                        center_crop=config.center_crop,
+                        max_pixels=config.max_pixels,
+                        quality=config.jpeg_quality,
+                        subsampling=config.jpeg_subsampling,
+                    )
+                except BadImageError as exc:
+                    rejected.append(
+                        RejectedInput(key=item.key, source=item.path, reason=exc.reason, detail=exc.detail)
+                    )
+                    continue
+                finally:
+                    timings["prepare"] += (clock := time.perf_counter()) - now
+                mask, mask_seed, attempt = _mask_for(item.key, target, config, image.height, image.width)
+                timings["mask"] += (now := time.perf_counter()) - clock
+                if mask is None:
+                    rejected.append(
+                        RejectedInput(
+                            key=item.key, source=item.path, reason="no mask in bucket",
+                            detail=f"{target} after {attempt} draws",
+                        )
+                    )
+                    continue
+                ratio = hole_ratio(mask)
+                png = encode_mask_png(mask)
+                timings["mask_png"] += (clock := time.perf_counter()) - now
+                meta: dict[str, Any] = {
+                    "key": item.key,
+                    "source": item.path,
+                    "label": item.label,
+                    "width": image.width,
+                    "height": image.height,
+                    "hole_ratio": ratio,
+                    "mask": {**mask_desc, "seed": mask_seed},
+                    "source_format": image.source_format,
+                    "source_size": list(image.source_size),
+                }
+                if target is not None:
+                    meta["bucket"] = target
+                    meta["mask"]["attempt"] = attempt
+                    bucket_counts[target] = bucket_counts.get(target, 0) + 1
+                _add_member(archive, f"{item.key}.jpg", image.jpeg)
+                _add_member(archive, f"{item.key}.mask.png", png)
+                _add_member(archive, f"{item.key}.json", (canonical_json(meta) + "\n").encode())
+                timings["write"] += time.perf_counter() - clock
+                keys.append(item.key)
+                ratios.append(ratio)
+
+    result = ShardResult(
+        index=plan.index,
+        name=plan.name,
+        fingerprint=fingerprint,
+        planned=len(plan.items),
+        samples=len(keys),
+        bytes=sink.size,
+        sha256=sink.digest.hexdigest(),
+        keys=keys,
+        rejected=rejected,
+        histogram=HoleRatioHistogram.of(ratios),
+        bucket_counts=bucket_counts,
+        timings=timings,
+    )
+    # The sidecar goes last: a shard without a matching sidecar is simply rewritten by the next run.
+    publish_bytes(url + ".json", result.sidecar(), config.storage_options)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class ShardJobResult:
+    """Outcome of :func:`run_shard_job`."""
+
+    manifest_url: str
+    manifest: Manifest
+    manifest_hash: str
+    shards_written: int
+    shards_reused: int
+    results: list[ShardResult] = field(default_factory=list)
+
+
+class _Progress:
+    """Samples done, samples/s and ETA in the job log, updated as shard tasks complete."""
+
+    def __init__(self, total_items: int, emit: Callable[[str], None]):
+        self.total = total_items
+        self.done = 0
+        self.fresh = 0
+        self.started = time.monotonic()
+        self.emit = emit
+
+    def update(self, result: ShardResult, shards_done: int, shards_total: int) -> None:
+        self.done += result.planned
+        if not result.reused:
+            self.fresh += result.planned
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.fresh / elapsed
+        remaining = self.total - self.done
+        eta = f"{remaining / rate:.0f}s" if rate > 0 else "?"
+        state = "reused" if result.reused else f"{result.samples} samples, {len(result.rejected)} rejected"
+        self.emit(
+            f"shard {result.name} {state} | shards {shards_done}/{shards_total} | "
+            f"items {self.done}/{self.total} | {rate:.1f} samples/s | ETA {eta}"
+        )
+
+
+def _ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        # Connects to RAY_ADDRESS when set (ray's own convention), else starts an embedded local Ray.
+        ray.init(log_to_driver=True)
+    return ray
+
+
+def _run_plans(
+    plans: Sequence[ShardPlan], config: ShardJobConfig, emit: Callable[[str], None], progress: _Progress,
+    shards_total: int, shards_done_before: int,
+) -> list[ShardResult]:
+    """Run one Ray task per plan with bounded concurrency; results in plan order."""
+    if not plans:
+        return []
+    ray = _ensure_ray()
+    task = ray.remote(write_shard).options(num_cpus=config.num_cpus, max_retries=2)
+    config_ref = ray.put(config)
+    limit = config.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / config.num_cpus))
+    pending: dict[Any, ShardPlan] = {}
+    results: dict[int, ShardResult] = {}
+    queue = list(plans)
+    done = shards_done_before
+    while queue or pending:
+        while queue and len(pending) < limit:
+            plan = queue.pop(0)
+            pending[task.remote(plan, config_ref)] = plan
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            pending.pop(ref)
+            result = ray.get(ref)
+            results[result.index] = result
+            done += 1
+            progress.update(result, done, shards_total)
+    return [results[plan.index] for plan in plans]
+
+
+def _round_robin_targets(needs: dict[str, int]) -> list[str]:
+    """Bucket names interleaved, each repeated as often as it still needs samples."""
+    remaining = dict(needs)
+    order: list[str] = []
+    while any(remaining.values()):
+        for name in list(remaining):
+            if remaining[name] > 0:
+                order.append(name)
+                remaining[name] -= 1
+    return order
+
+
+def _relative_url(folder: str, target: str) -> str:
+    """``target`` relative to ``folder`` when both are on one filesystem (and S3 bucket), else absolute."""
+    if protocol_of(folder) != protocol_of(target):
+        return target
+    strip = lambda url: url.partition("://")[2] if "://" in url else url  # noqa: E731
+    a, b = strip(folder).rstrip("/"), strip(target)
+    if protocol_of(folder) != "file" and a.split("/", 1)[0] != b.split("/", 1)[0]:
+        return target
+    return posixpath.relpath(b, a)
+
+
+def run_shard_job(config: ShardJobConfig, emit: Callable[[str], None] | None = None) -> ShardJobResult:
+    """Shard ``config.source`` into ``config.out`` and publish the manifest; safe to re-run after a crash."""
+    emit = emit or log.info
+    listing = list_source(config.source, config.storage_options)
+    items = listing.items
+    parent: Manifest | None = None
+    if config.parent is not None:
+        parent = load_manifest(config.parent, config.storage_options)
+        if manifest_url_for(config.out) == parent.location:
+            raise ValueError("an incremental version must be written to a new folder, not over its parent")
+        items = new_items(items, parent, config.storage_options, by=config.incremental_by)
+    if config.limit is not None:
+        items = items[: config.limit]
+    first_index = len(parent.shards) if parent is not None else 0
+    emit(f"source {listing.description.kind} {config.source.url}: {listing.description.items} items, "
+         f"{len(items)} to shard into {config.out}")
+
+    if config.eval.enabled:
+        results, attempted = _run_eval_rounds(items, config, emit)
+    else:
+        plans = plan_shards(items, config.samples_per_shard, first_index=first_index)
+        progress = _Progress(len(items), emit)
+        results = _run_plans(plans, config, emit, progress, len(plans), 0)
+        attempted = items
+
+    manifest = _build_manifest(config, listing.description, attempted, results, parent)
+    manifest_url = write_manifest(manifest, config.out, config.storage_options)
+    digest = manifest_hash(manifest)
+    reused = sum(r.reused for r in results)
+    emit(f"manifest {manifest_url} sha256 {digest} ({manifest.total_samples} samples in "
+         f"{len(manifest.shards)} shards, {len(manifest.rejected)} rejected; {reused} shards reused)")
+    return ShardJobResult(manifest_url, manifest, digest, len(results) - reused, reused, results)
+
+
+def _run_eval_rounds(
+    items: Sequence[SourceItem], config: ShardJobConfig, emit: Callable[[str], None]
+) -> tuple[list[ShardResult], list[SourceItem]]:
+    """Fill every bucket with ``per_bucket`` samples, topping up shortfalls from the next items."""
+    needs = {bucket_name(b): config.eval.per_bucket for b in config.eval.buckets}
+    planned_total = sum(needs.values())
+    progress = _Progress(planned_total, emit)
+    results: list[ShardResult] = []
+    cursor, next_index = 0, 0
+    while any(needs.values()) and cursor < len(items):
+        targets = _round_robin_targets(needs)[: len(items) - cursor]
+        chunk = items[cursor : cursor + len(targets)]
+        cursor += len(chunk)
+        plans = plan_shards(chunk, config.samples_per_shard, first_index=next_index, targets=targets)
+        next_index += len(plans)
+        if results:
+            progress.total += len(chunk)
+            emit(f"eval top-up round: {len(chunk)} more items for {sum(needs.values())} missing samples")
+        round_results = _run_plans(plans, config, emit, progress, next_index, len(results))
+        results.extend(round_results)
+        for result in round_results:
+            for name, count in result.bucket_counts.items():
+                needs[name] -= count
+    short = {name: need for name, need in needs.items() if need > 0}
+    if short:
+        emit(f"WARNING: eval set is unbalanced, source ran out of usable items; missing per bucket: {short}")
+    return results, list(items[:cursor])
+
+
+def _build_manifest(
+    config: ShardJobConfig,
+    source: SourceDescription,
+    attempted: Sequence[SourceItem],
+    results: Sequence[ShardResult],
+    parent: Manifest | None,
+) -> Manifest:
+    shards: list[ShardEntry] = []
+    rejected: list[RejectedInput] = []
+    histograms: list[HoleRatioHistogram] = []
+    keys: set[str] = {item.key for item in attempted}
+    mtimes = [item.mtime for item in attempted if item.mtime is not None]
+    parent_ref = None
+    if parent is not None:
+        folder = parent_url(manifest_url_for(config.out))
+        shards += [
+            entry.model_copy(update={"url": _relative_url(folder, url)})
+            for entry, url in zip(parent.shards, parent.shard_urls())
+        ]
+        rejected += parent.rejected
+        histograms.append(parent.hole_ratio_histogram)
+        if parent.keys_url() is not None:
+            keys |= read_keys(parent.keys_url(), config.storage_options)
+        if parent.watermark.max_mtime is not None:
+            mtimes.append(parent.watermark.max_mtime)
+        parent_ref = ParentRef(
+            url=_relative_url(folder, parent.location or ""),
+            dataset_version=parent.dataset_version,
+            manifest_hash=manifest_hash(parent),
+        )
+    for result in results:
+        # A shard whose every input was rejected is still published, but it is not worth listing.
+        if result.samples:
+            shards.append(ShardEntry(url=result.name, samples=result.samples, bytes=result.bytes, sha256=result.sha256))
+        rejected += result.rejected
+        histograms.append(result.histogram)
+    keys_sha = write_keys(keys, join_url(config.out, "keys.txt.gz"), config.storage_options)
+    eval_buckets = None
+    if config.eval.enabled:
+        eval_buckets = {bucket_name(b): 0 for b in config.eval.buckets}
+        for result in results:
+            for name, count in result.bucket_counts.items():
+                eval_buckets[name] += count
+    return Manifest(
+        kind="eval" if config.eval.enabled else "train",
+        dataset_version=config.dataset_version,
+        source=source,
+        config=config.recorded(),
+        shards=shards,
+        total_samples=sum(s.samples for s in shards),
+        total_bytes=sum(s.bytes for s in shards),
+        rejected=rejected,
+        hole_ratio_histogram=combine_histograms(histograms),
+        eval_buckets=eval_buckets,
+        watermark=Watermark(keys_count=len(keys), max_mtime=max(mtimes) if mtimes else None, keys_sha256=keys_sha),
+        parent=parent_ref,
+    )

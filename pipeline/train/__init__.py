@@ -1,0 +1,10 @@
+"""Distributed GAN training of RN and LBAM on Ray Train with one DeepSpeed engine per network.
+
+``config`` (what a job may set), ``engines`` (DeepSpeed engines and precision), ``loop`` (the per-worker
+loop), ``checkpoint`` (what a checkpoint holds) and ``launch`` (:func:`run_training`, the driver).
+"""
+
+from pipeline.train.config import TrainJobConfig, check_train_config, load_train_config
+from pipeline.train.launch import TrainingResult, run_training
+
+__all__ = ["TrainJobConfig", "TrainingResult", "check_train_config", "load_train_config", "run_training"]

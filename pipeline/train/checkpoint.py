@@ -1,0 +1,146 @@
+"""What a training checkpoint holds, how every rank writes its part, and how a restarted worker reads it back.
+
+Ray Train (V2) persists a reported checkpoint by copying each worker's local directory into **one**
+storage directory whose name rank 0 chooses and broadcasts; files from different ranks are merged and a
+file name written by two ranks is overwritten by whichever upload lands last. So every file here is either
+written by exactly one rank or carries the rank in its name:
+
+```
+<checkpoint>/
+  state.json                                  rank 0: step, world size, ZeRO stage, precision, arch
+  generator.pt                                rank 0: consolidated fp32 generator state dict (for registration)
+  generator/state/mp_rank_00_model_states.pt  rank 0: DeepSpeed module + client state of G
+  generator/state/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   every rank under ZeRO 1/2: its optimiser shard
+  discriminator/...                           the same for D
+  rng/rank_<r>.pt                             every rank: Python, NumPy, torch (and CUDA) RNG states
+```
+
+On restore, Ray downloads the whole merged directory to every worker, so each rank finds its own ZeRO shard
+and RNG file beside rank 0's files. ZeRO 1/2 shards are only valid for the world size that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CHECKPOINT_TAG",
+    "GENERATOR_FILE",
+    "CheckpointState",
+    "consolidated_generator_state",
+    "load_generator_state",
+    "restore_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_TAG = "state"
+GENERATOR_FILE = "generator.pt"
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """The small, human-readable part of a checkpoint (``state.json``)."""
+
+    step: int
+    world_size: int
+    zero_stage: int
+    precision: str
+    arch: str
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def consolidated_generator_state(engine: Any, precision: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the engine's module on CPU. Collective: every rank must call it.
+
+    In fp32 the module's own parameters are the full, exact weights on every rank (ZeRO 1/2 partition only the
+    optimiser state and gradients). In bf16/fp16 the module holds half-precision copies and the fp32 master
+    weights are partitioned across ranks; ``safe_get_full_fp32_param`` gathers each one (an all-reduce).
+    """
+    module = engine.module
+    state = {name: t.detach().float().cpu().clone() for name, t in module.state_dict().items()}
+    if precision != "fp32":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in module.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                state[name] = full.detach().float().cpu().clone()
+    return state
+
+
+def save_checkpoint(directory: str | Path, engines: Any, state: CheckpointState, rank: int) -> None:
+    """Write this rank's part of a checkpoint into the local ``directory`` (collective: every rank calls it)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # DeepSpeed writes module states from rank 0 and ZeRO shards from every rank, each under a rank-unique name.
+    engines.generator.save_checkpoint(str(directory / "generator"), tag=CHECKPOINT_TAG, save_latest=False)
+    engines.discriminator.save_checkpoint(str(directory / "discriminator"), tag=CHECKPOINT_TAG, save_latest=False)
+    generator_state = consolidated_generator_state(engines.generator, state.precision)
+    (directory / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), directory / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        torch.save(generator_state, directory / GENERATOR_FILE)
+        (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
+
+
+def read_state(directory: str | Path) -> CheckpointState:
+    """The ``state.json`` of a (downloaded) checkpoint directory."""
+    path = Path(directory) / STATE_FILE
+    try:
+        return CheckpointState(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {directory} has no {STATE_FILE}: not a holefill training checkpoint") from None
+
+
+def restore_checkpoint(directory: str | Path, engines: Any, *, rank: int, world_size: int, zero_stage: int, arch: str) -> CheckpointState:
+    """Load both engines (weights, optimiser shards, LR schedulers) and this rank's RNG state; return the state."""
+    directory = Path(directory)
+    state = read_state(directory)
+    if state.arch != arch:
+        raise ValueError(f"checkpoint {directory} holds a {state.arch} model, this run trains {arch}")
+    if state.zero_stage != zero_stage or (zero_stage > 0 and state.world_size != world_size):
+        raise ValueError(
+            f"checkpoint {directory} was written with ZeRO stage {state.zero_stage} by {state.world_size} workers; "
+            f"resume with deepspeed.zero_stage={state.zero_stage} and scaling.num_workers={state.world_size}"
+        )
+    for name, engine in (("generator", engines.generator), ("discriminator", engines.discriminator)):
+        path, _ = engine.load_checkpoint(
+            str(directory / name), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise ValueError(f"checkpoint {directory}: DeepSpeed could not load the {name} engine state")
+    rng_file = directory / "rng" / f"rank_{rank}.pt"
+    if rng_file.exists():
+        # weights_only=False: NumPy's RNG state is a tuple holding an ndarray; the file is our own, never user data.
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return state
+
+
+def load_generator_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 generator weights of a checkpoint (tensors only, loaded with ``weights_only``)."""
+    return torch.load(Path(directory) / GENERATOR_FILE, map_location="cpu", weights_only=True)

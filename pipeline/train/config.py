@@ -1,0 +1,208 @@
+"""The training job's typed configuration, validated before any Ray resource is requested.
+
+A :class:`TrainJobConfig` is built from YAML plus ``--set`` overrides by :func:`load_train_config`, which
+also runs :func:`check_train_config`: the cross-section rules (GPU-only precisions, LBAM's fixed 256²
+discriminator input, ZeRO stages DeepSpeed can run here) that no single field can check on its own.
+Every problem is a :class:`~pipeline.config.ConfigError` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.fsutil import StorageOptions
+
+__all__ = [
+    "DataSection",
+    "DeepSpeedSection",
+    "FaultInjection",
+    "MlflowSection",
+    "ModelSection",
+    "RunSection",
+    "ScalingSection",
+    "TrainJobConfig",
+    "TrainSection",
+    "check_train_config",
+    "load_train_config",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class ModelSection(Config):
+    """Which architecture to train and the options handed to its recipe (``models.recipes.build_recipe``).
+
+    ``options`` are recipe keywords such as ``per_sample_stats`` (RN), ``vgg_weights`` /
+    ``allow_random_vgg`` (LBAM's perceptual loss) or ``adversarial``; they are checked against the
+    recipe's signature by :func:`check_train_config`.
+    """
+
+    arch: Literal["rn", "lbam"]
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(Config):
+    """Where the shards are: manifests written by the shard job (local path, ``file://`` or ``s3://``)."""
+
+    train_manifest: str
+    eval_manifest: str
+    crop_size: int = Field(256, gt=0)
+    loader_workers: int = Field(2, ge=0)
+    eval_batch_size: int = Field(4, gt=0)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class TrainSection(Config):
+    """Step budget and cadences, all counted in optimiser steps (one step = ``gradient_accumulation_steps``
+    micro-batches of ``batch_size`` images on every worker). A cadence of 0 turns that activity off except at
+    the final step, which always validates, logs and checkpoints."""
+
+    max_steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="images per worker per micro-batch")
+    val_every: int = Field(0, ge=0)
+    ckpt_every: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=0)
+    image_every: int = Field(0, ge=0)
+    steps_per_epoch: int = Field(
+        10_000, gt=0, description="optimiser steps per epoch for epoch-based LR schedules (RN: 0.8 per epoch)"
+    )
+    seed: int = 67454
+
+
+class DeepSpeedSection(Config):
+    """DeepSpeed engine settings shared by the generator and discriminator engines."""
+
+    zero_stage: int = 0
+    precision: Precision = "fp32"
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_clipping: float = Field(0.0, ge=0.0, description="max global grad norm; 0 = off")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _supported_stage(cls, stage: int) -> int:
+        if stage == 3:
+            # ZeRO-3 partitions parameters, so every forward gathers them; the GAN step calls each model several
+            # times per step (D on real, fake, GP interpolates) and needs the full generator for registration.
+            raise ValueError("ZeRO stage 3 is not supported for GAN training; use 0, 1 or 2")
+        if stage not in (0, 1, 2):
+            raise ValueError(f"must be 0, 1 or 2, got {stage}")
+        return stage
+
+
+class ScalingSection(Config):
+    """Ray Train workers: one per GPU when ``use_gpu``; gloo on CPU, NCCL on GPU."""
+
+    num_workers: int = Field(gt=0)
+    use_gpu: bool
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RunSection(Config):
+    """Run identity and checkpoint storage. Re-submitting with the same ``name`` and ``storage_path`` resumes."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    storage_path: str = Field(min_length=1)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
+    checkpoints_to_keep: int = Field(2, gt=0)
+    ray_address: str | None = Field(None, description="Ray cluster to join; None: RAY_ADDRESS or embedded local Ray")
+
+
+class MlflowSection(Config):
+    """MLflow tracking: the driver creates (or resumes) the run; rank 0 logs to it; the driver registers the model."""
+
+    tracking_uri: str
+    experiment: str = "holefill"
+    registered_model: str | None = Field(None, description="defaults to the architecture name (lbam / rn)")
+    enabled: bool = True
+
+
+class FaultInjection(Config):
+    """Test hook: worker ``rank`` exits abruptly (``os._exit``) when it reaches ``at_step`` on a run that did not
+    resume from a checkpoint, i.e. on the first attempt only. Exercises failure recovery end to end."""
+
+    rank: int = Field(ge=0)
+    at_step: int = Field(gt=0)
+
+
+class TrainJobConfig(Config):
+    """Everything ``jobs/train_{rn,lbam}.py`` needs; see ``jobs/configs/train_*.yaml``."""
+
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection
+    run: RunSection
+    mlflow: MlflowSection
+    fault_injection: FaultInjection | None = None
+
+    @model_validator(mode="after")
+    def _default_registered_model(self) -> "TrainJobConfig":
+        if self.mlflow.registered_model is None:
+            self.mlflow.registered_model = self.model.arch
+        return self
+
+    @property
+    def registered_model(self) -> str:
+        """Name the final generator is registered under in the MLflow model registry."""
+        return self.mlflow.registered_model or self.model.arch
+
+
+def _fail(key: str, rule: str) -> ConfigError:
+    return ConfigError(f"config key {key}: {rule}")
+
+
+def check_train_config(config: TrainJobConfig) -> None:
+    """Cross-section rules; raise :class:`ConfigError` naming the key of the first rule broken."""
+    ds, scaling, data, train = config.deepspeed, config.scaling, config.data, config.train
+    if ds.precision == "fp16" and not scaling.use_gpu:
+        raise _fail("deepspeed.precision", "fp16 needs GPUs (scaling.use_gpu=true); use fp32 or bf16 on CPU")
+
+    from models.registry import get_architecture
+
+    arch = get_architecture(config.model.arch)
+    if arch.train_size is not None and data.crop_size != arch.train_size:
+        raise _fail(
+            "data.crop_size",
+            f"{config.model.arch} trains on {arch.train_size}x{arch.train_size} crops only "
+            f"(its discriminator's input size), got {data.crop_size}",
+        )
+    if data.crop_size % arch.size_multiple:
+        raise _fail("data.crop_size", f"must be a multiple of {arch.size_multiple} for {config.model.arch}, got {data.crop_size}")
+
+    if config.fault_injection is not None and config.fault_injection.rank >= scaling.num_workers:
+        raise _fail("fault_injection.rank", f"must be below scaling.num_workers={scaling.num_workers}")
+    if train.ckpt_every and train.ckpt_every > train.max_steps:
+        raise _fail("train.ckpt_every", f"{train.ckpt_every} exceeds train.max_steps={train.max_steps}; no checkpoint would be written before the end")
+    _check_recipe_options(config.model)
+
+
+def _check_recipe_options(model: ModelSection) -> None:
+    """Validate recipe options here, so a typo fails on the driver rather than inside every Ray worker."""
+    from models.recipes import RECIPE_OPTIONS
+
+    try:
+        options = RECIPE_OPTIONS[model.arch](**model.options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = "unknown recipe option" if error["type"] == "extra_forbidden" else error["msg"]
+        raise _fail(f"model.options.{where}", message) from None
+    if getattr(options, "vgg_weights", "") is None and not getattr(options, "allow_random_vgg", True):
+        raise _fail(
+            "model.options.vgg_weights",
+            "LBAM's perceptual/style losses need torchvision VGG16 weights (path or URL); "
+            "set model.options.allow_random_vgg=true only for smoke tests",
+        )
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainJobConfig:
+    """Load, validate and cross-check a training config from YAML plus ``key.path=value`` overrides."""
+    config = load_config(TrainJobConfig, path, overrides)
+    check_train_config(config)
+    return config

@@ -1,0 +1,162 @@
+"""DeepSpeed engines for a GAN: one engine for the generator, one for the discriminator.
+
+A GAN cannot share one engine: G and D have their own optimisers, learning rates and step order, and
+DeepSpeed ties one optimiser (and one ZeRO partitioning) to one engine. Each engine therefore gets its own
+config dict built by :func:`deepspeed_config` from the same :class:`DeepSpeedSection`.
+
+The optimiser is always a client ``torch.optim.Adam`` built from the recipe's settings: DeepSpeed's own
+FusedAdam needs a CUDA build, and ZeRO 1/2 accept ``torch.optim.Adam`` as a supported optimiser, so CPU and
+GPU runs take the same path (``fused=True`` on CUDA). The learning-rate schedule is the recipe's
+``lr_factor(epoch)`` with ``epoch = optimiser_step // steps_per_epoch`` (1-based epochs, like RN's code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from pipeline.train.config import DeepSpeedSection
+
+__all__ = ["GanEngines", "build_engines", "deepspeed_config", "init_distributed", "precision_context", "step_updater"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(ds: DeepSpeedSection, micro_batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for one engine (both engines of a run get equal dicts)."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * ds.gradient_accumulation_steps * world_size,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": 1 << 30,  # holefill logs its own throughput; DeepSpeed's per-step prints are noise
+        "wall_clock_breakdown": False,
+    }
+    if ds.gradient_clipping > 0:
+        config["gradient_clipping"] = ds.gradient_clipping
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        # Dynamic loss scaling (loss_scale 0); one scaler per engine, so D's overflows never skip G's step.
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """Make DeepSpeed's communication layer reuse the process group Ray Train already set up.
+
+    ``deepspeed.init_distributed`` only creates a group when none exists, so calling it after Ray's
+    ``setup_torch_process_group`` wraps that group (gloo on CPU, NCCL on GPU) instead of starting another.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
+
+
+@dataclass
+class GanEngines:
+    """The two engines of one training worker."""
+
+    generator: Any  # deepspeed.DeepSpeedEngine
+    discriminator: Any
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rates, for logging."""
+        return {
+            "lr/generator": float(self.generator.get_lr()[0]),
+            "lr/discriminator": float(self.discriminator.get_lr()[0]),
+        }
+
+
+def _epoch_schedule(lr_factor: Callable[[int], float], steps_per_epoch: int) -> Callable[[int], float]:
+    def factor(optimiser_step: int) -> float:
+        return float(lr_factor(optimiser_step // steps_per_epoch + 1))
+
+    return factor
+
+
+def _engine(
+    module: nn.Module,
+    settings: Any,
+    lr_factor: Callable[[int], float],
+    steps_per_epoch: int,
+    ds_config: dict[str, Any],
+    device: torch.device,
+) -> Any:
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(
+        params,
+        lr=settings.lr,
+        betas=tuple(settings.betas),
+        weight_decay=settings.weight_decay,
+        fused=device.type == "cuda",
+    )
+    schedule = _epoch_schedule(lr_factor, steps_per_epoch)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        # A callable, so the scheduler wraps the optimiser DeepSpeed returns (ZeRO / bf16 wrappers), not ours.
+        lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule),
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def build_engines(
+    recipe: Any,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    ds: DeepSpeedSection,
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> GanEngines:
+    """Wrap G and D in their own DeepSpeed engines with the recipe's Adam settings and LR schedule."""
+    ds_config = deepspeed_config(ds, micro_batch_size, world_size)
+    generator.to(device)
+    discriminator.to(device)
+    return GanEngines(
+        generator=_engine(generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, device),
+        discriminator=_engine(
+            discriminator, recipe.discriminator_optimizer, recipe.lr_factor, steps_per_epoch, dict(ds_config), device
+        ),
+    )
+
+
+def step_updater(engine: Any) -> Callable[[torch.Tensor], None]:
+    """The ``update_g`` / ``update_d`` callback of ``gan_step``: backward and step through the engine.
+
+    ``engine.step()`` only applies the optimiser at gradient-accumulation boundaries and handles loss scaling,
+    clipping and ZeRO gradient reduction itself.
+    """
+
+    def update(loss: torch.Tensor) -> None:
+        engine.backward(loss)
+        engine.step()
+
+    return update
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Autocast for the whole GAN step under bf16/fp16.
+
+    DeepSpeed casts the *models* to half precision, but the step also runs modules outside the engines (LBAM's
+    frozen fp32 VGG for the perceptual loss) and mixes half outputs with fp32 images; autocast makes every op
+    run in the dtype it is safe in, so no tensor dtype plumbing leaks into the recipe.
+    """
+    dtype = _DTYPES.get(precision)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield

@@ -1,0 +1,229 @@
+"""The driver side of a training job: checks, MLflow run, Ray TorchTrainer, model registration.
+
+:func:`run_training` is everything ``jobs/train_{rn,lbam}.py`` does after parsing its config:
+
+1. validate the config and check that MLflow and the manifests are reachable, *before* any Ray worker starts;
+2. start (or, for a re-submitted ``run.name``, resume) the MLflow run and log the redacted params;
+3. run a ``TorchTrainer`` (one worker per GPU, or CPU workers with gloo) whose ``RunConfig(name,
+   storage_path)`` makes Ray resume from the latest checkpoint after a worker failure
+   (``FailureConfig(max_failures)``) or a re-submission;
+4. load the consolidated fp32 generator of the final checkpoint and register it in MLflow, tagged with the
+   data manifest's hash and version, the git commit and the holefill version.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import flatten
+from pipeline.fsutil import StorageOptions, is_remote
+from pipeline.train.checkpoint import load_generator_state, read_state
+from pipeline.train.config import TrainJobConfig, check_train_config
+from pipeline.train.loop import WorkerPayload, train_worker
+
+__all__ = ["TrainingResult", "run_training", "storage_filesystem"]
+
+log = logging.getLogger("holefill.train")
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a finished training run produced."""
+
+    final_step: int
+    checkpoint_path: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    registered_model: str | None = None
+    model_version: str | None = None
+
+
+def storage_filesystem(storage_path: str, options: StorageOptions) -> tuple[Any, str]:
+    """``(pyarrow filesystem or None, path for Ray)`` for a checkpoint location.
+
+    Local paths go to Ray as they are. Object storage goes through fsspec (s3fs) wrapped for pyarrow, so the
+    endpoint and credentials of ``run.storage_options`` apply (an S3-compatible server, a test server on
+    loopback) without exporting them as environment variables, and the path loses its scheme, as Ray expects
+    when it is handed a filesystem.
+    """
+    if not is_remote(storage_path):
+        local = storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
+        return None, str(Path(local).expanduser().resolve())
+    import pyarrow.fs
+
+    from pipeline.fsutil import url_to_fs
+
+    fs, path = url_to_fs(storage_path, options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def _git_commit() -> str:
+    """The commit of the code being run, or ``unknown`` (e.g. a Ray job's uploaded working dir has no .git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent, check=True
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _holefill_version() -> str:
+    try:
+        return metadata.version("holefill")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _data_tags(config: TrainJobConfig) -> dict[str, str]:
+    """Tags identifying the training and eval data; loading the manifests also proves they are reachable."""
+    from pipeline.manifest import load_manifest, manifest_hash
+
+    train = load_manifest(config.data.train_manifest, config.data.storage_options)
+    evaluation = load_manifest(config.data.eval_manifest, config.data.storage_options)
+    return {
+        "holefill.data.train_manifest_hash": manifest_hash(train),
+        "holefill.data.dataset_version": train.dataset_version,
+        "holefill.data.eval_manifest_hash": manifest_hash(evaluation),
+        "holefill.data.eval_dataset_version": evaluation.dataset_version,
+    }
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # address None: Ray itself honours RAY_ADDRESS (set by `ray job submit`), else starts a local instance.
+        ray.init(address=address, log_to_driver=True)
+
+
+def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    filesystem, storage_path = storage_filesystem(config.run.storage_path, config.run.storage_options)
+    scaling = config.scaling
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+        ),
+    )
+
+
+def _example_inputs(config: TrainJobConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small (image, mask) pair for the registered model's signature: a centred square hole."""
+    size = config.data.crop_size
+    image = torch.full((1, 3, size, size), 0.5)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+    return image, mask
+
+
+def run_training(config: TrainJobConfig) -> TrainingResult:
+    """Train ``config.model.arch`` on Ray Train + DeepSpeed and register the final generator in MLflow."""
+    from ray.train import Checkpoint  # noqa: F401  (fail early when ray[train] is missing)
+
+    check_train_config(config)
+    data_tags = _data_tags(config)
+
+    tracker = tracking_uri = None
+    if config.mlflow.enabled:
+        from pipeline.tracking import RunTracker, check_tracking_server, redact, resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+        check_tracking_server(tracking_uri)
+        run_tags = {
+            **data_tags,
+            "holefill.arch": config.model.arch,
+            "holefill.git_commit": _git_commit(),
+            "holefill.version": _holefill_version(),
+        }
+        tracker = RunTracker.start_or_resume(tracking_uri, config.mlflow.experiment, config.run.name, run_tags)
+        tracker.log_params(redact(flatten(config)))
+        log.info("MLflow run %s at %s", tracker.run_id, redact(tracking_uri))
+
+    _ensure_ray(config.run.ray_address)
+    payload = WorkerPayload(config=config, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id if tracker else None)
+    try:
+        result = _trainer(config, payload).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {config.run.name} finished without a checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            final_step = read_state(directory).step
+            generator_state = load_generator_state(directory)
+        version = None
+        if tracker is not None:
+            version = _register(config, tracking_uri, tracker.run_id, generator_state, data_tags)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish("FINISHED")
+    return TrainingResult(
+        final_step=final_step,
+        checkpoint_path=result.checkpoint.path,
+        metrics=dict(result.metrics or {}),
+        mlflow_run_id=tracker.run_id if tracker else None,
+        registered_model=config.registered_model if tracker else None,
+        model_version=version,
+    )
+
+
+def _register(config: TrainJobConfig, tracking_uri: str, run_id: str, generator_state: dict, data_tags: dict[str, str]) -> str:
+    from models.registry import get_architecture
+    from pipeline.tracking import log_and_register_generator
+
+    generator = get_architecture(config.model.arch).generator()
+    generator.load_state_dict(generator_state)
+    image, mask = _example_inputs(config)
+    tags = {**data_tags, "holefill.git_commit": _git_commit(), "holefill.version": _holefill_version(), "holefill.run_name": config.run.name}
+    version = log_and_register_generator(
+        tracking_uri, run_id, generator.eval(), image, mask, config.registered_model, tags, arch=config.model.arch
+    )
+    log.info("registered %s version %s", config.registered_model, version.version)
+    return str(version.version)
+
+
+def job_main(arch: str, argv: list[str] | None, default_config: str) -> TrainingResult:
+    """Entry point shared by ``jobs/train_rn.py`` and ``jobs/train_lbam.py``: parse, validate, train, report."""
+    import argparse
+
+    from pipeline.config import ConfigError, add_config_arguments
+
+    parser = argparse.ArgumentParser(description=f"Train {arch.upper()} on Ray Train + DeepSpeed and register it in MLflow.")
+    add_config_arguments(parser, default_config=default_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.train.config import load_train_config
+
+    try:
+        config = load_train_config(args.config, args.overrides)
+        if config.model.arch != arch:
+            raise ConfigError(f"config key model.arch: this job trains {arch}, the config says {config.model.arch}")
+        result = run_training(config)
+    except ValueError as exc:  # ConfigError and every other one-line rule violation
+        parser.exit(2, f"error: {exc}\n")
+    log.info(
+        "done: step %d, checkpoint %s, model %s version %s",
+        result.final_step, result.checkpoint_path, result.registered_model, result.model_version,
+    )
+    return result

@@ -1,0 +1,292 @@
+"""LBAM generator and discriminator: official structure, official numerics, layer behaviour, input rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.convert import from_official
+from models.lbam import (
+    GaussActivation,
+    LBAMDiscriminator,
+    LBAMGenerator,
+    MaskUpdate,
+    ReverseAttention,
+    ForwardAttention,
+    convert_official_discriminator,
+    convert_official_generator,
+)
+from models.registry import get_architecture
+from pattern_weights import load_reference, official_keys, official_pattern_state_dict
+
+
+@pytest.fixture(scope="module")
+def generator() -> LBAMGenerator:
+    torch.manual_seed(0)
+    return LBAMGenerator()
+
+
+@pytest.fixture(scope="module")
+def discriminator() -> LBAMDiscriminator:
+    torch.manual_seed(0)
+    return LBAMDiscriminator()
+
+
+def _trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _hole_mask(size: int, batch: int = 1) -> torch.Tensor:
+    """A (batch,1,size,size) mask with one rectangular hole (1 = hole)."""
+    mask = torch.zeros(batch, 1, size, size)
+    mask[..., size // 4 : size // 2, size // 3 : 3 * size // 4] = 1
+    return mask
+
+
+# --- structure -------------------------------------------------------------------------------------
+
+
+def test_generator_has_the_official_parameter_count_and_state_dict(generator):
+    assert _trainable(generator) == 68_304_948
+    ours = [(k, tuple(v.shape)) for k, v in generator.state_dict().items()]
+    assert ours == [(k, shape) for k, shape, _ in official_keys("lbam", "generator")]
+
+
+def test_discriminator_has_the_official_parameter_count_and_state_dict(discriminator):
+    assert _trainable(discriminator) == 22_316_417
+    ours = [(k, tuple(v.shape)) for k, v in discriminator.state_dict().items()]
+    assert ours == [(k, shape) for k, shape, _ in official_keys("lbam", "discriminator")]
+
+
+def test_generator_starts_from_the_official_initialisation(generator):
+    for name in ("ec1.conv.conv", "ec4.conv.maskConv", "reverseConv3.reverseMaskConv", "dc2.conv"):
+        weight = generator.get_submodule(name).weight.detach()
+        assert abs(float(weight.std()) - 0.02) < 0.001, name
+        assert abs(float(weight.mean())) < 0.001, name
+    # dc7 keeps PyTorch's default kaiming-uniform: bound 1/sqrt(fan_in = 3*4*4), far wider than N(0, 0.02).
+    dc7 = generator.dc7.weight.detach()
+    assert float(dc7.abs().max()) <= 48**-0.5
+    assert float(dc7.std()) > 0.06
+    forward_g = generator.ec5.conv.activationFuncG_A
+    reverse_g = generator.reverseConv2.activationFuncG_A
+    assert [p.item() for p in (forward_g.a, forward_g.mu, forward_g.sigma1, forward_g.sigma2)] == pytest.approx(
+        [1.1, 2.0, 1.0, 1.0]
+    )
+    assert [p.item() for p in (reverse_g.a, reverse_g.mu, reverse_g.sigma1, reverse_g.sigma2)] == pytest.approx(
+        [1.1, 1.0, 0.5, 0.5]
+    )
+
+
+def test_lbam_is_registered_with_its_size_rules_and_converters():
+    arch = get_architecture("lbam")
+    assert arch.generator is LBAMGenerator and arch.discriminator is LBAMDiscriminator
+    assert (arch.size_multiple, arch.train_size) == (128, 256)
+    assert arch.official_converters == {
+        "generator": convert_official_generator,
+        "discriminator": convert_official_discriminator,
+    }
+
+
+# --- numerics against the official code ------------------------------------------------------------
+
+
+def test_pattern_weights_reproduce_the_official_generator_and_discriminator_outputs():
+    reference = load_reference()
+    image, mask = reference["image"], reference["hole_mask"].float()
+    # Built on the meta device and filled by assignment: strict loading checks every key, nothing is initialised twice.
+    with torch.device("meta"):
+        generator, discriminator = LBAMGenerator(), LBAMDiscriminator()
+    for module, part in ((generator, "generator"), (discriminator, "discriminator")):
+        official = official_pattern_state_dict("lbam", part)
+        module.load_state_dict(from_official("lbam", part, official), strict=True, assign=True)
+    generator.train()
+    discriminator.train()
+    with torch.no_grad():
+        g_out = generator(image, mask)
+        d_out = discriminator(image, mask)
+    assert g_out.shape == reference["lbam_G_out"].shape
+    assert float((g_out - reference["lbam_G_out"]).abs().max()) < 1e-4
+    assert d_out.shape == reference["lbam_D_out"].shape == (1, 1)
+    assert float((d_out - reference["lbam_D_out"]).abs().max()) < 1e-4
+
+
+# --- layers --------------------------------------------------------------------------------------------
+
+
+def test_gauss_activation_clamps_its_parameters_in_place_on_every_forward():
+    g = GaussActivation(7.0, -1.0, 0.1, 3.0)
+    parameters = (g.a, g.mu, g.sigma1, g.sigma2)
+    g(torch.zeros(4))
+    assert [p.item() for p in parameters] == pytest.approx([6.0, 0.1, 0.5, 2.0])
+    assert (g.a, g.mu, g.sigma1, g.sigma2) == parameters  # the same Parameter objects, modified in place
+
+
+def test_gauss_activation_clamp_does_not_invalidate_an_earlier_graph():
+    g = GaussActivation(1.1, 2.0, 1.0, 1.0)
+    x = torch.linspace(-1, 4, 11)
+    first = g(x)
+    g.a.data.fill_(9.0)  # what an optimiser step can do; the next forward clamps it back
+    second = g(x)
+    (first.sum() + second.sum()).backward()  # must not raise "modified by an inplace operation"
+    assert g.a.item() == pytest.approx(6.0)
+    assert torch.isfinite(g.a.grad)
+
+
+def test_gauss_activation_is_the_asymmetric_gaussian():
+    g = GaussActivation(1.5, 1.0, 0.8, 1.6)
+    x = torch.tensor([-1.0, 0.5, 1.0, 1.5, 3.0])
+    expected = torch.where(
+        x < 1.0, 1.5 * torch.exp(-0.8 * (x - 1.0) ** 2), 1 + 0.5 * torch.exp(-1.6 * (x - 1.0) ** 2)
+    )
+    torch.testing.assert_close(g(x), expected)
+    assert g(torch.tensor([1.0])).item() == pytest.approx(1.5)  # peak a at x = mu
+
+
+@pytest.mark.parametrize("side, idle", [("left", "sigma2"), ("right", "sigma1")])
+def test_gauss_activation_gives_the_inactive_branch_exactly_zero_gradient(side, idle):
+    g = GaussActivation(1.1, 1.0, 1.0, 1.0)
+    x = torch.linspace(-2.0, 0.9, 7) if side == "left" else torch.linspace(1.0, 4.0, 7)
+    g(x).sum().backward()
+    assert getattr(g, idle).grad.item() == 0.0
+    active = "sigma1" if idle == "sigma2" else "sigma2"
+    assert getattr(g, active).grad.item() != 0.0
+
+
+def test_mask_update_has_finite_gradients_where_the_input_is_exactly_zero():
+    x = torch.tensor([-1.0, 0.0, 0.0, 0.5, 2.0], requires_grad=True)
+    y = MaskUpdate(0.8)(x)
+    torch.testing.assert_close(y.detach(), F.relu(x.detach()) ** 0.8)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad[:3], torch.zeros(3))
+    torch.testing.assert_close(x.grad[3:], 0.8 * x.detach()[3:] ** -0.2)
+
+
+def test_mask_update_rejects_an_exponent_outside_zero_one():
+    with pytest.raises(ValueError, match="alpha"):
+        MaskUpdate(1.5)
+
+
+def test_forward_attention_returns_activated_features_mask_update_skip_and_map():
+    torch.manual_seed(1)
+    layer = ForwardAttention(4, 8, mask_channels=3)
+    x, mask = torch.randn(2, 4, 16, 16), torch.rand(2, 3, 16, 16)
+    out, mask_next, skip, attention = layer(x, mask)
+    assert all(t.shape == (2, 8, 8, 8) for t in (out, mask_next, skip, attention))
+    conv = layer.conv
+    torch.testing.assert_close(skip, conv.conv(x))
+    torch.testing.assert_close(attention, conv.activationFuncG_A(conv.maskConv(mask)))
+    torch.testing.assert_close(out, F.leaky_relu(skip * attention, 0.2))
+    torch.testing.assert_close(mask_next, F.relu(conv.maskConv(mask)) ** 0.8)
+
+
+def test_reverse_attention_puts_the_encoder_skip_and_forward_map_first():
+    layer = ReverseAttention(8, 4)
+    torch.nn.init.zeros_(layer.conv.weight)  # the upsampled half becomes 0
+    skip = torch.randn(1, 4, 8, 8)
+    forward_map, reverse_map = torch.full((1, 4, 8, 8), 2.0), torch.full((1, 4, 8, 8), 3.0)
+    out = layer(skip, torch.randn(1, 8, 4, 4), forward_map, reverse_map)
+    assert out.shape == (1, 8, 8, 8)
+    torch.testing.assert_close(out[:, :4], F.leaky_relu(2.0 * skip, 0.2))
+    torch.testing.assert_close(out[:, 4:], torch.zeros(1, 4, 8, 8))
+
+
+# --- generator / discriminator behaviour -------------------------------------------------------------
+
+
+def test_generator_output_ignores_hole_pixels_and_matches_between_train_and_eval(generator):
+    image, mask = torch.rand(1, 3, 128, 128), _hole_mask(128)
+    altered = image * (1 - mask) + torch.rand_like(image) * mask  # different content inside the hole
+    with torch.no_grad():
+        out = generator.train()(image, mask)
+        out_altered = generator(altered, mask)
+        out_eval = generator.eval()(image, mask)
+    assert out.shape == (1, 3, 128, 128)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    torch.testing.assert_close(out_altered, out)
+    torch.testing.assert_close(out_eval, out)
+
+
+def test_generator_gradients_are_finite_with_all_hole_windows(generator):
+    # A large hole makes whole mask-conv windows zero: exact zeros reach every MaskUpdate.
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 16:112, 16:112] = 1
+    generator(torch.rand(1, 3, 128, 128), mask).mean().backward()
+    grads = {name: p.grad for name, p in generator.named_parameters()}
+    generator.zero_grad(set_to_none=True)
+    assert [name for name, g in grads.items() if g is None or not torch.isfinite(g).all()] == []
+
+
+def test_discriminator_routes_known_pixels_to_the_global_column_and_holes_to_the_local_column(discriminator):
+    seen = {}
+    hooks = [
+        getattr(discriminator, name).register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[0]}))
+        for name in ("globalConv", "localConv")
+    ]
+    try:
+        image, mask = torch.rand(2, 3, 256, 256), _hole_mask(256, batch=2)
+        with torch.no_grad():
+            score = discriminator.train()(image, mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert score.shape == (2, 1) and bool(((score > 0) & (score < 1)).all())
+    torch.testing.assert_close(seen["globalConv"], image * (1 - mask))
+    torch.testing.assert_close(seen["localConv"], image * mask)
+
+
+# --- input rules -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image_shape, mask, message",
+    [
+        ((1, 3, 128, 128), torch.zeros(1, 3, 128, 128), "1 channel"),
+        ((1, 3, 128, 128), torch.zeros(1, 1, 64, 64), "does not match"),
+        ((1, 3, 128, 128), torch.full((1, 1, 128, 128), 255.0), r"\[0,1\]"),
+        ((1, 3, 192, 128), torch.zeros(1, 1, 192, 128), "multiples of 128"),
+        ((1, 4, 128, 128), torch.zeros(1, 1, 128, 128), r"\(B,3,H,W\)"),
+    ],
+)
+def test_generator_rejects_bad_inputs(generator, image_shape, mask, message):
+    with pytest.raises(ValueError, match=message):
+        generator(torch.rand(image_shape), mask)
+
+
+@pytest.mark.parametrize(
+    "size, mask_channels, message",
+    [(128, 1, "256x256"), (512, 1, "256x256"), (256, 3, "1 channel")],
+)
+def test_discriminator_rejects_bad_inputs(discriminator, size, mask_channels, message):
+    with pytest.raises(ValueError, match=message):
+        discriminator(torch.rand(1, 3, size, size), torch.zeros(1, mask_channels, size, size))
+
+
+# --- official converters -----------------------------------------------------------------------------
+
+
+def test_converter_returns_a_strict_loadable_state_dict(generator):
+    official = {k: v.clone() for k, v in reversed(generator.state_dict().items())}
+    converted = convert_official_generator(official)
+    assert list(converted) == list(generator.state_dict())
+    generator.load_state_dict(converted, strict=True)
+
+
+def test_converter_rejects_missing_unexpected_and_misshaped_keys(generator, discriminator):
+    official = dict(generator.state_dict())
+    del official["dc3.conv.weight"]
+    with pytest.raises(ValueError, match=r"missing \[dc3\.conv\.weight\]"):
+        convert_official_generator(official)
+
+    official = {**generator.state_dict(), "ec1.conv.bn.weight": torch.ones(64)}
+    with pytest.raises(ValueError, match=r"unexpected \[ec1\.conv\.bn\.weight\]"):
+        convert_official_generator(official)
+
+    official = {**discriminator.state_dict(), "fusionLayer.0.bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"mis-shaped \[fusionLayer\.0\.bias \(2,\) \(expected \(1,\)\)\]"):
+        convert_official_discriminator(official)
+
+    # An RN checkpoint handed to the LBAM converter is refused, not half-loaded.
+    with pytest.raises(ValueError, match="not an official LBAM discriminator"):
+        convert_official_discriminator(dict(generator.state_dict()))

@@ -1,0 +1,176 @@
+"""WebDataset loaders on real tar shards: shapes, joint crop/flip, safe decoding, exact eval, equal train batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.imageops import encode_mask_png
+from pipeline.loaders import make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls
+
+
+def _jpeg(array: np.ndarray, quality: int = 100) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def _checker_sample(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image dark where (x < cx) xor (y < cy), bright elsewhere; the mask is a hole exactly where dark.
+
+    Split points are random per sample, so a crop box or flip applied to only one of the two moves the
+    boundary in one and not the other, and the exact-match check below fails.
+    """
+    cy, cx = int(rng.integers(20, height - 20)), int(rng.integers(20, width - 20))
+    y, x = np.mgrid[0:height, 0:width]
+    dark = (x < cx) ^ (y < cy)
+    image = np.where(dark[..., None], 20, 235).astype(np.uint8).repeat(3, axis=2)
+    return image, np.where(dark, 255, 0).astype(np.uint8)
+
+
+def _write_shards(folder, n_shards: int, per_shard: int, *, size=(80, 112), extra=None, seed=0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    urls = []
+    for s in range(n_shards):
+        url = str(folder / f"shard-{s:06d}.tar")
+        with wds.TarWriter(url) as writer:
+            for i in range(per_shard):
+                key = f"s{s}_{i:04d}"
+                image, mask = _checker_sample(rng, *size)
+                sample = {
+                    "__key__": key,
+                    "jpg": _jpeg(image),
+                    "mask.png": encode_mask_png(mask),
+                    "json": json.dumps({"key": key, "hole_ratio": float((mask > 0).mean())}).encode(),
+                }
+                sample.update((extra or {}))
+                writer.write(sample)
+        urls.append(url)
+    return urls
+
+
+def _assert_aligned(batch: dict) -> None:
+    dark = batch["image"].mean(dim=1, keepdim=True) < 0.5
+    assert torch.equal(dark, batch["mask"] > 0.5), "image and mask were cropped or flipped differently"
+
+
+def test_train_batches_have_the_documented_shapes_types_and_ranges(tmp_path):
+    urls = _write_shards(tmp_path, 2, 6)
+    loader = make_train_loader(urls, batch_size=4, crop_size=64, batches_per_epoch=3, num_workers=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
+        assert batch["mask"].shape == (4, 1, 64, 64) and batch["mask"].dtype == torch.float32
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_crop_and_flip_are_applied_jointly_to_image_and_mask(tmp_path):
+    urls = _write_shards(tmp_path, 2, 8)
+    loader = make_train_loader(urls, batch_size=8, crop_size=48, batches_per_epoch=6, num_workers=0, seed=5)
+    for batch in loader:
+        _assert_aligned(batch)
+
+
+def test_random_crop_flip_uses_varied_boxes_and_both_flip_states():
+    image = np.arange(40 * 50 * 3, dtype=np.uint32).reshape(40, 50, 3).astype(np.uint8)
+    mask = np.zeros((40, 50), np.uint8)
+    rng = np.random.default_rng(0)
+    corners = set()
+    for _ in range(40):
+        cropped, _ = random_crop_flip(image, mask, 32, rng)
+        corners.add(cropped[0, 0, 0])
+    assert len(corners) > 10  # many distinct crop boxes (and mirror images)
+    # An image smaller than the crop is up-scaled together with its mask first.
+    up_image, up_mask = random_crop_flip(image[:20, :25], mask[:20, :25], 32, rng)
+    assert up_image.shape == (32, 32, 3) and up_mask.shape == (32, 32)
+
+
+class _Exploit:
+    """Unpickling this would write a marker file: proof that a loader decoded a pickle member."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_and_torch_members_are_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Exploit(str(marker)))
+    urls = _write_shards(tmp_path, 1, 4, extra={"pyd": payload, "pth": payload, "pickle": payload})
+    batches = list(make_train_loader(urls, batch_size=2, crop_size=32, batches_per_epoch=3, num_workers=0))
+    batches += list(make_eval_loader(urls, batch_size=2, crop_size=32))
+    assert len(batches) == 5
+    assert all(set(b) <= {"image", "mask", "key", "hole_ratio"} for b in batches)
+    assert not marker.exists()
+
+
+def test_eval_reads_every_sample_exactly_once_with_two_ranks_and_two_workers(tmp_path):
+    urls = _write_shards(tmp_path, 5, 3, size=(64, 64))
+    expected = {f"s{s}_{i:04d}" for s in range(5) for i in range(3)}
+    seen: list[str] = []
+    for rank in range(2):
+        loader = make_eval_loader(urls, batch_size=2, rank=rank, world_size=2, num_workers=2, crop_size=None)
+        keys = [k for batch in loader for k in batch["key"]]
+        again = [k for batch in make_eval_loader(urls, batch_size=2, rank=rank, world_size=2, num_workers=2, crop_size=None) for k in batch["key"]]
+        assert keys == again  # stable order
+        seen += keys
+    assert sorted(seen) == sorted(expected) and len(seen) == len(expected)
+
+
+def test_eval_batches_carry_keys_and_hole_ratios_of_the_yielded_masks(tmp_path):
+    urls = _write_shards(tmp_path, 1, 5)
+    batches = list(make_eval_loader(urls, batch_size=2, crop_size=64))
+    assert [len(b["key"]) for b in batches] == [2, 2, 1]
+    for batch in batches:
+        assert batch["image"].shape[1:] == (3, 64, 64)
+        _assert_aligned(batch)
+        assert torch.allclose(batch["hole_ratio"], batch["mask"].mean(dim=(1, 2, 3)))
+        assert batch["hole_ratio"].shape == (len(batch["key"]),)
+
+
+def test_train_gives_equal_batch_counts_on_every_rank_even_with_uneven_shards(tmp_path):
+    urls = _write_shards(tmp_path, 3, 4)  # 3 shards over 2 ranks: a split list would be uneven
+    counts = []
+    for rank in range(2):
+        loader = make_train_loader(urls, batch_size=3, crop_size=32, batches_per_epoch=5, num_workers=2, rank=rank, world_size=2)
+        counts.append(sum(1 for _ in loader))
+    assert counts == [5, 5]
+
+
+def test_train_stream_is_seeded_per_rank_and_changes_between_epochs(tmp_path):
+    urls = _write_shards(tmp_path, 3, 4)
+
+    def first_batch(rank: int, seed: int = 0, epoch: int | None = None) -> torch.Tensor:
+        loader = make_train_loader(urls, batch_size=4, crop_size=32, batches_per_epoch=1, num_workers=0, seed=seed, rank=rank, world_size=2)
+        if epoch is not None:
+            loader.set_epoch(epoch)
+        return next(iter(loader))["image"]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))
+    assert not torch.equal(first_batch(0), first_batch(0, seed=1))
+    assert not torch.equal(first_batch(0), first_batch(0, epoch=1))
+    loader = make_train_loader(urls, batch_size=4, crop_size=32, batches_per_epoch=1, num_workers=0)
+    assert not torch.equal(next(iter(loader))["image"], next(iter(loader))["image"])
+
+
+def test_shard_list_may_be_a_brace_pattern_and_must_not_be_empty(tmp_path):
+    _write_shards(tmp_path, 3, 1)
+    assert resolve_shard_urls(str(tmp_path / "shard-{000000..000002}.tar")) == [
+        str(tmp_path / f"shard-{i:06d}.tar") for i in range(3)
+    ]
+    with pytest.raises(ValueError, match="shard list is empty"):
+        make_eval_loader([], batch_size=1)
+    with pytest.raises(ValueError, match="rank must be in"):
+        make_train_loader([str(tmp_path / "shard-000000.tar")], batch_size=1, batches_per_epoch=1, rank=2, world_size=2)

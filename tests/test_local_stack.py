@@ -1,0 +1,236 @@
+"""The local stack and the end-to-end fixtures: real Ray head, real MLflow server, real `ray job submit`.
+
+The first part specifies the rules of the building blocks (fast, no services); the ``e2e`` part
+starts the real services.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from local_stack import RayHead, add_worker_node, ray_head, submit_job  # noqa: F401  (ray_head is a fixture)
+
+from infra.local.mlflow_server import MlflowServerSpec, mlflow_server_argv
+from infra.local.processes import ProcessHandle, ServiceStartError, launch_detached, stop_session, wait_for
+from infra.local.ray_node import RayNodeSpec, RayPorts, alive_node_count, find_free_port_block, ray_start_argv
+from infra.local.stack import LocalStack
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STACK_SCRIPT = REPO_ROOT / "infra" / "local" / "stack.py"
+
+
+# -- building blocks ---------------------------------------------------------------------------------
+
+
+def test_ray_ports_must_be_distinct_and_unprivileged():
+    with pytest.raises(ValueError, match="every named Ray port must be different"):
+        RayPorts(gcs=24000, dashboard=24000)
+    with pytest.raises(ValueError, match="1024..65535"):
+        RayPorts(gcs=80)
+    with pytest.raises(ValueError, match="given together"):
+        RayPorts(min_worker=25000)
+    with pytest.raises(ValueError, match="must not contain a named Ray port"):
+        RayPorts(gcs=25005, min_worker=25000, max_worker=25010)
+
+
+def test_free_head_ports_pin_every_port_ray_opens():
+    ports = RayPorts.free(head=True, worker_ports=8)
+    argv = ray_start_argv(RayNodeSpec(role="head", temp_dir=Path("/tmp/hf-ray-x"), num_cpus=2, ports=ports))
+    for flag in ("--port=", "--dashboard-port=", "--ray-client-server-port=", "--node-manager-port=",
+                 "--object-manager-port=", "--dashboard-agent-listen-port=", "--dashboard-agent-grpc-port=",
+                 "--runtime-env-agent-port=", "--metrics-export-port=", "--min-worker-port=", "--max-worker-port="):
+        assert sum(arg.startswith(flag) for arg in argv) == 1, flag
+    assert ports.max_worker - ports.min_worker + 1 == 8
+    assert "--block" in argv and "--head" in argv and "--dashboard-host=127.0.0.1" in argv
+    assert "--temp-dir=/tmp/hf-ray-x" in argv and "--num-cpus=2" in argv
+
+
+def test_free_port_block_is_contiguous_and_bindable():
+    block = find_free_port_block(5)
+    assert block == list(range(block[0], block[0] + 5))
+    with pytest.raises(ValueError, match=">= 1"):
+        find_free_port_block(0)
+
+
+def test_worker_node_spec_rules():
+    argv = ray_start_argv(RayNodeSpec(role="worker", head_address="127.0.0.1:24000", temp_dir=Path("/tmp/hf-ray-x"),
+                                      resources={"node_b": 1}))
+    assert "--address=127.0.0.1:24000" in argv and "--head" not in argv
+    assert '--resources={"node_b": 1.0}' in argv
+    with pytest.raises(ValueError, match="head_address is required"):
+        RayNodeSpec(role="worker", temp_dir=Path("/tmp/hf-ray-x"))
+    with pytest.raises(ValueError, match="head-only"):
+        RayNodeSpec(role="worker", head_address="127.0.0.1:1", temp_dir=Path("/tmp/x"), ports=RayPorts(dashboard=24001))
+    with pytest.raises(ValueError, match="107-byte"):
+        RayNodeSpec(role="head", temp_dir=Path("/tmp") / ("d" * 60))
+
+
+def test_mlflow_server_is_loopback_only_and_proxies_artifacts(tmp_path):
+    with pytest.raises(ValueError, match="loopback"):
+        MlflowServerSpec(data_dir=tmp_path, host="0.0.0.0")
+    argv = mlflow_server_argv(MlflowServerSpec(data_dir=tmp_path, port=24555))
+    assert argv[argv.index("--artifacts-destination") + 1] == str(tmp_path.resolve() / "artifacts")
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(ValueError, match="loopback"):
+        LocalStack(tmp_path, host="192.168.1.10")
+
+
+def test_process_handle_does_not_follow_a_reused_pid():
+    me = ProcessHandle.of(os.getpid())
+    assert me.is_alive()
+    assert not ProcessHandle(pid=os.getpid(), create_time=me.create_time - 3600).is_alive()
+
+
+def test_stop_session_stops_the_whole_tree_and_nothing_else(tmp_path):
+    bystander = subprocess.Popen(["sleep", "60"])
+    # A service whose child moves to its own process group (as Ray's workers do) but stays in the session.
+    service = launch_detached(
+        [sys.executable, "-c", textwrap.dedent("""
+            import os, subprocess, time
+            subprocess.Popen(["sleep", "60"], preexec_fn=os.setpgrp)
+            time.sleep(60)
+        """)],
+        tmp_path / "service.log",
+    )
+    wait_for(lambda: len(psutil.Process(service.pid).children()) == 1, "child started", 30)
+    (grandchild,) = psutil.Process(service.pid).children()
+    try:
+        stop_session(service, grace_s=5)
+        assert not service.is_alive()
+        assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+        assert bystander.poll() is None
+        stop_session(service, grace_s=1)  # already stopped: nothing to do, no error
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_wait_for_reports_an_early_exit_with_the_log_tail(tmp_path):
+    log = tmp_path / "crash.log"
+    leader = launch_detached([sys.executable, "-c", "print('port 1234 already in use'); raise SystemExit(1)"], log)
+    with pytest.raises(ServiceStartError, match="exited before it was ready") as failure:
+        wait_for(lambda: False, "demo service", timeout_s=60, leader=leader, log_path=log)
+    assert "port 1234 already in use" in str(failure.value)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+
+JOB_SCRIPT = """
+import os
+import mlflow
+
+print("holefill job says hello", flush=True)
+mlflow.set_experiment("local-stack-smoke")
+with mlflow.start_run(run_name=os.environ["HOLEFILL_RUN_NAME"]):
+    mlflow.log_metric("answer", 42.0)
+"""
+
+
+def _session_processes(pid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == pid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _stack_cli(command: str, state_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(STACK_SCRIPT), command, "--state-dir", str(state_dir)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
+@pytest.mark.e2e
+def test_local_stack_runs_a_job_that_logs_to_mlflow_and_stops_cleanly(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    gcs, dashboard, mlflow_port = find_free_port_block(3)
+    stack = LocalStack(tmp_path / "stack", ray_port=gcs, ray_dashboard_port=dashboard, mlflow_port=mlflow_port,
+                       num_cpus=2, startup_timeout_s=300)
+    try:
+        assert stack.start().all_up
+        first = json.loads((stack.state_dir / "stack.json").read_text())
+        stack.start()  # already running: reused, not started twice
+        again = json.loads((stack.state_dir / "stack.json").read_text())
+        assert (again["ray"]["pid"], again["mlflow"]["pid"]) == (first["ray"]["pid"], first["mlflow"]["pid"])
+
+        shown = _stack_cli("status", stack.state_dir)
+        assert shown.returncode == 0, shown.stderr
+        assert stack.dashboard_url in shown.stdout and stack.mlflow_uri in shown.stdout
+
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        (job_dir / "smoke.py").write_text(JOB_SCRIPT)
+        run_name = f"smoke-{uuid.uuid4().hex[:8]}"
+        status, logs = submit_job(stack.dashboard_url, "python smoke.py", job_dir,
+                                  env={"MLFLOW_TRACKING_URI": stack.mlflow_uri, "HOLEFILL_RUN_NAME": run_name},
+                                  timeout=300)
+        assert status == "SUCCEEDED", logs
+        assert "holefill job says hello" in logs
+
+        client = MlflowClient(stack.mlflow_uri)
+        experiment = client.get_experiment_by_name("local-stack-smoke")
+        runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+        assert len(runs) == 1 and runs[0].data.metrics["answer"] == 42.0
+
+        services = _session_processes(first["ray"]["pid"]) + _session_processes(first["mlflow"]["pid"])
+        assert len(services) >= 4  # ray start, gcs, raylet, dashboard, ... and the MLflow server
+    finally:
+        stopped = _stack_cli("stop", stack.state_dir)
+    assert stopped.returncode == 0, stopped.stderr
+    # The leaders are children of this process: looking at them through their handles reaps them.
+    assert not any(ProcessHandle(pid=first[s]["pid"], create_time=first[s]["create_time"]).is_alive()
+                   for s in ("ray", "mlflow"))
+    assert not [p for p in services if _running(p)]
+    assert _stack_cli("status", stack.state_dir).returncode == 3
+    stack.stop()  # idempotent
+
+
+@pytest.mark.e2e
+def test_worker_node_joins_the_head_and_runs_tasks_pinned_to_it(ray_head: RayHead, monkeypatch):  # noqa: F811
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    node = add_worker_node(ray_head, num_cpus=1, resources={"node_b": 1})
+    try:
+        ray.init(address=ray_head.address, logging_level="ERROR")
+        try:
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            assert len(alive) == 2
+            assert sum(n["Resources"].get("node_b", 0) for n in alive) == 1
+
+            @ray.remote(num_cpus=0, resources={"node_b": 0.1})
+            def where() -> str:
+                return ray.get_runtime_context().get_node_id()
+
+            worker_node_id = ray.get(where.remote(), timeout=120)
+            head_node_id = next(n["NodeID"] for n in alive if "node_b" not in n["Resources"])
+            assert worker_node_id != head_node_id
+        finally:
+            ray.shutdown()
+    finally:
+        node.stop()
+    deadline = time.monotonic() + 60
+    while alive_node_count(ray_head.dashboard_url) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive_node_count(ray_head.dashboard_url) == 1

@@ -1,0 +1,317 @@
+"""MLflow tracking: URI resolution, fail-fast server check, redaction, run tracking against a real server,
+transient failures, sample grids, and the generator log/register/load round trip in a fresh process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.tracking import (
+    REDACTED,
+    RunTracker,
+    check_tracking_server,
+    is_secret_name,
+    load_generator,
+    log_and_register_generator,
+    redact,
+    resolve_tracking_uri,
+    sample_grid,
+    to_hwc_uint8,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+try:  # the infra helper's shared fixtures, when present
+    from local_stack import mlflow_server  # noqa: F401
+except ImportError:  # a minimal stand-in: one real MLflow server per test module
+
+    def _free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    @pytest.fixture(scope="module")
+    def mlflow_server(tmp_path_factory):
+        root = tmp_path_factory.mktemp("mlflow")
+        port = _free_port()
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        log_file = open(root / "server.log", "wb")
+        proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                check_tracking_server(uri, timeout_s=1)
+                break
+            except ValueError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log_file.close()
+
+
+def _closed_port_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# URI resolution and server check
+
+
+def test_tracking_uri_prefers_config_then_environment_then_local_sqlite(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "http://env:5000"}
+    assert resolve_tracking_uri("http://cfg:5000", env) == "http://cfg:5000"
+    assert resolve_tracking_uri(None, env) == "http://env:5000"
+    assert resolve_tracking_uri("", env) == "http://env:5000"
+    assert resolve_tracking_uri(None, {}, default_dir=tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_unreachable_server_is_one_line_error_naming_the_uri_without_its_password():
+    uri = _closed_port_uri().replace("http://", "http://alice:hunter2@")
+    with pytest.raises(ValueError, match="unreachable") as err:
+        check_tracking_server(uri, timeout_s=2)
+    message = str(err.value)
+    assert "\n" not in message and "hunter2" not in message and "alice:***@127.0.0.1" in message
+
+
+def test_sqlite_store_in_a_missing_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        check_tracking_server(f"sqlite:///{tmp_path}/nope/mlflow.db")
+    check_tracking_server(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Redaction
+
+
+def test_redact_masks_passwords_in_urls_and_secret_assignments():
+    assert redact("s3://AKIA123:s3cr3t@bucket/data") == f"s3://AKIA123:{REDACTED}@bucket/data"
+    assert redact("postgresql://mlflow:pw@db:5432/mlflow") == f"postgresql://mlflow:{REDACTED}@db:5432/mlflow"
+    assert redact("https://h/x?X-Amz-Signature=abc&region=eu") == f"https://h/x?X-Amz-Signature={REDACTED}&region=eu"
+    assert redact("--aws_secret_access_key=xyz --steps=3") == f"--aws_secret_access_key={REDACTED} --steps=3"
+    assert redact("s3://bucket/plain/path.tar") == "s3://bucket/plain/path.tar"
+
+
+def test_redact_masks_values_under_secret_keys_recursively_without_touching_the_input():
+    config = {
+        "data": {"train_manifest": "s3://u:p@b/m.json", "storage_options": {"key": "AKIA", "secret": "s", "anon": False}},
+        "aws_access_key_id": "AKIA", "MLFLOW_TRACKING_TOKEN": "t", "db": {"password": "pw"},
+        "sort_keys": True, "monkey": "banana", "steps": [1, "https://a:b@c"],
+    }
+    clean = redact(config)
+    assert clean["data"]["storage_options"] == {"key": REDACTED, "secret": REDACTED, "anon": False}
+    assert clean["data"]["train_manifest"] == f"s3://u:{REDACTED}@b/m.json"
+    assert clean["aws_access_key_id"] == clean["MLFLOW_TRACKING_TOKEN"] == clean["db"]["password"] == REDACTED
+    assert clean["sort_keys"] is True and clean["monkey"] == "banana"
+    assert clean["steps"] == [1, f"https://a:{REDACTED}@c"]
+    assert config["db"]["password"] == "pw"  # input unchanged
+
+
+@pytest.mark.parametrize("name,secret", [
+    ("aws_access_key_id", True), ("storage_options.secret", True), ("apiKey", True), ("refresh_token", True),
+    ("sort_keys", False), ("keyword", False), ("data.key_prefix", True), ("tokenizer", False),
+])
+def test_secret_names_match_on_word_parts(name, secret):
+    assert is_secret_name(name) is secret
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+
+
+def test_sample_grid_rows_are_samples_and_columns_input_masked_output_truth():
+    b, h, w = 3, 8, 10
+    image, output, truth = torch.full((b, 3, h, w), 0.25), torch.full((b, 3, h, w), 0.5), torch.ones(b, 3, h, w)
+    mask = torch.zeros(b, 1, h, w)
+    mask[:, :, :4] = 1
+    grid = sample_grid(image, mask, output, truth, max_rows=2, gap=2)
+    assert grid.shape == (2 * h + 2, 4 * w + 3 * 2, 3) and grid.dtype == np.uint8
+    second_row = grid[h + 2:]
+    assert (second_row[:, :w] == 64).all()  # input
+    assert (second_row[:4, w + 2: 2 * w + 2] == 255).all() and (second_row[4:h, w + 2: 2 * w + 2] == 64).all()
+    assert (second_row[:, 2 * (w + 2): 2 * (w + 2) + w] == 128).all()  # output
+
+
+def test_images_convert_from_chw_float_and_hwc_uint8():
+    chw = torch.zeros(3, 4, 5)
+    chw[0] = 1.0
+    hwc = to_hwc_uint8(chw)
+    assert hwc.shape == (4, 5, 3) and (hwc[..., 0] == 255).all() and (hwc[..., 1] == 0).all()
+    gray = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    assert to_hwc_uint8(gray).shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="CHW or HW"):
+        to_hwc_uint8(torch.zeros(2, 2, 3, 4, 5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run tracking against a real server
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_run_tracker_logs_redacted_truncated_params_metrics_images_and_tags(mlflow_server):
+    tracker = RunTracker.start_or_resume(mlflow_server, "tracking-test", "run-a", tags={"arch": "rn"})
+    tracker.log_params({"data.train_manifest": "s3://k:secret@b/m.json", "data.storage_options.secret": "s",
+                        "train.lr": 1e-4, "long": "x" * 10_000, "list": [1, 2]})
+    for step in range(3):
+        tracker.log_metrics({"loss/g": 1.0 / (step + 1), "psnr/0.01-0.10": 20.0 + step}, step=step)
+    tracker.log_image(torch.rand(3, 8, 8), "samples", step=2)
+    tracker.set_tags({"dataset_version": "v1", "token": "abc"})
+    tracker.finish()
+
+    run = _client(mlflow_server).get_run(tracker.run_id)
+    params = run.data.params
+    assert params["data.train_manifest"] == f"s3://k:{REDACTED}@b/m.json"
+    assert params["data.storage_options.secret"] == REDACTED
+    assert params["train.lr"] == "0.0001" and params["list"] == "[1, 2]"
+    assert len(params["long"]) == 6000 and params["long"].endswith("[truncated]")
+    history = _client(mlflow_server).get_metric_history(tracker.run_id, "loss/g")
+    assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
+    assert run.data.tags["dataset_version"] == "v1" and run.data.tags["token"] == REDACTED
+    assert run.data.tags["arch"] == "rn" and run.info.status == "FINISHED"
+    artifacts = [a.path for a in _client(mlflow_server).list_artifacts(tracker.run_id, "images")]
+    assert any("samples" in p for p in artifacts)
+
+
+def test_same_run_name_resumes_the_same_run_and_params_are_idempotent(mlflow_server, caplog):
+    first = RunTracker.start_or_resume(mlflow_server, "resume-test", "job-1")
+    first.log_params({"train.max_steps": 10, "train.batch_size": 2})
+    first.log_metrics({"loss": 1.0}, step=1)
+    first.finish("FAILED")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        again = RunTracker.start_or_resume(mlflow_server, "resume-test", "job-1")
+        assert again.run_id == first.run_id
+        assert _client(mlflow_server).get_run(again.run_id).info.status == "RUNNING"
+        again.log_params({"train.max_steps": 10, "train.batch_size": 4, "train.seed": 7})
+        again.log_metrics({"loss": 0.5}, step=2)
+        again.finish()
+    assert "train.batch_size changed on resume" in caplog.text
+    run = _client(mlflow_server).get_run(first.run_id)
+    assert run.data.params == {"train.max_steps": "10", "train.batch_size": "2", "train.seed": "7"}
+    assert [m.step for m in _client(mlflow_server).get_metric_history(first.run_id, "loss")] == [1, 2]
+    other = RunTracker.start_or_resume(mlflow_server, "resume-test", "job-2")
+    assert other.run_id != first.run_id
+    other.finish()
+
+
+class _FlakyClient:
+    """A real MlflowClient whose first ``fail_batches`` log_batch calls and every log_image call fail."""
+
+    def __init__(self, real, fail_batches: int):
+        self._real, self.fail_batches, self.calls = real, fail_batches, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def log_batch(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.fail_batches:
+            raise ConnectionError("simulated outage")
+        return self._real.log_batch(*args, **kwargs)
+
+    def log_image(self, *args, **kwargs):
+        raise ConnectionError("simulated outage")
+
+
+def test_transient_failures_buffer_metrics_retry_and_drop_images_after_max_attempts(mlflow_server, caplog):
+    run_id = RunTracker.start_or_resume(mlflow_server, "flaky-test", "flaky").run_id
+    flaky = _FlakyClient(_client(mlflow_server), fail_batches=2)
+    tracker = RunTracker(flaky, run_id, flush_interval_s=0.05, max_attempts=2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        for step in range(5):
+            tracker.log_metrics({"loss": float(step)}, step=step)  # never raises, never blocks
+        tracker.log_image(np.zeros((4, 4, 3), np.uint8), "grid", step=0)
+        assert tracker.flush(timeout_s=20)
+        tracker.finish()
+    assert [m.step for m in _client(mlflow_server).get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
+    assert tracker.losses.operations_dropped == ["image grid@0"]
+    assert "dropped image grid@0 after 2 failed attempts" in caplog.text
+
+
+def test_dead_server_never_blocks_or_raises_into_training(monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = RunTracker.attach(_closed_port_uri(), "0" * 32, flush_interval_s=0.05, max_buffered_metrics=10,
+                                finish_timeout_s=2)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        for step in range(25):
+            tracker.log_metrics({"loss": 1.0}, step=step)
+        assert time.monotonic() - started < 1.0
+        tracker.finish()
+    assert tracker.losses.metrics_dropped >= 15
+    assert "metric buffer full" in caplog.text and "were not recorded" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model logging, registration, loading in a fresh process
+
+_LOAD_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    import mlflow
+    from pipeline.tracking import load_generator
+    mlflow.set_tracking_uri(sys.argv[1])
+    generator, arch = load_generator(sys.argv[2])
+    inputs = torch.load(sys.argv[3], weights_only=True)
+    with torch.no_grad():
+        out = generator(inputs["image"], inputs["mask"])
+    torch.save({"out": out, "arch": arch, "training": generator.training}, sys.argv[4])
+""")
+
+
+def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_server, tmp_path):
+    from models.registry import get_architecture
+
+    generator = get_architecture("rn").generator().eval()
+    image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-model")
+    version = log_and_register_generator(mlflow_server, tracker.run_id, generator, image, mask,
+                                         "rn-roundtrip", tags={"dataset_version": "v7", "password": "x"})
+    tracker.finish()
+    assert version.version == "1" and version.run_id == tracker.run_id
+    assert version.tags["holefill.arch"] == "rn" and version.tags["dataset_version"] == "v7"
+    assert version.tags["password"] == REDACTED
+
+    with torch.no_grad():
+        expected = generator(image, mask)
+    torch.save({"image": image, "mask": mask}, tmp_path / "inputs.pt")
+    _client(mlflow_server).set_registered_model_alias("rn-roundtrip", "champion", "1")
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_SCRIPT)
+    subprocess.run([sys.executable, str(script), mlflow_server, "models:/rn-roundtrip@champion",
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True, cwd=REPO, timeout=300)
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert result["arch"] == "rn" and result["training"] is False
+    torch.testing.assert_close(result["out"], expected, atol=1e-5, rtol=0)
+
+
+def test_loading_a_model_that_does_not_exist_is_a_clear_error(mlflow_server):
+    with pytest.raises(ValueError, match="cannot load model models:/no-such-model@champion"):
+        load_generator("models:/no-such-model@champion", mlflow_server)
