@@ -73,18 +73,25 @@ class GaussActivation(nn.Module):
     ``a * exp(-sigma1 * (x - mu)^2)`` left of ``mu`` and ``1 + (a - 1) * exp(-sigma2 * (x - mu)^2)`` from
     ``mu`` on; the peak ``a`` sits at ``x = mu``. The four parameters are learnable scalars shared over
     channels and positions.
+
+    Each parameter is held with shape (1,) while the state dict carries the official 0-dim entries
+    (hooks reshape on save and load; both shapes load). DeepSpeed cannot wrap a model with 0-dim
+    parameters: its initial broadcast views every parameter as bytes, which fails for 0-dim tensors.
     """
 
     A_RANGE = (1.01, 6.0)
     MU_RANGE = (0.1, 3.0)
     SIGMA_RANGE = (0.5, 2.0)
+    PARAMETER_NAMES = ("a", "mu", "sigma1", "sigma2")
 
     def __init__(self, a: float, mu: float, sigma1: float, sigma2: float) -> None:
         super().__init__()
-        self.a = nn.Parameter(torch.tensor(float(a)))
-        self.mu = nn.Parameter(torch.tensor(float(mu)))
-        self.sigma1 = nn.Parameter(torch.tensor(float(sigma1)))
-        self.sigma2 = nn.Parameter(torch.tensor(float(sigma2)))
+        self.a = nn.Parameter(torch.tensor([float(a)]))
+        self.mu = nn.Parameter(torch.tensor([float(mu)]))
+        self.sigma1 = nn.Parameter(torch.tensor([float(sigma1)]))
+        self.sigma2 = nn.Parameter(torch.tensor([float(sigma2)]))
+        self.register_state_dict_post_hook(_gauss_state_dict_as_scalars)
+        self.register_load_state_dict_pre_hook(_gauss_load_scalars)
 
     @torch.no_grad()
     def clamp_parameters_(self) -> None:
@@ -103,8 +110,8 @@ class GaussActivation(nn.Module):
         self.clamp_parameters_()
         below_mu = x < self.mu
         squared = (x - self.mu) ** 2
-        # Both branches are computed everywhere; zeroing the unused one (rather than selecting) keeps
-        # the official behaviour that a parameter of the inactive branch gets exactly zero gradient.
+        # Both branches are computed everywhere and the unused one is zeroed, as in the official code:
+        # the inactive branch contributes exactly zero value and zero gradient to its parameters.
         left = (self.a * torch.exp(-self.sigma1 * squared)).masked_fill(~below_mu, 0.0)
         right = (1 + (self.a - 1) * torch.exp(-self.sigma2 * squared)).masked_fill(below_mu, 0.0)
         return left + right
@@ -116,6 +123,20 @@ class GaussActivation(nn.Module):
             f"a={self.a.item():.4g}, mu={self.mu.item():.4g}, "
             f"sigma1={self.sigma1.item():.4g}, sigma2={self.sigma2.item():.4g}"
         )
+
+
+def _gauss_state_dict_as_scalars(module: GaussActivation, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # A view, not a copy: state_dict(keep_vars=True) callers still see the live values.
+    for name in GaussActivation.PARAMETER_NAMES:
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = state_dict[prefix + name].view(())
+
+
+def _gauss_load_scalars(module: GaussActivation, state_dict: dict, prefix: str, *_: object) -> None:
+    for name in GaussActivation.PARAMETER_NAMES:
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            state_dict[prefix + name] = value.view(1)
 
 
 class MaskUpdate(nn.Module):
@@ -395,9 +416,10 @@ def _preview(items: list[str], limit: int = 5) -> str:
 
 
 def convert_official_generator(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Check an official ``LBAMModel(4, 3)`` state dict and return it for ``LBAMGenerator.load_state_dict(strict=True)``.
+    """Check an official ``LBAMModel(4, 3)`` state dict and return it for strict ``LBAMGenerator`` loading.
 
-    The key names are identical by construction; a missing, unexpected or mis-shaped key is a ``ValueError``.
+    Key names and shapes are identical by construction (the Gaussian scalars stay 0-dim in state dicts);
+    a missing, unexpected or mis-shaped key is a ``ValueError``.
     """
     return _check_official(state_dict, _expected_shapes(LBAMGenerator), "LBAM generator (LBAMModel)")
 

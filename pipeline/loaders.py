@@ -271,15 +271,21 @@ def _train_crops(src: Iterator[dict], crop_size: int, seeds: _StreamSeed) -> Ite
 
 
 def _collate_uint8(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    images = np.stack([s[0] for s in samples])  # (B, S, S, 3); stack also makes flipped views contiguous
+    """Stack (H,W,3) images as (B,3,H,W) uint8 and (H,W) masks as (B,H,W) uint8.
+
+    The channel-first reorder is a strided copy; doing it here, on uint8 in the loader worker, leaves
+    the consumer a single contiguous uint8 -> float conversion (4x less memory traffic than permuting
+    floats).
+    """
+    images = np.stack([np.ascontiguousarray(s[0].transpose(2, 0, 1)) for s in samples])
     masks = np.stack([s[1] for s in samples])
     return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
 def _to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """uint8 (B,H,W,3) / (B,H,W) 0|255 -> float image (B,3,H,W) in [0,1], mask (B,1,H,W) 1 = hole."""
+    """uint8 (B,3,H,W) / (B,H,W) 0|255 -> float image (B,3,H,W) in [0,1], mask (B,1,H,W) 1 = hole."""
     out = dict(batch)
-    out["image"] = batch["image"].permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    out["image"] = batch["image"].float().div_(255.0)
     out["mask"] = (batch["mask"] > 127).unsqueeze(1).float()
     return out
 

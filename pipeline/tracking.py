@@ -620,26 +620,34 @@ def architecture_of(model: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _fluent_target(tracking_uri: str, experiment_id: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``tracking_uri``/``experiment_id`` for a block, then restore.
+def _fluent_target(tracking_uri: str | None, experiment_id: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri``/``experiment_id`` for a block, then restore exactly.
 
-    ``Model.log`` (which ``mlflow.pyfunc.log_model`` wraps) resolves the store and the logged model's
-    experiment from the process-wide fluent state; setting it only around the call keeps this library from
-    leaking global configuration into the caller.
+    ``Model.log`` and ``pyfunc.load_model`` resolve the store (and the logged model's experiment) from
+    process-wide fluent state. MLflow's setters also export ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``
+    for subprocesses, so the previous module state *and* environment are put back afterwards: this library
+    never leaks global configuration into its caller. (Uses MLflow internals; pinned by the tests.)
     """
-    import mlflow
+    import mlflow.tracking._model_registry.utils as registry_state
     import mlflow.tracking.fluent as fluent
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), fluent._active_experiment_id)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    fluent._active_experiment_id = experiment_id
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-        fluent._active_experiment_id = previous[2]
+    saved_registry = (registry_state._registry_uri, os.environ.get("MLFLOW_REGISTRY_URI"))
+    saved_experiment = fluent._active_experiment_id
+    with _use_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+        try:
+            if tracking_uri:
+                registry_state._registry_uri = tracking_uri
+            if experiment_id is not None:
+                fluent._active_experiment_id = experiment_id
+            yield
+        finally:
+            registry_state._registry_uri = saved_registry[0]
+            if saved_registry[1] is None:
+                os.environ.pop("MLFLOW_REGISTRY_URI", None)
+            else:
+                os.environ["MLFLOW_REGISTRY_URI"] = saved_registry[1]
+            fluent._active_experiment_id = saved_experiment
 
 
 def _pip_requirements() -> list[str]:
@@ -709,8 +717,7 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.
     """
     import mlflow.pyfunc
 
-    context = _fluent_target(tracking_uri, None) if tracking_uri else contextlib.nullcontext()
-    with context:
+    with _fluent_target(tracking_uri, None):
         try:
             wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
         except Exception as exc:

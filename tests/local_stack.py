@@ -193,7 +193,8 @@ def submit_job(
     and the job's logs. Raises ``TimeoutError`` (after stopping the job) when it runs past
     ``timeout`` seconds, and ``RuntimeError`` when the submission itself is refused.
     """
-    command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
+    # The CLI shell-quotes each word after `--` (shlex.join): hand it words, not one command string.
+    words = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
     submission_id = f"holefill-test-{uuid.uuid4().hex[:12]}"
     cli_env = ray_node_env()
     submit = [
@@ -203,7 +204,7 @@ def submit_job(
         "--working-dir", str(working_dir),
         "--runtime-env-json", json.dumps({"env_vars": dict(env or {})}),
         "--no-wait",
-        "--", command,
+        "--", *words,
     ]
     submitted = subprocess.run(submit, env=cli_env, capture_output=True, text=True, timeout=120)
     if submitted.returncode != 0:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,6 +125,17 @@ def test_gauss_activation_clamps_its_parameters_in_place_on_every_forward():
     g(torch.zeros(4))
     assert [p.item() for p in parameters] == pytest.approx([6.0, 0.1, 0.5, 2.0])
     assert (g.a, g.mu, g.sigma1, g.sigma2) == parameters  # the same Parameter objects, modified in place
+
+
+def test_gauss_activation_saves_official_scalars_and_loads_either_shape():
+    g = GaussActivation(1.1, 2.0, 1.0, 1.0)
+    assert g.a.shape == (1,)  # held 1-D so DeepSpeed can broadcast it
+    state = g.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"a": (), "mu": (), "sigma1": (), "sigma2": ()}
+    g.load_state_dict({"a": torch.tensor(3.0), "mu": torch.tensor(1.5), "sigma1": torch.tensor(0.7),
+                       "sigma2": torch.tensor([0.9])})
+    assert [p.item() for p in (g.a, g.mu, g.sigma1, g.sigma2)] == pytest.approx([3.0, 1.5, 0.7, 0.9])
+    assert g.a.shape == (1,)
 
 
 def test_gauss_activation_clamp_does_not_invalidate_an_earlier_graph():
@@ -290,3 +306,56 @@ def test_converter_rejects_missing_unexpected_and_misshaped_keys(generator, disc
     # An RN checkpoint handed to the LBAM converter is refused, not half-loaded.
     with pytest.raises(ValueError, match="not an official LBAM discriminator"):
         convert_official_discriminator(dict(generator.state_dict()))
+
+
+# --- DeepSpeed ---------------------------------------------------------------------------------------
+
+_DEEPSPEED_SCRIPT = """
+import os, sys, torch, torch.nn as nn
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from models.lbam import ForwardAttention, ReverseMaskConv
+
+class Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ec1 = ForwardAttention(4, 8, mask_channels=3)
+        self.reverseConv1 = ReverseMaskConv(3, 8)
+    def forward(self, x, valid):
+        return (self.ec1(x, valid)[0] * self.reverseConv1(1 - valid)[0]).mean()
+
+torch.manual_seed(0)
+model = Layers()
+before = {k: v.clone() for k, v in model.state_dict().items()}
+config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+          "optimizer": {"type": "Adam", "params": {"lr": 0.01, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+for _ in range(2):
+    loss = engine(torch.rand(2, 4, 16, 16), torch.rand(2, 3, 16, 16))
+    engine.backward(loss)
+    engine.step()
+after = engine.module.state_dict()
+assert tuple(after["ec1.conv.activationFuncG_A.a"].shape) == (), "state dict must keep the official scalar shape"
+changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+print("CHANGED", ",".join(changed))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_attention_layers_train_under_deepspeed_zero2():
+    # A separate process: deepspeed.initialize creates a process group that must not leak into other tests.
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_DEEPSPEED_SCRIPT), str(_free_port())],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    changed = result.stdout.split("CHANGED ")[-1].split()[0].split(",")
+    # Every learnable tensor moved, the Gaussian scalars included.
+    assert "ec1.conv.activationFuncG_A.mu" in changed and "reverseConv1.activationFuncG_A.a" in changed
+    assert "ec1.conv.maskConv.weight" in changed and "reverseConv1.reverseMaskConv.weight" in changed

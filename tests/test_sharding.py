@@ -28,7 +28,7 @@ from pipeline.imageops import decode_mask_png
 from pipeline.manifest import load_manifest, manifest_hash, read_keys, verify_shards
 from pipeline.masks import hole_ratio
 from pipeline.sample_data import generate_sample_dataset
-from pipeline.sharding import ShardJobConfig, run_shard_job
+from pipeline.sharding import ShardJobConfig, derive_mask_seed, encode_mask_png_fast, plan_shards, run_shard_job
 from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,6 +351,27 @@ def test_incremental_version_lists_old_and_new_shards_once(ray_cluster, tmp_path
     samples = _samples(v2)
     assert len(samples) == 9
     assert sorted(samples) == sorted(read_keys(v2.keys_url()))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 96)])
+def test_fast_mask_png_is_an_8_bit_gray_png_that_decodes_to_the_same_mask(shape):
+    rng = np.random.default_rng(sum(shape))
+    for mask in (np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8), (rng.random(shape) < 0.3).astype(np.uint8) * 255):
+        image = Image.open(io.BytesIO(encode_mask_png_fast(mask)))
+        assert image.format == "PNG" and image.mode == "L" and image.size == shape[::-1]
+        assert np.array_equal(np.asarray(image), mask)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_mask_png_fast(np.zeros((2, 2, 1), np.uint8))
+
+
+def test_shard_plan_is_consecutive_blocks_of_sorted_items_and_retry_seeds_are_derived():
+    from pipeline.sources import SourceItem
+
+    items = [SourceItem(key=f"k{i}", path=f"k{i}.jpg", url=f"/d/k{i}.jpg") for i in range(7)]
+    plans = plan_shards(items, 3, first_index=5)
+    assert [p.name for p in plans] == ["shard-000005.tar", "shard-000006.tar", "shard-000007.tar"]
+    assert [[i.key for i in p.items] for p in plans] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
+    assert derive_mask_seed(9, 0) == 9 and derive_mask_seed(9, 1) == derive_mask_seed(9, 1) != derive_mask_seed(9, 2)
 
 
 def test_config_errors_are_one_line_and_name_the_key(tmp_path):

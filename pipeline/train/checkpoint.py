@@ -72,23 +72,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def consolidated_generator_state(engine: Any, precision: str) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the engine's module on CPU. Collective: every rank must call it.
+def consolidated_generator_state(engine: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the engine's module, on CPU.
 
-    In fp32 the module's own parameters are the full, exact weights on every rank (ZeRO 1/2 partition only the
-    optimiser state and gradients). In bf16/fp16 the module holds half-precision copies and the fp32 master
-    weights are partitioned across ranks; ``safe_get_full_fp32_param`` gathers each one (an all-reduce).
+    Every rank holds the full fp32 weights: ZeRO 1/2 partition only optimiser state and gradients, and
+    bf16/fp16 run as autocast over fp32 parameters (see ``engines.deepspeed_config``), so nothing needs
+    gathering.
     """
-    module = engine.module
-    state = {name: t.detach().float().cpu().clone() for name, t in module.state_dict().items()}
-    if precision != "fp32":
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        for name, param in module.named_parameters():
-            full = safe_get_full_fp32_param(param)
-            if full is not None:
-                state[name] = full.detach().float().cpu().clone()
-    return state
+    return {name: t.detach().float().cpu().clone() if t.is_floating_point() else t.detach().cpu().clone()
+            for name, t in engine.module.state_dict().items()}
 
 
 def save_checkpoint(directory: str | Path, engines: Any, state: CheckpointState, rank: int) -> None:
@@ -98,11 +90,10 @@ def save_checkpoint(directory: str | Path, engines: Any, state: CheckpointState,
     # DeepSpeed writes module states from rank 0 and ZeRO shards from every rank, each under a rank-unique name.
     engines.generator.save_checkpoint(str(directory / "generator"), tag=CHECKPOINT_TAG, save_latest=False)
     engines.discriminator.save_checkpoint(str(directory / "discriminator"), tag=CHECKPOINT_TAG, save_latest=False)
-    generator_state = consolidated_generator_state(engines.generator, state.precision)
     (directory / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), directory / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        torch.save(generator_state, directory / GENERATOR_FILE)
+        torch.save(consolidated_generator_state(engines.generator), directory / GENERATOR_FILE)
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
 
 

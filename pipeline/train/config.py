@@ -162,6 +162,9 @@ def check_train_config(config: TrainJobConfig) -> None:
     ds, scaling, data, train = config.deepspeed, config.scaling, config.data, config.train
     if ds.precision == "fp16" and not scaling.use_gpu:
         raise _fail("deepspeed.precision", "fp16 needs GPUs (scaling.use_gpu=true); use fp32 or bf16 on CPU")
+    if ds.precision == "fp16" and ds.zero_stage != 0:
+        # DeepSpeed only attaches a loss scaler to autocast fp16 without ZeRO; unscaled fp16 grads underflow.
+        raise _fail("deepspeed.precision", f"fp16 needs deepspeed.zero_stage=0 (got {ds.zero_stage}); use bf16 with ZeRO")
 
     from models.registry import get_architecture
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from pipeline.train.config import DeepSpeedSection
 
-__all__ = ["GanEngines", "build_engines", "deepspeed_config", "init_distributed", "precision_context", "step_updater"]
+__all__ = ["DiscriminatorCaller", "GanEngines", "build_engines", "deepspeed_config", "init_distributed", "precision_context", "step_updater"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,11 +38,13 @@ def deepspeed_config(ds: DeepSpeedSection, micro_batch_size: int, world_size: in
     }
     if ds.gradient_clipping > 0:
         config["gradient_clipping"] = ds.gradient_clipping
-    if ds.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
-        # Dynamic loss scaling (loss_scale 0); one scaler per engine, so D's overflows never skip G's step.
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if ds.precision in _DTYPES:
+        # DeepSpeed's torch_autocast mode, not its bf16/fp16 model cast: parameters, buffers and optimiser
+        # state stay fp32 while convolutions run in half precision. The cast mode breaks RN's spectral norm
+        # (fp32 power-iteration buffers against half weights) and would leave LBAM's fp32 VGG outside the
+        # engine; with fp32 masters the generator is also registered without any gather. Gradients of
+        # conv/linear weights are all-reduced in the half dtype. fp16 gets a GradScaler (ZeRO 0 only).
+        config["torch_autocast"] = {"enabled": True, "dtype": str(_DTYPES[ds.precision]).replace("torch.", "")}
     return config
 
 
@@ -132,6 +134,27 @@ def build_engines(
     )
 
 
+class DiscriminatorCaller(nn.Module):
+    """The ``D`` handed to ``gan_step``: D's engine while D trains, its bare module during G's update.
+
+    Every engine forward hooks its outputs so that a backward through them runs *that engine's* backward
+    prologue (ZeRO bookkeeping, gradient-accumulation scaling). G's loss backpropagates through D's output,
+    which would run D's prologue inside G's backward: at ZeRO 0 DeepSpeed refuses it outright, at ZeRO 1/2
+    it opens a backward on D's optimiser that never gets its step. ``gan_step`` freezes D's parameters for
+    G's update, so "frozen" is exactly when D must be called without its engine.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__()
+        self.engine = engine
+        self._first_param = next(engine.module.parameters())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._first_param.requires_grad:
+            return self.engine(*args, **kwargs)
+        return self.engine.module(*args, **kwargs)
+
+
 def step_updater(engine: Any) -> Callable[[torch.Tensor], None]:
     """The ``update_g`` / ``update_d`` callback of ``gan_step``: backward and step through the engine.
 
@@ -150,9 +173,9 @@ def step_updater(engine: Any) -> Callable[[torch.Tensor], None]:
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     """Autocast for the whole GAN step under bf16/fp16.
 
-    DeepSpeed casts the *models* to half precision, but the step also runs modules outside the engines (LBAM's
-    frozen fp32 VGG for the perceptual loss) and mixes half outputs with fp32 images; autocast makes every op
-    run in the dtype it is safe in, so no tensor dtype plumbing leaks into the recipe.
+    DeepSpeed autocasts each engine's forward, but the GAN step also runs losses outside the engines (LBAM's
+    frozen VGG for the perceptual loss, the gradient penalty); one autocast around the whole step gives every
+    op the dtype it is safe in, so no dtype plumbing leaks into the recipe.
     """
     dtype = _DTYPES.get(precision)
     if dtype is None:

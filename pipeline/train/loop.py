@@ -21,7 +21,7 @@ import torch
 
 from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
 from pipeline.train.config import TrainJobConfig
-from pipeline.train.engines import GanEngines, build_engines, init_distributed, precision_context, step_updater
+from pipeline.train.engines import DiscriminatorCaller, GanEngines, build_engines, init_distributed, precision_context, step_updater
 
 __all__ = ["WorkerPayload", "rank_seed", "train_worker"]
 
@@ -101,6 +101,7 @@ def evaluate(recipe: Any, generator: torch.nn.Module, config: TrainJobConfig, ra
         rank=rank,
         world_size=world_size,
         num_workers=min(config.data.loader_workers, 1),
+        crop_size=config.data.crop_size,
         storage_options=config.data.storage_options,
     )
     metrics = BucketedMetrics()
@@ -150,6 +151,8 @@ def train_worker(payload: WorkerPayload) -> None:
     from models.recipes import build_recipe, gan_step
     from models.registry import get_architecture
 
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = payload.config
     train, ds = config.train, config.deepspeed
     context = ray.train.get_context()
@@ -169,8 +172,8 @@ def train_worker(payload: WorkerPayload) -> None:
         micro_batch_size=train.batch_size, world_size=world_size,
         steps_per_epoch=train.steps_per_epoch, device=device,
     )
-    G, D = engines.generator, engines.discriminator
-    update_g, update_d = step_updater(G), step_updater(D)
+    G, D = engines.generator, DiscriminatorCaller(engines.discriminator)
+    update_g, update_d = step_updater(G), step_updater(engines.discriminator)
 
     # -- resume --
     step = 0

@@ -1,0 +1,152 @@
+"""Loader throughput per core, holefill's shard loader vs an LBAM-style folder loader, and worker memory.
+
+    python bench/loader.py                       # defaults: 64 images, 1,500 samples timed per loader
+    python bench/loader.py --images 128 --samples 4000 --rss 1000,10000
+
+Both loaders run in the calling process (``num_workers=0``): the numbers are samples/s *per core*.
+
+* baseline - what the official LBAM ``GetData`` does per sample: open the full-size image file,
+  ``convert('RGB')``, bicubic resize to 350x350, random 256 crop, random flip, to float; pick a random
+  mask file, ``convert('RGB')``, nearest resize to 256x256, threshold; batches stacked with torch.
+* holefill - :func:`pipeline.loaders.make_train_loader` on shards made from the same images (short side
+  256, masks precomputed by ``lama_train_mix``), joint 256 crop + flip.
+
+Memory: RSS of a loader process after ``--rss`` sample counts (e.g. 1k and 10k); flat means the
+loader holds no per-sample state (shuffle buffer bounded, shards streamed). Target: throughput >= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.imageops import encode_mask_png, pillow_flavour, prepare_image  # noqa: E402
+from pipeline.loaders import make_train_loader  # noqa: E402
+from pipeline.masks import describe, hole_ratio, make_mask  # noqa: E402
+from pipeline.sample_data import generate_sample_dataset  # noqa: E402
+
+BATCH = 8
+
+
+def build_inputs(workdir: Path, n_images: int, samples_per_shard: int = 16) -> tuple[list[Path], list[Path], list[str]]:
+    """Sample images (512x384 JPEGs), 512x512 mask files for the baseline, and shards for holefill."""
+    dataset = generate_sample_dataset(str(workdir / "places"), n_train=n_images, n_val=0, include_package_photos=False)
+    images = [Path(dataset.train_path(e)) for e in dataset.train_files]
+    mask_dir = workdir / "masks"
+    mask_dir.mkdir()
+    masks = []
+    for i in range(n_images):
+        path = mask_dir / f"{i:05d}.png"
+        Image.fromarray(make_mask("lama_train_mix", 0, f"m{i}", 512, 512)).save(path)
+        masks.append(path)
+    shards, writer, count = [], None, 0
+    for i, image_path in enumerate(images):
+        if count % samples_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            shards.append(str(workdir / f"shard-{len(shards):06d}.tar"))
+            writer = wds.TarWriter(shards[-1])
+        prepared = prepare_image(image_path.read_bytes(), store_size=256)
+        key = f"img_{i:06d}"
+        mask = make_mask("lama_train_mix", 0, key, prepared.height, prepared.width)
+        meta = {"size": [prepared.width, prepared.height], "hole_ratio": hole_ratio(mask), "masks": describe("lama_train_mix")}
+        writer.write({"__key__": key, "jpg": prepared.jpeg, "mask.png": encode_mask_png(mask), "json": json.dumps(meta).encode()})
+        count += 1
+    if writer is not None:
+        writer.close()
+    return images, masks, shards
+
+
+def baseline_batches(images: list[Path], masks: list[Path], n_batches: int, seed: int = 0):
+    """LBAM-style folder loading, sample by sample, as ``data/dataloader.py`` does it."""
+    rng = random.Random(seed)
+    for _ in range(n_batches):
+        imgs, msks = [], []
+        for _ in range(BATCH):
+            im = Image.open(rng.choice(images)).convert("RGB").resize((350, 350), Image.Resampling.BICUBIC)
+            x, y = rng.randrange(350 - 256 + 1), rng.randrange(350 - 256 + 1)
+            im = im.crop((x, y, x + 256, y + 256))
+            if rng.random() < 0.5:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            imgs.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            mask = Image.open(rng.choice(masks)).convert("RGB").resize((256, 256), Image.Resampling.NEAREST)
+            mask_t = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            msks.append((mask_t >= 0.5).float())
+        yield {"image": torch.stack(imgs), "mask": torch.stack(msks)}
+
+
+def timed(batches) -> tuple[float, int]:
+    start, n = time.perf_counter(), 0
+    for batch in batches:
+        n += batch["image"].shape[0]
+    return n / (time.perf_counter() - start), n
+
+
+def rss_curve(shards: list[str], checkpoints: list[int]) -> list[tuple[int, float]]:
+    """RSS (MiB) of this process after reading each checkpoint's number of samples through the loader."""
+    process = psutil.Process(os.getpid())
+    total = max(checkpoints)
+    loader = make_train_loader(shards, batch_size=BATCH, batches_per_epoch=total // BATCH + 1, num_workers=0, seed=1)
+    points, seen, pending = [], 0, sorted(checkpoints)
+    for batch in loader:
+        seen += batch["image"].shape[0]
+        while pending and seen >= pending[0]:
+            points.append((pending.pop(0), process.memory_info().rss / 2**20))
+        if not pending:
+            break
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=64, help="distinct source images")
+    parser.add_argument("--samples", type=int, default=1500, help="samples timed per loader")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (best of each kept)")
+    parser.add_argument("--rss", default="1000,10000", help="sample counts at which to read the RSS")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    n_batches = max(1, args.samples // BATCH)
+    print(f"{pillow_flavour()}; torch threads 1; batch {BATCH}; {args.images} images; {n_batches * BATCH} samples")
+    with tempfile.TemporaryDirectory() as tmp:
+        images, masks, shards = build_inputs(Path(tmp), args.images)
+        # Warm the page cache for both, so neither pays the first read.
+        timed(baseline_batches(images, masks, 2))
+        timed(make_train_loader(shards, batch_size=BATCH, batches_per_epoch=2, num_workers=0))
+        # Alternate short rounds and keep each loader's best: on a shared machine, load that changes
+        # between two long back-to-back runs would otherwise skew the ratio.
+        base_rate = ours_rate = 0.0
+        per_round = max(1, n_batches // args.rounds)
+        for r in range(args.rounds):
+            base_rate = max(base_rate, timed(baseline_batches(images, masks, per_round, seed=r))[0])
+            ours = make_train_loader(shards, batch_size=BATCH, batches_per_epoch=per_round, num_workers=0, seed=r)
+            ours_rate = max(ours_rate, timed(ours)[0])
+        print(f"{'loader':<34}{'samples/s/core':>16}")
+        print(f"{'LBAM-style folder loader':<34}{base_rate:>16.1f}")
+        print(f"{'holefill WebDataset loader':<34}{ours_rate:>16.1f}")
+        print(f"ratio holefill / baseline: {ours_rate / base_rate:.2f}x (target >= 2x)")
+        checkpoints = [int(x) for x in args.rss.split(",") if x.strip()]
+        points = rss_curve(shards, checkpoints)
+        for samples, rss in points:
+            print(f"loader RSS after {samples:>6} samples: {rss:8.1f} MiB")
+        if len(points) >= 2:
+            print(f"RSS growth {points[0][0]} -> {points[-1][0]} samples: {points[-1][1] - points[0][1]:+.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
