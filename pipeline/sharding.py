@@ -151,7 +151,10 @@ class ShardJobConfig(Config):
         # explicit contradiction instead of silently writing a different set.
         if isinstance(data, dict):
             evaluation = data.get("eval")
-            enabled = evaluation.get("enabled") if isinstance(evaluation, dict) else getattr(evaluation, "enabled", False)
+            if isinstance(evaluation, dict):
+                enabled = evaluation.get("enabled", False)
+            else:
+                enabled = getattr(evaluation, "enabled", False)
             if enabled:
                 if data.get("center_crop") is False:
                     raise ValueError("eval sets are centre-cropped: center_crop cannot be false with eval.enabled")
@@ -165,8 +168,9 @@ class ShardJobConfig(Config):
         return self
 
     def recorded(self) -> dict[str, Any]:
-        """The config as stored in the manifest: no secrets, no output location (a copy keeps its hash)."""
-        return self.model_dump(mode="json", exclude={"out", "storage_options", "num_cpus", "max_in_flight"})
+        """The config as stored in the manifest: no secrets, no output location (a copy keeps its hash), no
+        execution-only settings (the same data sharded on another cluster has the same hash)."""
+        return self.model_dump(mode="json", exclude={"out", "storage_options", "num_cpus", "max_in_flight", "verify"})
 
 
 def shard_name(index: int) -> str:
