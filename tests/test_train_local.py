@@ -97,7 +97,8 @@ def test_rn_run_validates_per_bucket_and_logs_to_exactly_one_mlflow_run(rn_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "4"
     metrics = run.data.metrics
-    assert {"train/g_loss", "train/d_loss", "lr/generator", "perf/images_per_s", "val/psnr", "val/ssim", "val/l1"} <= set(metrics)
+    expected = {"train/g_loss", "train/d_loss", "lr/generator", "perf/images_per_s", "val/psnr", "val/ssim", "val/l1"}
+    assert expected <= set(metrics), sorted(expected - set(metrics))
     # every eval sample counted once across the two ranks: one per bucket
     assert metrics["val/count"] == 6
     assert any(key.startswith("val/psnr/0.") for key in metrics)

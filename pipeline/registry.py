@@ -1,0 +1,288 @@
+"""The model registry's lifecycle: ``champion`` / ``previous_champion`` aliases and the promotion gate.
+
+Rules (DESIGN.md, data flow 7):
+
+* Aliases only, never stages. ``champion`` is what inference and fine-tuning load; ``previous_champion``
+  is where the alias was before the last promotion (one-step rollback: move ``champion`` back to it).
+* The alias is read from the registry every time it is needed, so a human moving it (MLflow UI,
+  ``MlflowClient.set_registered_model_alias``) is honoured by every job. A promotion re-reads it just
+  before moving it and refuses to move it when it changed while the evaluation ran.
+* A challenger is promoted only when the gate passes: every rule compares challenger and champion,
+  evaluated in the same call on the same pinned eval set. With no champion yet, the first valid model
+  (evaluated on a non-empty set, finite metrics, above the optional absolute floors) becomes champion.
+* Every decision is recorded on the challenger version: ``holefill.promotion.*`` tags and a description
+  holding the comparison table and the reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Literal, Mapping
+
+from pydantic import Field, field_validator
+
+from pipeline.buckets import BUCKET_NAMES
+from pipeline.config import Config
+
+__all__ = [
+    "CHAMPION",
+    "PREVIOUS_CHAMPION",
+    "CHALLENGER",
+    "GateConfig",
+    "GateDecision",
+    "GateRule",
+    "PromotionOutcome",
+    "current_champion",
+    "evaluate_gate",
+    "promote",
+]
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous_champion"
+CHALLENGER = "challenger"
+TAG = "holefill.promotion"
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False}
+
+Evaluator = Callable[[str, str], Mapping[str, float]]
+"""``evaluator(model_name, version) -> metrics summary`` (keys ``psnr``, ``psnr/0.01-0.10``, ``count``, …)."""
+
+
+class GateRule(Config):
+    """One comparison: ``improvement(metric, scope) >= min_improvement``.
+
+    Improvement is ``challenger - champion`` for PSNR/SSIM and ``champion - challenger`` for L1, so a
+    positive number always means "better". ``scope``: ``overall``, ``each_bucket`` (every bucket both
+    models have samples in) or one bucket name such as ``0.30-0.40``. A negative ``min_improvement`` is a
+    tolerated regression.
+    """
+
+    metric: Literal["psnr", "ssim", "l1"]
+    scope: str = "overall"
+    min_improvement: float = 0.0
+
+    @field_validator("scope")
+    @classmethod
+    def _known_scope(cls, scope: str) -> str:
+        if scope not in ("overall", "each_bucket", *BUCKET_NAMES):
+            raise ValueError(f"scope must be overall, each_bucket or one of {', '.join(BUCKET_NAMES)}")
+        return scope
+
+
+class GateConfig(Config):
+    """The promotion gate: every rule must pass; ``min_values`` are absolute floors (first champion too)."""
+
+    rules: list[GateRule] = Field(default_factory=lambda: [
+        GateRule(metric="psnr", scope="overall", min_improvement=0.0),
+        GateRule(metric="psnr", scope="each_bucket", min_improvement=-0.5),
+        GateRule(metric="ssim", scope="overall", min_improvement=-0.005),
+    ])
+    min_values: dict[Literal["psnr", "ssim"], float] = Field(default_factory=dict)
+    max_values: dict[Literal["l1"], float] = Field(default_factory=dict)
+    min_samples: int = Field(default=1, ge=1)
+
+
+@dataclass
+class Check:
+    """One evaluated comparison of the gate."""
+
+    metric: str
+    scope: str
+    champion: float | None
+    challenger: float | None
+    improvement: float | None
+    required: float
+    passed: bool
+
+
+@dataclass
+class GateDecision:
+    """Outcome of the gate: ``passed`` and why, plus every check made (for the version's description)."""
+
+    passed: bool
+    reasons: list[str]
+    checks: list[Check] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        """The comparison as a Markdown table (MLflow renders version descriptions as Markdown)."""
+        lines = ["| metric | scope | champion | challenger | improvement | required | ok |", "|---|---|---|---|---|---|---|"]
+
+        def cell(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        for c in self.checks:
+            lines.append(f"| {c.metric} | {c.scope} | {cell(c.champion)} | {cell(c.challenger)} | "
+                         f"{cell(c.improvement)} | {c.required:+.4f} | {'yes' if c.passed else 'NO'} |")
+        return "\n".join(lines)
+
+
+def _valid(summary: Mapping[str, float], gate: GateConfig) -> list[str]:
+    """Reasons a single model's evaluation is not acceptable at all (empty when it is)."""
+    problems = []
+    count = summary.get("count", 0)
+    if count < gate.min_samples:
+        problems.append(f"evaluated on {int(count)} images, fewer than min_samples={gate.min_samples}")
+    for metric in ("psnr", "ssim", "l1"):
+        value = summary.get(metric)
+        if value is None or not math.isfinite(value):
+            problems.append(f"{metric} is missing or not finite ({value})")
+    for metric, floor in gate.min_values.items():
+        value = summary.get(metric)
+        if value is not None and value < floor:
+            problems.append(f"{metric} {value:.4f} is below the floor {floor}")
+    for metric, ceiling in gate.max_values.items():
+        value = summary.get(metric)
+        if value is not None and value > ceiling:
+            problems.append(f"{metric} {value:.4f} is above the ceiling {ceiling}")
+    return problems
+
+
+def _scopes(rule: GateRule, champion: Mapping[str, float], challenger: Mapping[str, float]) -> list[str]:
+    if rule.scope == "overall":
+        return ["overall"]
+    if rule.scope == "each_bucket":
+        return [b for b in BUCKET_NAMES if champion.get(f"count/{b}", 0) > 0 and challenger.get(f"count/{b}", 0) > 0]
+    return [rule.scope]
+
+
+def evaluate_gate(challenger: Mapping[str, float], champion: Mapping[str, float] | None,
+                  gate: GateConfig) -> GateDecision:
+    """Decide whether ``challenger`` may replace ``champion`` (``None``: there is no champion yet)."""
+    problems = _valid(challenger, gate)
+    if problems:
+        return GateDecision(False, [f"challenger is not a valid model: {p}" for p in problems])
+    if champion is None:
+        return GateDecision(True, ["no champion yet: the first valid model becomes champion"])
+    checks: list[Check] = []
+    for rule in gate.rules:
+        for scope in _scopes(rule, champion, challenger):
+            key = rule.metric if scope == "overall" else f"{rule.metric}/{scope}"
+            old, new = champion.get(key), challenger.get(key)
+            if old is None or new is None:
+                checks.append(Check(rule.metric, scope, old, new, None, rule.min_improvement, False))
+                continue
+            improvement = (new - old) if HIGHER_IS_BETTER[rule.metric] else (old - new)
+            checks.append(Check(rule.metric, scope, old, new, improvement, rule.min_improvement,
+                                improvement >= rule.min_improvement))
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        reasons = [
+            f"{c.metric} {c.scope}: " + (f"improvement {c.improvement:+.4f} < required {c.required:+.4f}"
+                                         if c.improvement is not None else "not measured for both models")
+            for c in failed
+        ]
+        return GateDecision(False, reasons, checks)
+    return GateDecision(True, [f"all {len(checks)} gate checks passed"], checks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry operations
+
+
+def current_champion(client, name: str, alias: str = CHAMPION) -> str | None:
+    """Version number ``alias`` points at right now, or ``None`` (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+@dataclass
+class PromotionOutcome:
+    """What ``promote`` did: ``action`` is ``promoted``, ``first_champion``, ``refused``, ``already_champion``
+    or ``champion_moved`` (a human moved the alias during evaluation; nothing changed)."""
+
+    model: str
+    challenger: str
+    champion_before: str | None
+    champion_after: str | None
+    action: Literal["promoted", "first_champion", "refused", "already_champion", "champion_moved"]
+    decision: GateDecision | None = None
+    challenger_metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] | None = None
+
+    @property
+    def promoted(self) -> bool:
+        return self.action in ("promoted", "first_champion")
+
+
+def _describe(outcome: PromotionOutcome, eval_set: str) -> str:
+    decision = outcome.decision
+    head = (f"**Promotion gate: {outcome.action.replace('_', ' ')}** "
+            f"({datetime.now(timezone.utc).isoformat(timespec='seconds')}, eval set `{eval_set}`)\n\n"
+            f"Compared with champion: {('version ' + outcome.champion_before) if outcome.champion_before else 'none'}\n")
+    reasons = "\n".join(f"* {r}" for r in (decision.reasons if decision else []))
+    table = decision.markdown() if decision and decision.checks else ""
+    return "\n".join(part for part in (head, reasons, table) if part)
+
+
+def _record(client, outcome: PromotionOutcome, eval_set: str) -> None:
+    from pipeline.tracking import MAX_TAG_VALUE_CHARS, _truncate
+
+    tags = {
+        f"{TAG}.decision": outcome.action,
+        f"{TAG}.compared_to": outcome.champion_before or "none",
+        f"{TAG}.eval_set": eval_set,
+        f"{TAG}.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        f"{TAG}.reasons": "; ".join(outcome.decision.reasons) if outcome.decision else "",
+    }
+    for metric in ("psnr", "ssim", "l1"):
+        if metric in outcome.challenger_metrics:
+            tags[f"{TAG}.challenger_{metric}"] = f"{outcome.challenger_metrics[metric]:.6g}"
+        if outcome.champion_metrics and metric in outcome.champion_metrics:
+            tags[f"{TAG}.champion_{metric}"] = f"{outcome.champion_metrics[metric]:.6g}"
+    for key, value in tags.items():
+        client.set_model_version_tag(outcome.model, outcome.challenger, key, _truncate(value, MAX_TAG_VALUE_CHARS))
+    client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set))
+
+
+def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: GateConfig,
+            eval_set: str = "", champion_alias: str = CHAMPION) -> PromotionOutcome:
+    """Evaluate version ``challenger`` of model ``name`` against the current champion and move the alias
+    when the gate passes (``previous_champion`` keeps the old one). The decision is recorded on the
+    challenger version whatever it is. ``eval_set`` names the pinned eval set (its manifest hash) in the record.
+    """
+    challenger = str(challenger)
+    client.get_model_version(name, challenger)  # a missing version fails here, before any evaluation
+    champion = current_champion(client, name, champion_alias)
+    if champion == challenger:
+        log.info("%s version %s already is %s: nothing to do", name, challenger, champion_alias)
+        return PromotionOutcome(name, challenger, champion, champion, "already_champion")
+
+    log.info("evaluating challenger %s/%s", name, challenger)
+    challenger_metrics = dict(evaluator(name, challenger))
+    champion_metrics = None
+    if champion is not None:
+        log.info("evaluating champion %s/%s on the same eval set", name, champion)
+        champion_metrics = dict(evaluator(name, champion))
+    decision = evaluate_gate(challenger_metrics, champion_metrics, gate)
+    action = "refused"
+    if decision.passed:
+        action = "first_champion" if champion is None else "promoted"
+    outcome = PromotionOutcome(name, challenger, champion, champion, action, decision, challenger_metrics,
+                               champion_metrics)
+
+    if decision.passed:
+        now = current_champion(client, name, champion_alias)
+        if now != champion:
+            # Someone moved the alias while we evaluated: their choice wins; this comparison is stale.
+            outcome.action, outcome.champion_after = "champion_moved", now
+            decision.reasons.append(
+                f"{champion_alias} moved from {champion or 'none'} to {now or 'none'} during evaluation: "
+                "left as is; run promote again to compare against the new champion")
+        else:
+            if champion is not None:
+                client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
+            client.set_registered_model_alias(name, champion_alias, challenger)
+            outcome.champion_after = challenger
+    _record(client, outcome, eval_set)
+    log.info("%s version %s: %s (%s)", name, challenger, outcome.action, "; ".join(decision.reasons))
+    return outcome

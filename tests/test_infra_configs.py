@@ -1,0 +1,286 @@
+"""Deployment material stays consistent with the repository: every manifest parses, has the fields its
+consumer (KubeRay, the Ray cluster launcher, cron, systemd, the MLflow CLI) requires, and every
+script, config and path it names exists here."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+# Where the repository sits on the machines the manifests describe (image, launcher nodes, cron host).
+DEPLOYED_ROOTS = ("/opt/holefill/", "/home/ubuntu/holefill/")
+# A repository path inside a command or value: jobs/..., infra/..., possibly under a deployed root.
+REPO_PATH = re.compile(r"(?:^|(?<=[\s'\"=:(]))(?:/opt/holefill/|/home/ubuntu/holefill/)?"
+                       r"((?:jobs|infra|pipeline|models|tests|bench)/[\w./-]*[\w])")
+KUBERAY_KINDS = {"RayJob", "RayCronJob", "RayCluster"}
+REQUIRED_REFERENCES = {"jobs/train_lbam.py", "jobs/retrain.py", "jobs/configs/train_lbam.yaml",
+                       "jobs/configs/retrain.yaml"}
+CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+
+
+def yaml_files() -> list[Path]:
+    return sorted([*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml"), REPO / "ray_cluster.yaml"])
+
+
+def load_docs(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def strings_in(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from strings_in(key)
+            yield from strings_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings_in(item)
+
+
+def kuberay_docs() -> list[tuple[Path, dict]]:
+    return [(path, doc) for path in yaml_files() for doc in load_docs(path)
+            if isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("ray.io/")]
+
+
+def crontab_entries() -> list[tuple[str, str]]:
+    """(schedule, command) of every job line in infra/cron/*.crontab."""
+    entries = []
+    for path in sorted((INFRA / "cron").glob("*.crontab")):
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
+                continue
+            fields = line.split(None, 5)
+            assert len(fields) == 6, f"{path.name}: not 'm h dom mon dow command': {line}"
+            entries.append((" ".join(fields[:5]), fields[5]))
+    return entries
+
+
+def referenced_repo_paths() -> dict[str, str]:
+    """Every repository path named by a manifest, crontab or unit file -> where it was named."""
+    texts: list[tuple[str, str]] = []
+    for path in yaml_files():
+        texts += [(str(path.relative_to(REPO)), s) for doc in load_docs(path) for s in strings_in(doc)]
+    texts += [("crontab", command) for _, command in crontab_entries()]
+    for path in [*INFRA.rglob("*.service"), *INFRA.rglob("Dockerfile")]:
+        texts += [(str(path.relative_to(REPO)), line) for line in path.read_text().splitlines()
+                  if not line.lstrip().startswith("#")]
+    found: dict[str, str] = {}
+    for where, text in texts:
+        for match in REPO_PATH.finditer(text):
+            found.setdefault(match.group(1), where)
+    return found
+
+
+def command_words(text: str) -> list[str]:
+    return shlex.split(text.replace("\\%", "%"))
+
+
+def assert_valid_schedule(schedule: str) -> None:
+    fields = schedule.split()
+    assert len(fields) == 5, f"schedule {schedule!r} must have 5 fields"
+    assert all(CRON_FIELD.match(f) for f in fields), f"schedule {schedule!r} has an invalid field"
+
+
+# -- every file ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_parses_into_mappings(path):
+    docs = load_docs(path)
+    assert docs, f"{path} is empty"
+    assert all(isinstance(doc, dict) for doc in docs)
+
+
+def test_every_referenced_repository_path_exists():
+    references = referenced_repo_paths()
+    assert REQUIRED_REFERENCES <= set(references), f"not referenced: {REQUIRED_REFERENCES - set(references)}"
+    missing = {ref: where for ref, where in references.items() if not (REPO / ref).exists()}
+    assert not missing, f"referenced but not in the repository: {missing}"
+
+
+def test_config_overrides_name_keys_their_config_file_has():
+    commands = [doc["spec"].get("entrypoint") or doc["spec"]["jobTemplate"]["entrypoint"]
+                for _, doc in kuberay_docs() if doc["kind"] in ("RayJob", "RayCronJob")]
+    commands += [command for _, command in crontab_entries()]
+    checked = 0
+    for command in commands:
+        words = command_words(command)
+        if "--config" not in words:
+            continue
+        config_path = REPO / REPO_PATH.search(words[words.index("--config") + 1]).group(1)
+        if not config_path.exists():
+            continue  # reported by test_every_referenced_repository_path_exists
+        config = yaml.safe_load(config_path.read_text())
+        for i, word in enumerate(words):
+            if word != "--set":
+                continue
+            keys = words[i + 1].split("=", 1)[0].split(".")
+            node = config
+            for key in keys:
+                assert isinstance(node, dict) and key in node, f"--set {words[i + 1]}: no such key in {config_path.name}"
+                node = node[key]
+            checked += 1
+    assert checked > 0
+
+
+def test_shell_scripts_parse():
+    scripts = sorted(INFRA.rglob("*.sh"))
+    assert scripts
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+
+
+# -- KubeRay ---------------------------------------------------------------------------------------------
+
+
+def check_ray_cluster_spec(spec: dict, where: str) -> None:
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict), where
+    assert head["template"]["spec"]["containers"][0]["image"], where
+    assert spec["workerGroupSpecs"], f"{where}: no worker group"
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"], where
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], f"{where}: {group['groupName']}"
+        assert group["template"]["spec"]["containers"][0]["image"], where
+
+
+def check_ray_job_spec(spec: dict, where: str) -> None:
+    assert spec["entrypoint"].startswith("python "), where
+    assert spec["shutdownAfterJobFinishes"] is True, f"{where}: cluster must go away after the job"
+    check_ray_cluster_spec(spec["rayClusterSpec"], where)
+
+
+def test_kuberay_manifests_have_the_fields_kuberay_requires():
+    docs = kuberay_docs()
+    kinds = {doc["kind"] for _, doc in docs}
+    assert {"RayJob", "RayCronJob"} <= kinds
+    for path, doc in docs:
+        where = f"{path.name}:{doc.get('metadata', {}).get('name')}"
+        assert doc["apiVersion"] == "ray.io/v1", where
+        assert doc["kind"] in KUBERAY_KINDS, where
+        assert doc["metadata"]["name"], where
+        if doc["kind"] == "RayJob":
+            check_ray_job_spec(doc["spec"], where)
+        elif doc["kind"] == "RayCronJob":
+            assert_valid_schedule(doc["spec"]["schedule"])
+            check_ray_job_spec(doc["spec"]["jobTemplate"], where)
+        else:
+            check_ray_cluster_spec(doc["spec"], where)
+
+
+def test_training_rayjob_runs_on_gpu_workers_and_retraining_is_scheduled():
+    docs = [doc for _, doc in kuberay_docs()]
+    train = [d for d in docs if d["kind"] == "RayJob" and "jobs/train_" in d["spec"]["entrypoint"]]
+    assert train, "no RayJob runs a training script"
+    for doc in train:
+        groups = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        limits = [c["resources"]["limits"] for g in groups for c in g["template"]["spec"]["containers"]]
+        assert any(int(limit.get("nvidia.com/gpu", 0)) >= 1 for limit in limits)
+    cron = [d for d in docs if d["kind"] == "RayCronJob"]
+    assert any("jobs/retrain.py" in d["spec"]["jobTemplate"]["entrypoint"] for d in cron)
+
+
+# -- Ray cluster launcher ----------------------------------------------------------------------------------
+
+
+def test_cluster_launcher_has_cpu_head_and_gpu_workers_that_install_holefill():
+    (config,) = load_docs(REPO / "ray_cluster.yaml")
+    for key in ("cluster_name", "max_workers", "provider", "available_node_types", "head_node_type",
+                "file_mounts", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, key
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert "GPU" not in head["resources"], "the head is a CPU node"
+    gpu_workers = [t for name, t in types.items()
+                   if name != config["head_node_type"] and t["resources"].get("GPU", 0) >= 1]
+    assert gpu_workers, "no GPU worker type"
+    for name, node_type in types.items():
+        assert node_type["node_config"]["InstanceType"], name
+        if name != config["head_node_type"]:
+            assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"], name
+
+    # The repository is mounted, then installed (editable) from where it was mounted.
+    mount_target = next(target for target, source in config["file_mounts"].items() if source == ".")
+    setup = "\n".join(config["setup_commands"])
+    assert re.search(rf"pip install .*-e \"?{re.escape(mount_target)}", setup)
+    for variable in ("MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION"):
+        assert f"export {variable}=" in setup, variable
+    assert all("ray start" in " ".join(config[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+
+
+# -- cron -----------------------------------------------------------------------------------------------------
+
+
+def test_crontab_submits_retrain_through_ray_job_submit():
+    entries = crontab_entries()
+    assert entries
+    for schedule, command in entries:
+        assert_valid_schedule(schedule)
+        assert not re.search(r"(?<!\\)%", command), "cron turns an unescaped % into a newline"
+        words = command_words(command)
+        assert words[words.index("job") - 1].endswith("ray") and words[words.index("job") + 1] == "submit"
+        assert words[words.index("--address") + 1].startswith("http://")
+        entrypoint = words[words.index("--") + 1:]
+        assert entrypoint[:2] == ["python", "jobs/retrain.py"]
+        assert (REPO / entrypoint[entrypoint.index("--config") + 1]).exists()
+
+
+# -- production MLflow --------------------------------------------------------------------------------------------
+
+
+def mlflow_server_args() -> list[str]:
+    text = (INFRA / "mlflow" / "server.sh").read_text()
+    return re.findall(r"^\s*(--[a-z-]+)", text, flags=re.MULTILINE)
+
+
+def test_production_mlflow_uses_postgres_proxied_s3_artifacts_and_allowed_hosts():
+    server_sh = (INFRA / "mlflow" / "server.sh").read_text()
+    assert re.search(r'exec "\$\{MLFLOW_BIN:-mlflow\}" server', server_sh)
+    flags = mlflow_server_args()
+    for flag in ("--backend-store-uri", "--artifacts-destination", "--allowed-hosts", "--host", "--port"):
+        assert flag in flags, flag
+    assert "--default-artifact-root" not in flags, "artifacts must be proxied, not written by clients"
+
+    env = dict(line.split("=", 1) for line in (INFRA / "mlflow" / "mlflow.env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    required = set(re.findall(r"\$\{(\w+):\?", server_sh))
+    assert required and required <= set(env), f"server.sh needs {required - set(env)}"
+
+
+def test_systemd_unit_runs_the_server_script_with_the_env_file():
+    unit = (INFRA / "mlflow" / "holefill-mlflow.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    assert settings["EnvironmentFile"].endswith("mlflow.env")
+    exec_start = settings["ExecStart"].split()[0]
+    root = next(r for r in DEPLOYED_ROOTS if exec_start.startswith(r))
+    script = REPO / exec_start[len(root):]
+    assert script.exists() and script.stat().st_mode & 0o111, f"{script} must exist and be executable"
+
+
+# -- image ------------------------------------------------------------------------------------------------------
+
+
+def test_image_copies_only_what_exists_and_installs_holefill():
+    dockerfile = (INFRA / "k8s" / "Dockerfile").read_text()
+    copies = [line.split()[1:] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    assert copies
+    for words in copies:
+        sources = [w for w in words[:-1] if not w.startswith("--")]
+        for source in sources:
+            assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+    assert re.search(r'pip install .*-e "\.', dockerfile)
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, flags=re.MULTILINE).group(1)
+    assert f"{workdir.rstrip('/')}/" in DEPLOYED_ROOTS, "manifests run scripts from the image's WORKDIR"
