@@ -85,6 +85,8 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
     msg = err.get("msg", "invalid value")
+    # pydantic prefixes messages raised by validators with "Value error, "; the key already says where.
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

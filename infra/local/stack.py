@@ -30,7 +30,7 @@ if __package__ in (None, ""):
     # Run as a script (python infra/local/stack.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pydantic import Field  # noqa: E402
+from pydantic import Field, ValidationError  # noqa: E402
 
 from infra.local.mlflow_server import (  # noqa: E402
     MlflowServerSpec,
@@ -327,7 +327,11 @@ def _parse_args(argv: Sequence[str] | None) -> _CliArgs:
     parser.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default %(default)s)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: detected)")
     parser.add_argument("--num-gpus", type=int, default=None, help="GPUs the Ray head offers (default: detected)")
-    return _CliArgs.model_validate(vars(parser.parse_args(argv)))
+    try:
+        return _CliArgs.model_validate(vars(parser.parse_args(argv)))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        parser.error(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
