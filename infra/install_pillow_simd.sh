@@ -14,14 +14,20 @@ command -v cc >/dev/null 2>&1 || notice "no C compiler (cc)"
 for h in jpeglib.h zlib.h; do
   [ -f "/usr/include/$h" ] || [ -f "/usr/include/x86_64-linux-gnu/$h" ] || notice "missing header $h (install libjpeg-dev zlib1g-dev)"
 done
-if "$PY" -m pip show pillow-simd >/dev/null 2>&1; then
-  echo "holefill: pillow-simd already installed"; exit 0
+# Both distributions own the PIL package. A later install of a Pillow dependant (matplotlib, holefill itself)
+# puts Pillow back over pillow-simd's files, so "pillow-simd is listed" is not enough: Pillow must be absent.
+if "$PY" -m pip show pillow-simd >/dev/null 2>&1 && ! "$PY" -m pip show pillow >/dev/null 2>&1; then
+  echo "holefill: pillow-simd already active"; exit 0
 fi
-# Build the wheel first, so a failed build leaves Pillow in place.
-tmp=$(mktemp -d)
-if ! CC="cc -mavx2" "$PY" -m pip wheel -q --no-deps --no-binary pillow-simd -w "$tmp" "pillow-simd==$SIMD_VERSION" >"$tmp/build.log" 2>&1; then
-  tail -3 "$tmp/build.log"; rm -rf "$tmp"; notice "pillow-simd build failed"
+# The built wheel is kept inside the venv so a re-install does not compile again.
+cache="$(dirname "$PY")/../.pillow-simd"
+mkdir -p "$cache"
+if ! ls "$cache"/pillow_simd-"$SIMD_VERSION"-*.whl >/dev/null 2>&1; then
+  # Build the wheel first, so a failed build leaves Pillow in place.
+  if ! CC="cc -mavx2" "$PY" -m pip wheel -q --no-deps --no-binary pillow-simd -w "$cache" "pillow-simd==$SIMD_VERSION" >"$cache/build.log" 2>&1; then
+    tail -3 "$cache/build.log"; notice "pillow-simd build failed"
+  fi
 fi
-"$PY" -m pip uninstall -q -y pillow
-"$PY" -m pip install -q --no-deps "$tmp"/pillow_simd-*.whl && echo "holefill: pillow-simd $SIMD_VERSION installed (AVX2)"
-rm -rf "$tmp"
+"$PY" -m pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1
+"$PY" -m pip install -q --no-deps "$cache"/pillow_simd-"$SIMD_VERSION"-*.whl \
+  && echo "holefill: pillow-simd $SIMD_VERSION installed (AVX2)"

@@ -200,3 +200,30 @@ def parse_registered_ref(model_ref: str, client) -> tuple[str, str] | None:
     if not version.isdigit():
         raise ValueError(f"model reference {model_ref!r} must be models:/name/<version number> or models:/name@alias")
     return name, version
+
+
+class EvaluateJobConfig(Config):
+    """``jobs/evaluate.py``: which model, which pinned eval set, where to record the result."""
+
+    model: str = "models:/lbam@champion"
+    eval_manifest: str
+    arch: str | None = None
+    tracking_uri: str | None = None
+    log_to_mlflow: bool = True
+    evaluation: EvalSettings = EvalSettings()
+
+
+def registry_evaluator(tracking_uri: str, eval_manifest: str, settings: EvalSettings | None = None,
+                       log_results: bool = True):
+    """An ``evaluator(name, version) -> summary`` for :func:`pipeline.registry.promote` that loads
+    ``models:/name/version``, evaluates it on ``eval_manifest`` and (by default) records the evaluation."""
+    settings = settings or EvalSettings()
+
+    def evaluate_version(name: str, version: str) -> dict[str, float]:
+        result = evaluate_model(f"models:/{name}/{version}", eval_manifest, settings, tracking_uri)
+        log.info("%s/%s on %s:\n%s", name, version, result.eval_manifest_hash[:12], result.table())
+        if log_results:
+            log_evaluation(tracking_uri, result, name, version, settings.experiment)
+        return result.summary
+
+    return evaluate_version

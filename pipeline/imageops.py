@@ -33,6 +33,7 @@ __all__ = [
     "decode_mask_png",
     "encode_jpeg",
     "encode_mask_png",
+    "jpeg_draft_scale",
     "pillow_flavour",
     "prepare_image",
     "to_rgb",
@@ -93,6 +94,22 @@ def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     if width <= height:
         return short_side, max(1, round(height * short_side / width))
     return max(1, round(width * short_side / height)), short_side
+
+
+def jpeg_draft_scale(source_size: tuple[int, int], target_size: tuple[int, int]) -> int:
+    """The largest libjpeg DCT scale-down (1, 2, 4 or 8) whose output still covers ``target_size``.
+
+    Decoding at 1/s costs the entropy decode plus a smaller inverse DCT and far less colour conversion
+    and memory traffic; the result is then at least the target on both sides, so the resize that
+    follows only ever shrinks (or is skipped when the sizes already match).
+    """
+    src_w, src_h = source_size
+    target_w, target_h = target_size
+    for scale in (8, 4, 2):
+        # libjpeg's scaled output is ceil(side / scale): 683 px at 1/2 gives 342.
+        if -(-src_w // scale) >= target_w and -(-src_h // scale) >= target_h:
+            return scale
+    return 1
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -202,8 +219,12 @@ def prepare_image(
         return PreparedImage(data, src_w, src_h, False, source_format, (src_w, src_h))
 
     if source_format == "JPEG" and target is not None:
-        # draft() picks the smallest 1/2^k scale whose size is still >= the requested one.
-        im.draft(None, target)
+        scale = jpeg_draft_scale((src_w, src_h), target)
+        if scale > 1:
+            # Pillow derives its scale as ``min(src // requested)`` per side, so asking for the target
+            # itself (e.g. 342x256 from 683x512, where 683 // 342 == 1) would decode at full size.
+            # Requesting ``src // scale`` makes it pick exactly ``scale``.
+            im.draft(None, (src_w // scale, src_h // scale))
     _load(im)
     im = to_rgb(im)
     if target is not None and im.size != target:
@@ -234,35 +255,116 @@ def _load(im: Image.Image) -> None:
         raise BadImageError(reason, str(exc)) from None
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """Encode a (H, W) uint8 mask (255 = hole) as an 8-bit grayscale PNG.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IHDR fields after width and height: 8-bit depth, grayscale, deflate, adaptive filtering, no interlace.
+_GRAY8_IHDR_TAIL = bytes((8, 0, 0, 0, 0))
+_PNG_FILTER_NONE, _PNG_FILTER_UP = 0, 2
 
-    ``compress_level=1``: binary masks compress almost as well at level 1 as at 6, several times faster.
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Encode a (H, W) uint8 mask (255 = hole) as an 8-bit grayscale PNG that any PNG reader opens.
+
+    Written directly rather than through Pillow, about 5x cheaper: Pillow tries every row filter per
+    row (adaptive filtering), which buys nothing on a two-valued image. Every row here uses filter
+    "None"; deflate at level 1 already finds the long runs and the repeats of the row above, so the
+    file is within ~10 % of Pillow's level-1 output (~2 KB at 256x342), and :func:`decode_mask_png`
+    reads it back with a plain inflate, no per-row un-filtering.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise ValueError(f"mask must be a 2-D uint8 array, got shape {mask.shape} dtype {mask.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(mask, mode="L").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    height, width = mask.shape
+    if height == 0 or width == 0:
+        raise ValueError(f"mask must have at least one pixel, got shape {mask.shape}")
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 0] = _PNG_FILTER_NONE
+    rows[:, 1:] = mask
+    header = struct.pack(">II", width, height) + _GRAY8_IHDR_TAIL
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.data, 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def _decode_gray8_png(data: bytes) -> np.ndarray | None:
+    """Fast path for the PNGs :func:`encode_mask_png` writes (8-bit gray, rows filtered None or Up).
+
+    Returns ``None`` for any other valid layout (palette, 1-bit, other filters, ...), which the caller
+    hands to Pillow; raises ``ValueError`` for a PNG that is corrupt.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    view = memoryview(data)
+    pos, size, idat = len(_PNG_SIGNATURE), len(data), []
+    width = height = 0
+    while pos + 12 <= size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = bytes(view[pos + 4 : pos + 8])
+        body = view[pos + 8 : pos + 8 + length]
+        if len(body) != length or pos + 12 + length > size:
+            raise ValueError(f"mask is not a readable PNG: chunk {kind!r} is truncated")
+        (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
+        if zlib.crc32(body, zlib.crc32(kind)) != crc:
+            raise ValueError(f"mask is not a readable PNG: chunk {kind!r} fails its CRC")
+        pos += 12 + length
+        if kind == b"IHDR":
+            if length != 13 or bytes(body[8:]) != _GRAY8_IHDR_TAIL:
+                return None
+            width, height = struct.unpack_from(">II", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        elif kind == b"PLTE" or kind == b"tRNS":
+            return None  # changes how gray values map; let Pillow apply it
+    if width == 0 or height == 0 or not idat:
+        raise ValueError("mask is not a readable PNG: no IHDR or no image data")
+    try:
+        raw = zlib.decompress(b"".join(idat))
+    except zlib.error as exc:
+        raise ValueError(f"mask is not a readable PNG: {exc}") from None
+    if len(raw) != height * (width + 1):
+        raise ValueError(f"mask is not a readable PNG: {len(raw)} bytes of pixel data for {width}x{height}")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
+    filters = rows[:, 0]
+    if not filters.any():
+        return rows[:, 1:]
+    # "Up" on every row (row 0's "above" is zeros): pixel rows are the running sum mod 256 of the stored rows.
+    if (filters == _PNG_FILTER_UP).all() or (filters[0] == _PNG_FILTER_NONE and (filters[1:] == _PNG_FILTER_UP).all()):
+        return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)
+    return None
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
     """Decode a mask PNG into a (H, W) uint8 array with values {0, 255} (255 = hole).
 
     Gray values are binarised at 128 so a mask resized or re-saved by another tool still reads right.
+    The masks holefill writes take a direct inflate path; any other PNG is decoded by Pillow.
     """
-    try:
-        im = Image.open(io.BytesIO(data), formats=("PNG",))
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as exc:
-        raise ValueError(f"mask is not a readable PNG: {exc}") from None
-    if im.mode not in ("L", "1"):
-        im = im.convert("L")
-    array = np.asarray(im)
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    return np.where(array >= 128, 255, 0).astype(np.uint8)
+    array = _decode_gray8_png(data)
+    if array is None:
+        try:
+            im = Image.open(io.BytesIO(data), formats=("PNG",))
+            im.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as exc:
+            raise ValueError(f"mask is not a readable PNG: {exc}") from None
+        if im.mode not in ("L", "1"):
+            im = im.convert("L")
+        array = np.asarray(im)
+        if array.dtype == bool:
+            return array.astype(np.uint8) * 255
+    # The top bit decides (>= 128 is a hole); a shift and a multiply beat np.where by ~10x.
+    binary = np.right_shift(array, 7)
+    binary *= 255
+    return binary
 
 
 def pillow_flavour() -> str:

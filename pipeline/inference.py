@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from models.validation import check_mask
+from pipeline.config import Config
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "InpaintJobConfig",
     "composite",
     "inpaint_file",
     "inpaint_paths",
@@ -279,3 +281,18 @@ def _mask_for(folder: Path, stem: str) -> Path | None:
             return folder / name
     log.warning("no mask for %s in %s: generating one", stem, folder)
     return None
+
+
+class InpaintJobConfig(Config):
+    """``jobs/inpaint.py``: the model, the inputs and how to fit sizes."""
+
+    model: str = DEFAULT_MODEL
+    arch: str | None = None
+    image: str
+    mask: str | None = None
+    out: str
+    fit: Literal["pad", "crop"] = "pad"
+    mask_generator: str = "lama_medium_256"
+    seed: int = 0
+    device: str = "cpu"
+    tracking_uri: str | None = None

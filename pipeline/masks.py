@@ -27,7 +27,9 @@ and box sides are scaled by ``min(H, W) / nominal`` and counts by the aspect fac
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -450,10 +452,46 @@ def mask_rng(seed: int, key: str, spec: MaskSpec | str) -> np.random.Generator:
     The params are part of the digest so that changing a generator's settings changes its masks even
     for the same key; Python's ``hash()`` is never used (it is salted per process).
     """
-    desc = describe(spec)
-    payload = repr((int(seed), str(key), desc["name"], sorted(_flat_items(desc["params"])))).encode()
-    digest = hashlib.blake2b(payload, digest_size=16, person=b"holefill.mask").digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+    return _compiled(_as_spec(spec)).rng(seed, key)
+
+
+@dataclass(frozen=True)
+class _CompiledSpec:
+    """What a spec resolves to, computed once per distinct spec rather than once per mask.
+
+    Validating the params and rendering them into the digest payload cost more than drawing a typical
+    mask; both depend only on the spec, so :func:`_compiled` caches them.
+    """
+
+    generator: MaskGenerator
+    params: Config
+    payload_tail: str  # the digest payload after seed and key: ``repr(name) + ", " + repr(sorted items)``
+
+    def rng(self, seed: int, key: str) -> np.random.Generator:
+        # Byte for byte ``repr((seed, key, name, items))``: masks stay identical to earlier releases.
+        payload = f"({int(seed)!r}, {str(key)!r}, {self.payload_tail})".encode()
+        digest = hashlib.blake2b(payload, digest_size=16, person=b"holefill.mask").digest()
+        return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+
+
+def _compiled(spec: MaskSpec) -> _CompiledSpec:
+    try:
+        cache_key = json.dumps(spec.params, sort_keys=True)
+    except (TypeError, ValueError):  # params that JSON cannot key (never from a YAML config): no cache
+        return _compile(spec.name, spec.params)
+    return _compile_cached(spec.name, cache_key)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_cached(name: str, params_json: str) -> _CompiledSpec:
+    return _compile(name, json.loads(params_json))
+
+
+def _compile(name: str, overrides: Mapping[str, Any]) -> _CompiledSpec:
+    generator = get_generator(name)
+    params = generator.resolve(overrides)
+    items = sorted(_flat_items(params.model_dump(mode="json")))
+    return _CompiledSpec(generator, params, f"{name!r}, {items!r}")
 
 
 def _flat_items(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -474,9 +512,8 @@ def make_mask(spec: MaskSpec | str, seed: int, key: str, height: int, width: int
     if height <= 0 or width <= 0:
         raise ValueError(f"mask size must be positive, got {height}x{width}")
     spec = _as_spec(spec)
-    generator = get_generator(spec.name)
-    params = generator.resolve(spec.params)
-    mask = generator.draw(mask_rng(seed, key, spec), params, int(height), int(width))
+    compiled = _compiled(spec)
+    mask = compiled.generator.draw(compiled.rng(seed, key), compiled.params, int(height), int(width))
     if mask.shape != (height, width) or mask.dtype != np.uint8:  # internal contract of every generator
         raise AssertionError(f"{spec.name} drew {mask.shape} {mask.dtype}, expected ({height}, {width}) uint8")
     return mask

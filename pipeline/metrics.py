@@ -153,7 +153,7 @@ class BucketedMetrics:
         device = torch.device("cpu")
         if dist.get_backend() == "nccl":  # NCCL only reduces CUDA tensors
             device = torch.device("cuda", torch.cuda.current_device())
-        totals = self._local.to(device)
+        totals = self._local.to(device, copy=True)  # .to() alone aliases on CPU; keep the local sums
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         self._reduced = totals.cpu()
         return self

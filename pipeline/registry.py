@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
+from pipeline.evaluation import EvalSettings
 
 __all__ = [
     "CHAMPION",
@@ -286,3 +287,31 @@ def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: Gate
     _record(client, outcome, eval_set)
     log.info("%s version %s: %s (%s)", name, challenger, outcome.action, "; ".join(decision.reasons))
     return outcome
+
+
+class PromoteJobConfig(Config):
+    """``jobs/promote.py``: the model, the challenger (version number, alias or ``latest``), the gate."""
+
+    registered_model: str
+    challenger: str = "latest"
+    eval_manifest: str
+    tracking_uri: str | None = None
+    gate: GateConfig = GateConfig()
+    evaluation: EvalSettings = EvalSettings()
+
+
+def resolve_version(client, name: str, ref: str) -> str:
+    """A version number from ``ref``: digits as given, ``latest`` (highest number), else an alias name."""
+    from mlflow.exceptions import MlflowException
+
+    if ref.isdigit():
+        return ref
+    if ref == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ValueError(f"registered model {name!r} has no versions")
+        return str(max(int(v.version) for v in versions))
+    try:
+        return str(client.get_model_version_by_alias(name, ref).version)
+    except MlflowException:
+        raise ValueError(f"registered model {name!r} has no alias {ref!r}") from None

@@ -29,19 +29,15 @@ when the source allows it. An eval set is identified by its manifest hash.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
-import struct
 import tarfile
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Sequence
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.buckets import HOLE_RATIO_BUCKETS, bucket_name
@@ -57,7 +53,7 @@ from pipeline.fsutil import (
     sha256_of_url,
     size_of_url,
 )
-from pipeline.imageops import DEFAULT_MAX_PIXELS, BadImageError, prepare_image
+from pipeline.imageops import DEFAULT_MAX_PIXELS, BadImageError, encode_mask_png, prepare_image
 from pipeline.manifest import (
     HoleRatioHistogram,
     Manifest,
@@ -94,7 +90,8 @@ __all__ = [
 log = logging.getLogger("holefill.sharding")
 
 # Bump when the bytes a shard task writes for the same inputs change (it invalidates old sidecars).
-SHARD_FORMAT = 1
+# 2: JPEGs decoded at the DCT scale that covers the target (no second resize); masks PNG rows unfiltered.
+SHARD_FORMAT = 2
 # Tar header fields are fixed so that equal inputs give byte-identical shards on every run and host.
 _TAR_MTIME = 0
 _TAR_MODE = 0o644
@@ -287,43 +284,61 @@ class _HashingWriter:
         self._handle.flush()
 
 
-def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _TAR_MTIME
-    info.mode = _TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    archive.addfile(info, io.BytesIO(data))
+class _TarAppender:
+    """Appends regular files to a binary stream as a GNU tar: byte for byte what ``tarfile`` writes.
 
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def encode_mask_png_fast(mask: np.ndarray) -> bytes:
-    """8-bit gray PNG of a (H, W) uint8 mask, as ``imageops.encode_mask_png`` writes, about 5x cheaper.
-
-    Pillow's PNG encoder tries every row filter and keeps the best (adaptive filtering); for a binary mask
-    the "Up" filter is always right: a row minus the row above is zero except where a hole edge starts or
-    ends, which zlib at level 1 squeezes to the same size as Pillow's output. Any PNG reader decodes it.
-    (A candidate to replace ``imageops.encode_mask_png``; it lives here until that module adopts it.)
+    ``tarfile``'s stream mode copies every member through a growing ``bytes`` buffer and builds each
+    header field by field, which costs more than hashing and writing the data; here a header is a copy
+    of one template header with the name, size and checksum patched in, and the data is written as is.
+    Names longer than the 100-byte header field go through ``tarfile`` itself (a GNU long-name member).
     """
-    mask = np.ascontiguousarray(mask)
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise ValueError(f"mask must be a 2-D uint8 array, got shape {mask.shape} dtype {mask.dtype}")
-    height, width = mask.shape
-    rows = np.empty((height, width + 1), dtype=np.uint8)
-    rows[:, 0] = 2  # filter type "Up" on every row; the first row's "above" is zeros, so it is stored as is
-    rows[0, 1:] = mask[0]
-    np.subtract(mask[1:], mask[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps mod 256, as PNG specifies
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
-        + _png_chunk(b"IEND", b"")
-    )
+
+    def __init__(self, sink: IO[bytes] | _HashingWriter) -> None:
+        self._sink = sink
+        self._offset = 0
+        self._template = bytes(self._tarfile_header("", 0))
+
+    @staticmethod
+    def _tarfile_header(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        info.mtime = _TAR_MTIME
+        info.mode = _TAR_MODE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+    def _header(self, name: str, size: int) -> bytes:
+        encoded = name.encode("utf-8", "surrogateescape")
+        if len(encoded) > _TAR_NAME_FIELD or size >= _TAR_MAX_PLAIN_SIZE:
+            return self._tarfile_header(name, size)
+        header = bytearray(self._template)
+        header[: len(encoded)] = encoded
+        header[124:136] = b"%011o\0" % size
+        header[148:156] = b"        "  # the checksum is summed with its own field as spaces
+        header[148:155] = b"%06o\0" % sum(header)
+        return bytes(header)
+
+    def add(self, name: str, data: bytes) -> None:
+        """Append one regular file ``name`` holding ``data``."""
+        header = self._header(name, len(data))
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self._sink.write(header)
+        self._sink.write(data)
+        if padding:
+            self._sink.write(tarfile.NUL * padding)
+        self._offset += len(header) + len(data) + padding
+
+    def close(self) -> None:
+        """End the archive as ``tarfile`` does: two zero blocks, then zeros up to a full record."""
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self._offset + end) % tarfile.RECORDSIZE
+        self._sink.write(tarfile.NUL * end)
+        self._offset += end
+
+
+_TAR_NAME_FIELD = 100
+_TAR_MAX_PLAIN_SIZE = 8**11  # the 12-byte octal size field; larger sizes need tarfile's base-256 form
 
 
 def _mask_for(item_key: str, target: str | None, config: ShardJobConfig, height: int, width: int):
@@ -375,68 +390,69 @@ def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
 
     with SourceReader(config.storage_options) as reader, atomic_write(url, config.storage_options) as handle:
         sink = _HashingWriter(handle)
-        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as archive:
-            for item, target in zip(plan.items, targets):
-                clock = time.perf_counter()
-                try:
-                    data = reader.read(item)
-                except FileNotFoundError:
-                    rejected.append(RejectedInput(key=item.key, source=item.path, reason="missing"))
-                    continue
-                except (OSError, EOFError) as exc:
-                    rejected.append(RejectedInput(key=item.key, source=item.path, reason="unreadable", detail=str(exc)))
-                    continue
-                timings["read"] += (now := time.perf_counter()) - clock
-                try:
-                    image = prepare_image(
-                        data,
-                        store_size=config.store_size,
-                        center_crop=config.center_crop,
-                        max_pixels=config.max_pixels,
-                        quality=config.jpeg_quality,
-                        subsampling=config.jpeg_subsampling,
+        archive = _TarAppender(sink)
+        for item, target in zip(plan.items, targets):
+            clock = time.perf_counter()
+            try:
+                data = reader.read(item)
+            except FileNotFoundError:
+                rejected.append(RejectedInput(key=item.key, source=item.path, reason="missing"))
+                continue
+            except (OSError, EOFError) as exc:
+                rejected.append(RejectedInput(key=item.key, source=item.path, reason="unreadable", detail=str(exc)))
+                continue
+            timings["read"] += (now := time.perf_counter()) - clock
+            try:
+                image = prepare_image(
+                    data,
+                    store_size=config.store_size,
+                    center_crop=config.center_crop,
+                    max_pixels=config.max_pixels,
+                    quality=config.jpeg_quality,
+                    subsampling=config.jpeg_subsampling,
+                )
+            except BadImageError as exc:
+                rejected.append(
+                    RejectedInput(key=item.key, source=item.path, reason=exc.reason, detail=exc.detail)
+                )
+                continue
+            finally:
+                timings["prepare"] += (clock := time.perf_counter()) - now
+            mask, mask_seed, attempt = _mask_for(item.key, target, config, image.height, image.width)
+            timings["mask"] += (now := time.perf_counter()) - clock
+            if mask is None:
+                rejected.append(
+                    RejectedInput(
+                        key=item.key, source=item.path, reason="no mask in bucket",
+                        detail=f"{target} after {attempt} draws",
                     )
-                except BadImageError as exc:
-                    rejected.append(
-                        RejectedInput(key=item.key, source=item.path, reason=exc.reason, detail=exc.detail)
-                    )
-                    continue
-                finally:
-                    timings["prepare"] += (clock := time.perf_counter()) - now
-                mask, mask_seed, attempt = _mask_for(item.key, target, config, image.height, image.width)
-                timings["mask"] += (now := time.perf_counter()) - clock
-                if mask is None:
-                    rejected.append(
-                        RejectedInput(
-                            key=item.key, source=item.path, reason="no mask in bucket",
-                            detail=f"{target} after {attempt} draws",
-                        )
-                    )
-                    continue
-                ratio = hole_ratio(mask)
-                png = encode_mask_png_fast(mask)
-                timings["mask_png"] += (clock := time.perf_counter()) - now
-                meta: dict[str, Any] = {
-                    "key": item.key,
-                    "source": item.path,
-                    "label": item.label,
-                    "width": image.width,
-                    "height": image.height,
-                    "hole_ratio": ratio,
-                    "mask": {**mask_desc, "seed": mask_seed},
-                    "source_format": image.source_format,
-                    "source_size": list(image.source_size),
-                }
-                if target is not None:
-                    meta["bucket"] = target
-                    meta["mask"]["attempt"] = attempt
-                    bucket_counts[target] = bucket_counts.get(target, 0) + 1
-                _add_member(archive, f"{item.key}.jpg", image.jpeg)
-                _add_member(archive, f"{item.key}.mask.png", png)
-                _add_member(archive, f"{item.key}.json", (canonical_json(meta) + "\n").encode())
-                timings["write"] += time.perf_counter() - clock
-                keys.append(item.key)
-                ratios.append(ratio)
+                )
+                continue
+            ratio = hole_ratio(mask)
+            png = encode_mask_png(mask)
+            timings["mask_png"] += (clock := time.perf_counter()) - now
+            meta: dict[str, Any] = {
+                "key": item.key,
+                "source": item.path,
+                "label": item.label,
+                "width": image.width,
+                "height": image.height,
+                "hole_ratio": ratio,
+                "mask": {**mask_desc, "seed": mask_seed},
+                "source_format": image.source_format,
+                "source_size": list(image.source_size),
+            }
+            if target is not None:
+                meta["bucket"] = target
+                meta["mask"]["attempt"] = attempt
+                bucket_counts[target] = bucket_counts.get(target, 0) + 1
+            archive.add(f"{item.key}.jpg", image.jpeg)
+            archive.add(f"{item.key}.mask.png", png)
+            archive.add(f"{item.key}.json", (canonical_json(meta) + "\n").encode())
+            timings["write"] += time.perf_counter() - clock
+            keys.append(item.key)
+            ratios.append(ratio)
+        archive.close()
 
     result = ShardResult(
         index=plan.index,

@@ -415,9 +415,10 @@ class RunTracker:
             return not self._metrics and not self._operations
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush (bounded by ``finish_timeout_s``), stop the sender and mark the run ``status``.
+        """Flush, stop the sender and mark the run ``status``, all within about ``finish_timeout_s`` seconds.
 
-        ``status`` is one of ``FINISHED``, ``FAILED``, ``KILLED``. Never raises for tracking failures.
+        ``status`` is one of ``FINISHED``, ``FAILED``, ``KILLED``. Never raises for tracking failures; what
+        could not be sent is counted in one warning.
         """
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
@@ -425,10 +426,11 @@ class RunTracker:
             with contextlib.suppress(Exception):
                 self._system_monitor.finish()
             self._system_monitor = None
+        started = time.monotonic()
         complete = self.flush()
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=5.0)
+        self._thread.join(timeout=1.0)
         with self._lock:
             unsent_metrics, unsent_ops = len(self._metrics), [op.describe for op in self._operations]
         if not complete or self.losses.metrics_dropped or self.losses.operations_dropped:
@@ -437,10 +439,17 @@ class RunTracker:
                 self.losses.metrics_dropped + unsent_metrics, len(self.losses.operations_dropped) + len(unsent_ops),
                 ", ".join([*self.losses.operations_dropped, *unsent_ops][:5]) or "metrics only",
             )
-        try:
-            self._client.set_terminated(self.run_id, status=status)
-        except Exception as exc:
-            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, redact(str(exc)))
+
+        def terminate() -> None:
+            try:
+                self._client.set_terminated(self.run_id, status=status)
+            except Exception as exc:
+                log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, redact(str(exc)[:300]))
+
+        # MLflow's HTTP retries can take minutes against a dead server: bound the wait, like the flush.
+        closer = threading.Thread(target=terminate, name="mlflow-tracker-finish", daemon=True)
+        closer.start()
+        closer.join(timeout=max(1.0, self.finish_timeout_s - (time.monotonic() - started)))
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -577,6 +586,9 @@ class HolefillGenerator(_mlflow_pyfunc_base()):
 
     generator: nn.Module | None = None
     arch: str | None = None
+    # Skip MLflow's type-hint-driven input conversion (and its warning that ``predict`` has no hints): this
+    # model declares an explicit tensor signature instead. ChatModel uses the same switch.
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         spec = json.loads(Path(context.artifacts[GENERATOR_SPEC]).read_text())

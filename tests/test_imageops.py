@@ -15,6 +15,7 @@ from pipeline.imageops import (
     PreparedImage,
     decode_mask_png,
     encode_mask_png,
+    jpeg_draft_scale,
     pillow_flavour,
     prepare_image,
 )
@@ -191,6 +192,40 @@ def test_bad_arguments_are_value_errors():
         prepare_image(b"x", store_size=None, center_crop=True)
 
 
+@pytest.mark.parametrize(
+    ("source", "target", "scale"),
+    [
+        ((683, 512), (342, 256), 2),  # Places "large": libjpeg's 1/2 output is ceil(683 / 2) = 342 wide
+        ((512, 683), (256, 342), 2),
+        ((2048, 1536), (342, 256), 4),  # 1/8 would give 256x192, short of 256
+        ((4000, 3000), (341, 256), 8),
+        ((300, 200), (384, 256), 1),  # up-scaling: never drafted
+        ((511, 511), (256, 256), 2),
+        ((510, 510), (256, 256), 1),
+    ],
+)
+def test_draft_scale_is_the_largest_power_of_two_whose_output_still_covers_the_target(source, target, scale):
+    assert jpeg_draft_scale(source, target) == scale
+
+
+def test_places_sized_jpeg_is_decoded_at_half_scale_and_not_resized_again():
+    data = _encode(_scene(683, 512), "JPEG", quality=90)
+    prepared = prepare_image(data, store_size=256)
+    assert (prepared.width, prepared.height) == (342, 256)
+    # What a 1/2-scale DCT decode gives, encoded as prepare_image encodes: byte for byte the same.
+    half = Image.open(io.BytesIO(data))
+    half.draft("RGB", (341, 256))
+    assert half.size == (342, 256)
+    expected = io.BytesIO()
+    half.save(expected, format="JPEG", quality=95, subsampling="4:4:4")
+    assert prepared.jpeg == expected.getvalue()
+
+
+def _random_masks(shape: tuple[int, int]) -> list[np.ndarray]:
+    rng = np.random.default_rng(sum(shape))
+    return [np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8), (rng.random(shape) < 0.3).astype(np.uint8) * 255]
+
+
 def test_mask_png_round_trips_as_8_bit_gray():
     mask = np.zeros((48, 80), np.uint8)
     mask[10:30, 5:60] = 255
@@ -200,11 +235,68 @@ def test_mask_png_round_trips_as_8_bit_gray():
     assert np.array_equal(decode_mask_png(data), mask)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 96), (256, 342)])
+def test_mask_png_is_read_identically_by_pillow_and_by_decode_mask_png(shape):
+    for mask in _random_masks(shape):
+        data = encode_mask_png(mask)
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "PNG" and image.mode == "L" and image.size == shape[::-1]
+        assert np.array_equal(np.asarray(image), mask)
+        assert np.array_equal(decode_mask_png(data), mask)
+
+
+def _up_filtered_png(mask: np.ndarray) -> bytes:
+    """A PNG whose rows all use the "Up" filter: how shards written before the filter-None encoder store masks."""
+    rows = np.empty((mask.shape[0], mask.shape[1] + 1), np.uint8)
+    rows[:, 0] = 2
+    rows[0, 1:] = mask[0]
+    np.subtract(mask[1:], mask[:-1], out=rows[1:, 1:])
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", mask.shape[1], mask.shape[0], 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(_up_filtered_png, id="up-filtered"),
+        pytest.param(lambda m: _encode(Image.fromarray(m), "PNG"), id="pillow-adaptive-filters"),
+        pytest.param(lambda m: _encode(Image.fromarray(m), "PNG", optimize=True), id="pillow-optimized"),
+        pytest.param(lambda m: _encode(Image.fromarray(m).convert("1"), "PNG"), id="1-bit"),
+        pytest.param(lambda m: _encode(Image.fromarray(m).convert("P"), "PNG"), id="palette"),
+        pytest.param(lambda m: _encode(Image.fromarray(m).convert("RGB"), "PNG"), id="rgb"),
+    ],
+)
+def test_masks_written_by_other_encoders_decode_to_the_same_array(encode):
+    for mask in _random_masks((33, 47)):
+        assert np.array_equal(decode_mask_png(encode(mask)), mask)
+
+
+def test_gray_masks_are_binarised_at_128():
+    gray = np.array([[0, 1, 127, 128, 200, 255]], np.uint8)
+    expected = np.array([[0, 0, 0, 255, 255, 255]], np.uint8)
+    assert np.array_equal(decode_mask_png(encode_mask_png(gray)), expected)
+    assert np.array_equal(decode_mask_png(_encode(Image.fromarray(gray), "PNG")), expected)
+
+
 def test_mask_png_rejects_bad_arrays_and_bytes():
     with pytest.raises(ValueError, match="2-D uint8"):
         encode_mask_png(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_mask_png(np.zeros((2, 2, 1), np.uint8))
+    with pytest.raises(ValueError, match="at least one pixel"):
+        encode_mask_png(np.zeros((0, 4), np.uint8))
     with pytest.raises(ValueError, match="not a readable PNG"):
         decode_mask_png(b"garbage")
+    data = bytearray(encode_mask_png(np.full((16, 16), 255, np.uint8)))
+    with pytest.raises(ValueError, match="not a readable PNG"):
+        decode_mask_png(bytes(data[:40]))  # cut inside IDAT
+    data[45] ^= 0xFF  # a byte of compressed pixel data: the chunk CRC catches it
+    with pytest.raises(ValueError, match="CRC"):
+        decode_mask_png(bytes(data))
 
 
 def test_pillow_flavour_names_the_active_build():

@@ -176,9 +176,9 @@ def test_gradient_penalty_trains_the_critic_and_draws_alpha_per_sample():
 def test_fixed_wgan_terms_push_real_up_and_fake_down():
     d_real = torch.tensor([[0.9], [0.7]], requires_grad=True)
     d_fake = torch.tensor([[0.2], [0.4]], requires_grad=True)
-    penalty = torch.tensor(0.5)
+    penalty = torch.tensor(0.25)
     terms = wgan_discriminator_loss(d_real, d_fake, penalty)
-    assert terms.total.item() == pytest.approx(0.3 - 0.8 + 0.5)
+    assert terms.total.item() == pytest.approx(0.3 - 0.8 + 0.25)
     terms.total.backward()
     # Gradient descent on D raises its real scores and lowers its fake scores.
     assert torch.all(d_real.grad < 0) and torch.all(d_fake.grad > 0)

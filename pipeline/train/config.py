@@ -99,6 +99,10 @@ class ScalingSection(Config):
     num_workers: int = Field(gt=0)
     use_gpu: bool
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    extra_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. to pin one worker per node"
+    )
 
 
 class RunSection(Config):

@@ -135,13 +135,16 @@ def build_engines(
 
 
 class DiscriminatorCaller(nn.Module):
-    """The ``D`` handed to ``gan_step``: D's engine while D trains, its bare module during G's update.
+    """The ``D`` handed to ``gan_step``: D's engine for the D loss on real and fake images, its bare module
+    whenever a gradient must flow *through* D to its input.
 
-    Every engine forward hooks its outputs so that a backward through them runs *that engine's* backward
-    prologue (ZeRO bookkeeping, gradient-accumulation scaling). G's loss backpropagates through D's output,
-    which would run D's prologue inside G's backward: at ZeRO 0 DeepSpeed refuses it outright, at ZeRO 1/2
-    it opens a backward on D's optimiser that never gets its step. ``gan_step`` freezes D's parameters for
-    G's update, so "frozen" is exactly when D must be called without its engine.
+    Every engine forward hooks its outputs so that a backward through them runs that engine's backward
+    prologue (ZeRO bookkeeping, accumulation scaling). Two backwards pass through D without being D's own
+    ``engine.backward``: G's loss (D frozen by ``gan_step``) and the gradient penalty's ``autograd.grad``
+    with respect to the interpolates. Through the engine, DeepSpeed refuses both at ZeRO 0 and at ZeRO 1/2
+    closes a gradient reduction that never started. Both are recognised by an input that requires grad (or
+    frozen parameters) and go to the bare module; D's own backward still meets the engine's hooks through
+    D(real) and D(fake).
     """
 
     def __init__(self, engine: Any) -> None:
@@ -150,7 +153,9 @@ class DiscriminatorCaller(nn.Module):
         self._first_param = next(engine.module.parameters())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._first_param.requires_grad:
+        inputs = [*args, *kwargs.values()]
+        through_input = any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+        if self._first_param.requires_grad and not through_input:
             return self.engine(*args, **kwargs)
         return self.engine.module(*args, **kwargs)
 

@@ -116,7 +116,10 @@ def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            placement_strategy=scaling.placement_strategy,
+            resources_per_worker={
+                "CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {}), **scaling.extra_resources
+            },
         ),
         run_config=RunConfig(
             name=config.run.name,

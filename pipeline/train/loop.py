@@ -246,3 +246,7 @@ def train_worker(payload: WorkerPayload) -> None:
         if _cadence(train.ckpt_every, step, train.max_steps):
             state = CheckpointState(step=step, world_size=world_size, zero_stage=ds.zero_stage, precision=ds.precision, arch=config.model.arch)
             _report(metrics, engines, state, rank)
+
+    if tracker is not None:
+        # The tracker sends from a background thread; the worker process may end as soon as we return.
+        tracker.flush(timeout_s=60)

@@ -1,0 +1,168 @@
+"""Inference: any image size in, the same size out, untouched outside the hole; model references; the job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from models.registry import get_architecture
+from pipeline.inference import inpaint_paths, inpaint_tensor, load_model_ref
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recording(nn.Module):
+    """The real generator, remembering the input sizes it was called with."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.sizes = inner, []
+
+    def forward(self, image, mask):
+        self.sizes.append(tuple(image.shape[-2:]))
+        return self.inner(image, mask)
+
+
+@pytest.fixture(scope="module")
+def rn():
+    torch.manual_seed(0)
+    return get_architecture("rn").generator().eval()
+
+
+def _inputs(h: int, w: int):
+    image = torch.rand(1, 3, h, w)
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., h // 3: h // 2, w // 4: w // 2] = 1
+    return image, mask
+
+
+def _assert_same_outside_hole(out, image, mask):
+    assert out.shape == image.shape and out.dtype == torch.float32
+    outside = (mask == 0).expand_as(image)
+    assert torch.equal(out[outside], image[outside])
+    assert not torch.equal(out, image)  # the hole was filled
+
+
+def test_lbam_300x451_image_comes_back_300x451_and_equal_outside_the_hole():
+    torch.manual_seed(0)
+    generator = Recording(get_architecture("lbam").generator().eval())
+    image, mask = _inputs(300, 451)
+    out = inpaint_tensor(generator, "lbam", image, mask)
+    assert generator.sizes == [(384, 512)]  # reflect-padded to LBAM's multiple of 128
+    _assert_same_outside_hole(out, image, mask)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_crop_mode_covers_every_pixel_with_corner_windows(rn):
+    generator = Recording(rn)
+    image, mask = _inputs(30, 45)
+    mask[..., -3:, -3:] = 1  # a hole in the corner only the last window sees
+    out = inpaint_tensor(generator, "rn", image, mask, fit="crop")
+    assert sorted(set(generator.sizes)) == [(28, 44)] and len(generator.sizes) == 4
+    _assert_same_outside_hole(out, image, mask)
+    assert not torch.equal(out[..., -3:, -3:], image[..., -3:, -3:])
+
+
+def test_crop_mode_refuses_images_smaller_than_one_multiple():
+    image, mask = _inputs(100, 300)
+    with pytest.raises(ValueError, match="fit='crop' needs an image of at least 128x128"):
+        inpaint_tensor(nn.Identity(), "lbam", image, mask, fit="crop")
+
+
+class MeanColour(nn.Module):
+    """A size-agnostic stand-in generator: predicts each image's mean colour everywhere."""
+
+    def forward(self, image, mask):
+        return image.mean(dim=(2, 3), keepdim=True).expand_as(image)
+
+
+def test_tiny_images_fall_back_from_reflect_to_replicate_padding():
+    image, mask = _inputs(1, 6)
+    mask[..., 0, 2] = 1
+    generator = Recording(MeanColour())
+    out = inpaint_tensor(generator, "rn", image, mask)
+    assert generator.sizes == [(4, 8)] and out.shape == (1, 3, 1, 6)
+    _assert_same_outside_hole(out, image, mask)
+
+
+def test_bad_inputs_are_one_line_value_errors(rn):
+    image, mask = _inputs(8, 8)
+    with pytest.raises(ValueError, match="does not match image shape"):
+        inpaint_tensor(rn, "rn", image, mask[..., :4])
+    with pytest.raises(ValueError, match=r"must be a \(B,3,H,W\) tensor"):
+        inpaint_tensor(rn, "rn", image[:, :1], mask)
+    with pytest.raises(ValueError, match="fit must be 'pad' or 'crop'"):
+        inpaint_tensor(rn, "rn", image, mask, fit="stretch")
+
+
+def test_model_references_checkpoint_folder_and_weights_files(rn, tmp_path):
+    checkpoint = tmp_path / "checkpoint_000003"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text(json.dumps({"step": 3, "arch": "rn"}))
+    torch.save(rn.state_dict(), checkpoint / "generator.pt")
+    loaded, arch = load_model_ref(str(checkpoint))
+    image, mask = _inputs(16, 16)
+    assert arch == "rn" and not loaded.training
+    torch.testing.assert_close(loaded(image, mask), rn(image, mask))
+
+    with pytest.raises(ValueError, match="cannot tell the architecture .* pass --arch"):
+        load_model_ref(str(checkpoint / "generator.pt"))
+    assert load_model_ref(str(checkpoint / "generator.pt"), arch="rn")[1] == "rn"
+    torch.save({"arch": "rn", "state_dict": rn.state_dict()}, tmp_path / "wrapped.pt")
+    assert load_model_ref(str(tmp_path / "wrapped.pt"))[1] == "rn"
+    with pytest.raises(ValueError, match="does not hold lbam generator weights"):
+        load_model_ref(str(checkpoint / "generator.pt"), arch="lbam")
+    with pytest.raises(ValueError, match="neither an MLflow model"):
+        load_model_ref(str(tmp_path))
+
+
+def _write_image(path: Path, h: int, w: int, seed: int) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_folder_mode_uses_masks_by_name_and_generates_missing_ones(rn, tmp_path):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    first = _write_image(images / "a.png", 30, 41, 1)
+    _write_image(images / "b.png", 25, 20, 2)
+    hole = np.zeros((30, 41), np.uint8)
+    hole[10:20, 5:15] = 255
+    Image.fromarray(hole).save(masks / "a.png")
+
+    written = inpaint_paths(rn, "rn", images, out, masks)
+    assert [p.name for p in written] == ["a.png", "b.png"]
+    result = np.asarray(Image.open(out / "a.png"))
+    assert result.shape == (30, 41, 3)
+    assert np.array_equal(result[hole == 0], first[hole == 0])
+    generated = np.asarray(Image.open(out / "b.mask.png"))
+    assert generated.shape == (25, 20) and set(np.unique(generated)) <= {0, 255} and generated.any()
+    assert not (out / "a.mask.png").exists()
+
+
+def test_inpaint_job_writes_a_same_size_result_and_reports_bad_input(rn, tmp_path):
+    torch.save(rn.state_dict(), tmp_path / "rn.pt")
+    pixels = _write_image(tmp_path / "photo.png", 33, 50, 3)
+    hole = np.zeros((33, 50), np.uint8)
+    hole[5:15, 20:40] = 255
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    job = [sys.executable, str(REPO / "jobs" / "inpaint.py"), "--model", str(tmp_path / "rn.pt"), "--arch", "rn"]
+    done = subprocess.run([*job, "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "hole.png"),
+                           "--out", str(tmp_path / "filled.png")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = np.asarray(Image.open(tmp_path / "filled.png"))
+    assert result.shape == pixels.shape and np.array_equal(result[hole == 0], pixels[hole == 0])
+
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small.png")
+    bad = subprocess.run([*job, "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "small.png"),
+                          "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "sizes must match" in bad.stderr.strip().splitlines()[-1]

@@ -1,0 +1,262 @@
+"""The model lifecycle: the retrain lock (fast), then end to end on a real MLflow server, embedded Ray, real
+shards and real training: first champion, a zero-step challenger refused, retrain no-op, retrain on new
+images (only the new ones sharded, fine-tuned, gated), and two overlapping retrains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from local_stack import mlflow_server  # noqa: F401  (fixture)
+from pipeline.retraining import LockHeld, RetrainLock
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The lock (fast)
+
+
+def test_second_lock_is_refused_naming_the_holder_and_release_frees_it(tmp_path):
+    first = RetrainLock(str(tmp_path), stale_after_s=3600)
+    first.acquire()
+    with pytest.raises(LockHeld, match=rf"another retrain run holds .*\.retrain\.lock \(host .*, pid {os.getpid()}"):
+        RetrainLock(str(tmp_path), stale_after_s=3600).acquire()
+    first.release()
+    with RetrainLock(str(tmp_path), stale_after_s=3600) as again:
+        assert again.held
+    assert not (tmp_path / ".retrain.lock").exists()
+
+
+def test_a_lock_older_than_the_stale_limit_is_broken(tmp_path):
+    old = RetrainLock(str(tmp_path), stale_after_s=60, clock=lambda: time.time() - 3600)
+    old.acquire()
+    fresh = RetrainLock(str(tmp_path), stale_after_s=60)
+    fresh.acquire()
+    assert fresh.holder()["token"] == fresh.token
+    old.release()  # the run that lost its lock must not delete the new holder's
+    assert fresh.holder()["token"] == fresh.token
+    fresh.release()
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_broken(tmp_path):
+    holder = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            from pipeline.retraining import RetrainLock
+            RetrainLock({str(tmp_path)!r}, stale_after_s=3600).acquire()  # exits without releasing
+        """)], cwd=REPO, check=True, timeout=120)
+    assert holder.returncode == 0 and (tmp_path / ".retrain.lock").exists()
+    with RetrainLock(str(tmp_path), stale_after_s=3600) as lock:
+        assert lock.holder()["pid"] == os.getpid()
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end
+
+ARCH = "rn"
+MODEL = "rn-lifecycle"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, mlflow_server):
+    """Embedded Ray, a directory of 8 source images sharded as the base version, a pinned eval set."""
+    import ray
+
+    from pipeline.sample_data import generate_sample_dataset
+    from pipeline.sharding import ShardJobConfig, run_shard_job
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    sample = generate_sample_dataset(str(root / "places"), n_train=8, n_val=24, size=(288, 256),
+                                     include_package_photos=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        base = run_shard_job(ShardJobConfig.model_validate({
+            "source": {"url": sample.train_root}, "out": str(root / "base"), "samples_per_shard": 4, "store_size": 256,
+        }))
+        evaluation = run_shard_job(ShardJobConfig.model_validate({
+            "source": {"url": sample.val_list, "root": sample.val_root}, "out": str(root / "eval"),
+            "samples_per_shard": 3, "store_size": 256, "eval": {"enabled": True, "per_bucket": 1},
+        }))
+        yield {"root": root, "sample": sample, "base": base.manifest_url, "eval": evaluation.manifest_url,
+               "tracking_uri": mlflow_server}
+    finally:
+        ray.shutdown()
+
+
+def _train_yaml(world) -> str:
+    path = world["root"] / "train_rn.yaml"
+    path.write_text(textwrap.dedent(f"""
+        model: {{arch: {ARCH}}}
+        data: {{train_manifest: {world['base']}, eval_manifest: {world['eval']}, crop_size: 64, loader_workers: 0,
+                eval_batch_size: 2}}
+        train: {{max_steps: 2, batch_size: 2, log_every: 1, ckpt_every: 0, steps_per_epoch: 2}}
+        scaling: {{num_workers: 2, use_gpu: false}}
+        run: {{name: lifecycle, storage_path: {world['root'] / 'ray_results'}}}
+        mlflow: {{tracking_uri: {world['tracking_uri']}, experiment: holefill-lifecycle, registered_model: {MODEL}}}
+    """))
+    return str(path)
+
+
+def _retrain_config(world, **extra):
+    from pipeline.retraining import RetrainJobConfig
+
+    return RetrainJobConfig.model_validate({
+        "source": {"url": world["sample"].train_root}, "data_root": str(world["root"] / "versions"),
+        "base_manifest": world["base"], "shard": {"samples_per_shard": 4, "store_size": 256},
+        "train_config": _train_yaml(world), "eval_manifest": world["eval"], "registered_model": MODEL,
+        "tracking_uri": world["tracking_uri"], "evaluation": {"batch_size": 3, "crop_size": 256}, **extra,
+    })
+
+
+def _client(world):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=world["tracking_uri"], registry_uri=world["tracking_uri"])
+
+
+@pytest.mark.e2e
+def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(world):
+    from models.registry import get_architecture
+    from pipeline.evaluation import registry_evaluator
+    from pipeline.registry import GateConfig, current_champion, promote
+    from pipeline.tracking import RunTracker, log_and_register_generator
+    from pipeline.train.config import load_train_config
+    from pipeline.train.launch import run_training
+
+    result = run_training(load_train_config(_train_yaml(world)))
+    client = _client(world)
+    evaluator = registry_evaluator(world["tracking_uri"], world["eval"])
+    first = promote(client, MODEL, result.model_version, evaluator, GateConfig(), eval_set="eval")
+    assert first.action == "first_champion" and current_champion(client, MODEL) == result.model_version
+    assert first.challenger_metrics["count"] == 6  # one eval image per hole-ratio bucket
+
+    untrained = get_architecture(ARCH).generator().eval()
+    run = RunTracker.start_or_resume(world["tracking_uri"], "holefill-lifecycle", "zero-step")
+    import torch
+
+    image, mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.7).float()
+    zero = log_and_register_generator(world["tracking_uri"], run.run_id, untrained, image, mask, MODEL, arch=ARCH)
+    run.finish()
+    # The gate asks a challenger to *improve* on the champion by 0.5 dB: an untrained model cannot.
+    strict = GateConfig.model_validate({"rules": [{"metric": "psnr", "min_improvement": 0.5}]})
+    refused = promote(client, MODEL, zero.version, evaluator, strict, eval_set="eval")
+    assert refused.action == "refused" and current_champion(client, MODEL) == result.model_version
+    version = client.get_model_version(MODEL, zero.version)
+    assert version.tags["holefill.promotion.decision"] == "refused"
+    assert version.tags["holefill.promotion.compared_to"] == result.model_version
+    evaluations = client.search_runs([client.get_experiment_by_name("holefill-evaluation").experiment_id])
+    assert {r.data.tags["holefill.model_version"] for r in evaluations} >= {result.model_version, zero.version}
+
+
+@pytest.mark.e2e
+def test_evaluate_job_prints_the_bucket_table_and_records_it_against_the_version(world):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": world["tracking_uri"]}
+    done = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", f"models:/{MODEL}@champion",
+                           "--eval-manifest", world["eval"]], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    table = lines[lines.index(next(l for l in lines if l.startswith("hole ratio"))):]
+    assert [row.split()[0] for row in table[1:8]] == ["0.01-0.10", "0.10-0.20", "0.20-0.30", "0.30-0.40",
+                                                      "0.40-0.50", "0.50-0.60", "all"]
+    assert all(row.split()[1] == "1" for row in table[1:7]) and table[7].split()[1] == "6"
+    run_id = next(l for l in lines if l.startswith("recorded in MLflow run")).split()[4]
+    client = _client(world)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    run = client.get_run(run_id)
+    assert run.data.tags["holefill.model_version"] == champion.version and "psnr/0.50-0.60" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} == {"eval/per_bucket.json", "eval/table.txt"}
+    assert any(k.endswith(".psnr") for k in client.get_model_version(MODEL, champion.version).tags)
+
+
+@pytest.mark.e2e
+def test_retrain_with_nothing_new_exits_zero_at_once(world):
+    config_path = world["root"] / "retrain_noop.yaml"
+    config_path.write_text(json.dumps(_retrain_config(world).model_dump(mode="json")))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "retrain: nothing_new: nothing new: 0 new of 8 source items" in done.stdout
+    assert not (world["root"] / "versions" / "v0001").exists()
+    assert time.monotonic() - started < 120
+
+
+def _add_new_images(world, count: int) -> list[Path]:
+    source = Path(world["sample"].train_root)
+    extra = sorted(p for p in source.rglob("*.jpg"))[:count]
+    added = []
+    for path in extra:
+        target = source / "arrived_later" / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        added.append(target)
+    return added
+
+
+@pytest.mark.e2e
+def test_retrain_shards_only_new_images_fine_tunes_registers_a_challenger_and_gates_it(world):
+    from pipeline.manifest import load_manifest
+    from pipeline.registry import CHALLENGER, current_champion
+    from pipeline.retraining import read_latest, run_retraining
+
+    _add_new_images(world, 4)
+    client = _client(world)
+    champion_before = current_champion(client, MODEL)
+    outcome = run_retraining(_retrain_config(world), env={})
+    assert outcome.action == "retrained" and outcome.new_items == 4
+
+    manifest = load_manifest(outcome.manifest_url)
+    base = load_manifest(world["base"])
+    assert manifest.parent is not None and manifest.total_samples == base.total_samples + 4
+    assert len(manifest.shards) == len(base.shards) + 1  # the 4 new images fill one new shard
+    assert read_latest(str(world["root"] / "versions"))["manifest"] == outcome.manifest_url
+
+    version = client.get_model_version(MODEL, outcome.model_version)
+    assert current_champion(client, MODEL, CHALLENGER) == outcome.model_version
+    assert version.tags["holefill.retrain.dataset_version"] == "1"
+    assert version.tags["holefill.promotion.decision"] == outcome.promotion.action
+    assert version.tags["holefill.promotion.compared_to"] == (champion_before or "none")
+    expected = outcome.model_version if outcome.promotion.promoted else champion_before
+    assert current_champion(client, MODEL) == expected
+
+    again = run_retraining(_retrain_config(world), env={})
+    assert again.action == "nothing_new" and again.manifest_url == outcome.manifest_url
+
+
+@pytest.mark.e2e
+def test_two_overlapping_retrains_the_second_exits_cleanly_saying_why(world, tmp_path):
+    config_path = tmp_path / "retrain.yaml"
+    config_path.write_text(json.dumps(_retrain_config(world).model_dump(mode="json")))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pipeline.retraining import RetrainLock
+            lock = RetrainLock({str(world['root'] / 'versions')!r}, stale_after_s=3600)
+            lock.acquire()
+            print("locked", flush=True)
+            time.sleep(600)
+        """)], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert f"retrain: locked: another retrain run holds" in second.stdout and f"pid {holder.pid}" in second.stdout
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    # The holder died without releasing: its lock is stale now, and the next run proceeds (nothing new).
+    third = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "retrain: nothing_new" in third.stdout, third.stderr[-3000:]
+    assert "breaking stale retrain lock" in third.stderr

@@ -1,0 +1,79 @@
+"""Training-config validation: every broken rule is a one-line ConfigError naming the key, before any Ray work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.train.config import load_train_config
+from pipeline.train.engines import deepspeed_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("name", ["train_rn", "train_lbam", "train_rn_cpu_tiny", "train_lbam_cpu_tiny"])
+def test_shipped_configs_are_valid(name):
+    config = load_train_config(CONFIGS / f"{name}.yaml")
+    assert config.registered_model == config.model.arch
+
+
+def test_official_gpu_configs_keep_the_papers_global_batch():
+    rn = load_train_config(CONFIGS / "train_rn.yaml")
+    lbam = load_train_config(CONFIGS / "train_lbam.yaml")
+    assert rn.train.batch_size * rn.scaling.num_workers == 14 and rn.train.seed == 67454
+    assert lbam.train.batch_size * lbam.scaling.num_workers == 16 and lbam.data.crop_size == 256
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+        (["deepspeed.precision=fp16"], "deepspeed.precision"),  # CPU config
+        (["scaling.use_gpu=true", "deepspeed.precision=fp16", "deepspeed.zero_stage=1"], "deepspeed.precision"),
+        (["data.crop_size=128"], "data.crop_size"),  # LBAM's D takes 256x256 only
+        (["train.max_steps=0"], "train.max_steps"),
+        (["scaling.num_workers=0"], "scaling.num_workers"),
+        (["model.options.vgg_wieghts=x.pth"], "model.options.vgg_wieghts"),
+        (["model.options.allow_random_vgg=false"], "model.options.vgg_weights"),
+        (["fault_injection.rank=5", "fault_injection.at_step=1"], "fault_injection.rank"),
+        (["train.ckpt_every=100"], "train.ckpt_every"),
+        (["run.name=has space"], "run.name"),
+        (["mlflow.unknown=1"], "mlflow.unknown"),
+    ],
+)
+def test_bad_values_name_the_key_in_one_line(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_train_config(CONFIGS / "train_lbam_cpu_tiny.yaml", overrides)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+@pytest.mark.parametrize("missing", ["data.train_manifest", "train.max_steps", "scaling.use_gpu", "mlflow.tracking_uri", "run.storage_path"])
+def test_required_keys_are_required(tmp_path, missing):
+    import yaml
+
+    tree = yaml.safe_load((CONFIGS / "train_rn_cpu_tiny.yaml").read_text())
+    section, key = missing.split(".")
+    del tree[section][key]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=missing.replace(".", r"\.")):
+        load_train_config(path)
+
+
+def test_rn_accepts_small_crops_that_lbam_refuses():
+    assert load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["data.crop_size=96"]).data.crop_size == 96
+
+
+def test_deepspeed_config_per_engine_carries_batch_accumulation_clipping_and_precision():
+    config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", [
+        "deepspeed.gradient_accumulation_steps=3", "deepspeed.gradient_clipping=1.5", "deepspeed.precision=bf16",
+        "deepspeed.zero_stage=2",
+    ])
+    ds = deepspeed_config(config.deepspeed, micro_batch_size=2, world_size=4)
+    assert ds["train_batch_size"] == 2 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_clipping"] == 1.5 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in ds and "fp16" not in ds
