@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline.fsutil import StorageOptionsLike, open_url
 from pipeline.imageops import decode_mask_png
@@ -51,6 +51,7 @@ __all__ = [
     "make_train_loader",
     "random_crop_flip",
     "resolve_shard_urls",
+    "tar_members",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,18 +99,130 @@ def _is_whitelisted(fname: str) -> bool:
     return suffix is not None and suffix.lower() in MEMBER_WHITELIST
 
 
-def _read_shard(url: str, storage_options: StorageOptionsLike, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """Raw samples of one shard (whitelisted members only, as bytes), grouped by key."""
-    with open_url(url, "rb", storage_options) as stream:
-        members = tar_file_iterator(stream, handler=handler, select_files=_is_whitelisted)
+_TAR_BLOCK = 512
+_TAR_REGULAR_TYPES = frozenset((b"0", b"\0", b"7"))  # regular file, pre-POSIX regular file, contiguous file
+_TAR_SKIP_CHUNK = 1 << 20
 
-        def with_url() -> Iterator[dict]:
-            for member in members:
-                member["__url__"] = url
-                yield member
+
+def _tar_number(field: bytes) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256 when the top bit is set."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * (len(field) - 1))) if field[:1] == b"\xff" else value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise ValueError(f"tar header has a non-octal number field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``key=value`` records of a pax extended header (``"%d %s=%s\\n"`` each)."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _read_exactly(stream: Any, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise ValueError(f"tar stream ends inside a member ({len(data)} of {size} bytes)")
+    return data
+
+
+def _skip(stream: Any, size: int) -> None:
+    """Move past ``size`` bytes: a seek where the stream can, reads (discarded) where it cannot."""
+    if size <= 0:
+        return
+    try:
+        seekable = stream.seekable()
+    except (AttributeError, OSError):
+        seekable = False
+    if seekable:
+        stream.seek(size, io.SEEK_CUR)
+        return
+    while size > 0:
+        size -= len(_read_exactly(stream, min(size, _TAR_SKIP_CHUNK)))
+
+
+def tar_members(stream: Any, select: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of every regular file in a tar stream whose name passes ``select``, in order.
+
+    Reads ustar, GNU (long names) and pax (long or non-ASCII names, large sizes) archives, e.g. those of
+    ``tarfile``, GNU tar and ``webdataset.TarWriter``. Directories, links, devices and members that
+    ``select`` rejects are skipped without being read into memory. A header with a bad checksum or a
+    stream that ends inside a member raises ``ValueError``.
+
+    This replaces ``tarfile``'s stream reader on the loader's hot path: parsing a header there costs
+    more than decoding a mask, and a sample is three members.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = stream.read(_TAR_BLOCK)
+        if not header or header.count(0) == _TAR_BLOCK:
+            return  # end of archive (a zero block) or a stream with no end blocks at all
+        if len(header) != _TAR_BLOCK:
+            raise ValueError(f"tar stream ends inside a header ({len(header)} bytes)")
+        stored = _tar_number(header[148:156])
+        # The checksum treats its own field as spaces; old writers summed signed bytes.
+        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+        if stored != unsigned and stored != unsigned - 2 * sum(b for b in header if b > 127):
+            raise ValueError("tar header checksum mismatch: not a tar archive, or a corrupt one")
+        kind = header[156:157]
+        size = _tar_number(header[124:136])
+        if kind == b"x" or kind == b"g":
+            records = _pax_records(_read_exactly(stream, size))
+            _skip(stream, -size % _TAR_BLOCK)
+            if kind == b"x":
+                pax = records
+            continue
+        if kind == b"L":
+            long_name = _read_exactly(stream, size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            _skip(stream, -size % _TAR_BLOCK)
+            continue
+        if "size" in pax:
+            size = int(pax["size"])
+        name = pax.get("path") or long_name
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        long_name, pax = None, {}
+        if kind in _TAR_REGULAR_TYPES and not name.endswith("/") and select(name):
+            data = _read_exactly(stream, size)
+            _skip(stream, -size % _TAR_BLOCK)
+            yield name, data
+        elif kind in _TAR_REGULAR_TYPES or kind == b"S":
+            _skip(stream, size + (-size % _TAR_BLOCK))
+        # other kinds (directories, links, devices, FIFOs) have no data blocks
+
+
+def _read_shard(url: str, storage_options: StorageOptionsLike, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """Raw samples of one shard (whitelisted members only, as bytes), grouped by key.
+
+    A shard that turns out corrupt part way yields its samples up to the damage, then ``handler``
+    decides: ``True`` skips the rest of the shard, ``False`` (or raising) stops the loader.
+    """
+    with open_url(url, "rb", storage_options) as stream:
+
+        def members() -> Iterator[dict]:
+            try:
+                for name, data in tar_members(stream, _is_whitelisted):
+                    yield {"fname": name, "data": data, "__url__": url}
+            except (ValueError, OSError, EOFError) as exc:
+                exc.args = (f"{url}: {exc}",)
+                if not handler(exc):
+                    raise
 
         # Grouping per shard: a key can never merge with a same-named key of the next shard.
-        yield from group_by_keys(with_url(), handler=handler)
+        yield from group_by_keys(members(), handler=handler)
 
 
 def _decode_rgb(data: bytes) -> np.ndarray:
