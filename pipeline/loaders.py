@@ -101,6 +101,7 @@ def _is_whitelisted(fname: str) -> bool:
 
 _TAR_BLOCK = 512
 _TAR_REGULAR_TYPES = frozenset((b"0", b"\0", b"7"))  # regular file, pre-POSIX regular file, contiguous file
+_TAR_TYPES_WITHOUT_DATA = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))  # links, devices, directories, FIFOs
 _TAR_SKIP_CHUNK = 1 << 20
 
 
@@ -170,9 +171,9 @@ def tar_members(stream: Any, select: Callable[[str], bool]) -> Iterator[tuple[st
         if len(header) != _TAR_BLOCK:
             raise ValueError(f"tar stream ends inside a header ({len(header)} bytes)")
         stored = _tar_number(header[148:156])
-        # The checksum treats its own field as spaces; old writers summed signed bytes.
-        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
-        if stored != unsigned and stored != unsigned - 2 * sum(b for b in header if b > 127):
+        # The checksum treats its own field as spaces; some old writers summed the bytes as signed.
+        unsigned = sum(header) - sum(header[148:156]) + 8 * ord(" ")
+        if stored != unsigned and stored != unsigned - 256 * sum(1 for b in header if b > 127):
             raise ValueError("tar header checksum mismatch: not a tar archive, or a corrupt one")
         kind = header[156:157]
         size = _tar_number(header[124:136])
@@ -195,13 +196,14 @@ def tar_members(stream: Any, select: Callable[[str], bool]) -> Iterator[tuple[st
             if prefix:
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         long_name, pax = None, {}
-        if kind in _TAR_REGULAR_TYPES and not name.endswith("/") and select(name):
+        if kind == b"\0" and name.endswith("/"):
+            continue  # a pre-POSIX directory entry: no data blocks
+        if kind in _TAR_REGULAR_TYPES and select(name):
             data = _read_exactly(stream, size)
             _skip(stream, -size % _TAR_BLOCK)
             yield name, data
-        elif kind in _TAR_REGULAR_TYPES or kind == b"S":
-            _skip(stream, size + (-size % _TAR_BLOCK))
-        # other kinds (directories, links, devices, FIFOs) have no data blocks
+        elif kind not in _TAR_TYPES_WITHOUT_DATA:
+            _skip(stream, size + (-size % _TAR_BLOCK))  # unselected files, and unknown kinds as tarfile does
 
 
 def _read_shard(url: str, storage_options: StorageOptionsLike, handler: Callable[[Exception], bool]) -> Iterator[dict]:
@@ -386,18 +388,25 @@ def _train_crops(src: Iterator[dict], crop_size: int, seeds: _StreamSeed) -> Ite
 def _collate_uint8(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack (H,W,3) images as (B,3,H,W) uint8 and (H,W) masks as (B,H,W) uint8.
 
-    The channel-first reorder is a strided copy; doing it here, on uint8 in the loader worker, leaves
-    the consumer a single contiguous uint8 -> float conversion (4x less memory traffic than permuting
-    floats).
+    Each image is written once, channel-first, straight into the batch array (no per-sample contiguous
+    copy, no second copy to stack). Reordering here, on uint8 in the loader worker, leaves the consumer
+    one uint8 -> float pass (4x less memory traffic than permuting floats).
     """
-    images = np.stack([np.ascontiguousarray(s[0].transpose(2, 0, 1)) for s in samples])
-    masks = np.stack([s[1] for s in samples])
+    height, width = samples[0][1].shape
+    images = np.empty((len(samples), 3, height, width), dtype=np.uint8)
+    masks = np.empty((len(samples), height, width), dtype=np.uint8)
+    for index, (image, mask) in enumerate(samples):
+        if mask.shape != (height, width):
+            raise ValueError(f"samples of one batch differ in size: {mask.shape} vs {(height, width)}")
+        images[index] = image.transpose(2, 0, 1)
+        masks[index] = mask
     return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
 def _to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
     """uint8 (B,3,H,W) / (B,H,W) 0|255 -> float image (B,3,H,W) in [0,1], mask (B,1,H,W) 1 = hole."""
     out = dict(batch)
+    # Convert, then scale in place: measured faster than the single mixed-dtype ``torch.div(uint8, 255.0)``.
     out["image"] = batch["image"].float().div_(255.0)
     out["mask"] = (batch["mask"] > 127).unsqueeze(1).float()
     return out

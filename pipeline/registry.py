@@ -78,7 +78,7 @@ class GateConfig(Config):
     """The promotion gate: every rule must pass; ``min_values`` are absolute floors (first champion too)."""
 
     rules: list[GateRule] = Field(default_factory=lambda: [
-        GateRule(metric="psnr", scope="overall", min_improvement=0.0),
+        GateRule(metric="psnr", scope="overall", min_improvement=0.01),
         GateRule(metric="psnr", scope="each_bucket", min_improvement=-0.5),
         GateRule(metric="ssim", scope="overall", min_improvement=-0.005),
     ])

@@ -125,10 +125,11 @@ def _client(world):
 
 @pytest.mark.e2e
 def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(world):
-    from models.registry import get_architecture
+    import torch
+
     from pipeline.evaluation import registry_evaluator
     from pipeline.registry import GateConfig, current_champion, promote
-    from pipeline.tracking import RunTracker, log_and_register_generator
+    from pipeline.tracking import RunTracker, load_generator, log_and_register_generator
     from pipeline.train.config import load_train_config
     from pipeline.train.launch import run_training
 
@@ -139,17 +140,16 @@ def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(wo
     assert first.action == "first_champion" and current_champion(client, MODEL) == result.model_version
     assert first.challenger_metrics["count"] == 6  # one eval image per hole-ratio bucket
 
-    untrained = get_architecture(ARCH).generator().eval()
+    # A zero-step challenger: fine-tuning the champion for zero steps gives back the champion's weights.
+    champion_weights, arch = load_generator(f"models:/{MODEL}@champion", world["tracking_uri"])
     run = RunTracker.start_or_resume(world["tracking_uri"], "holefill-lifecycle", "zero-step")
-    import torch
-
     image, mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.7).float()
-    zero = log_and_register_generator(world["tracking_uri"], run.run_id, untrained, image, mask, MODEL, arch=ARCH)
+    zero = log_and_register_generator(world["tracking_uri"], run.run_id, champion_weights, image, mask, MODEL, arch=arch)
     run.finish()
-    # The gate asks a challenger to *improve* on the champion by 0.5 dB: an untrained model cannot.
-    strict = GateConfig.model_validate({"rules": [{"metric": "psnr", "min_improvement": 0.5}]})
-    refused = promote(client, MODEL, zero.version, evaluator, strict, eval_set="eval")
+    refused = promote(client, MODEL, zero.version, evaluator, GateConfig(), eval_set="eval")
     assert refused.action == "refused" and current_champion(client, MODEL) == result.model_version
+    assert refused.challenger_metrics == refused.champion_metrics  # same weights, same pinned eval set
+    assert refused.decision.reasons[0].startswith("psnr overall: improvement +0.0000 < required +0.0100")
     version = client.get_model_version(MODEL, zero.version)
     assert version.tags["holefill.promotion.decision"] == "refused"
     assert version.tags["holefill.promotion.compared_to"] == result.model_version

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.imageops import encode_mask_png
-from pipeline.loaders import make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls
+from pipeline.loaders import make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls, tar_members
 
 
 def _jpeg(array: np.ndarray, quality: int = 100) -> bytes:
@@ -174,3 +175,80 @@ def test_shard_list_may_be_a_brace_pattern_and_must_not_be_empty(tmp_path):
         make_eval_loader([], batch_size=1)
     with pytest.raises(ValueError, match="rank must be in"):
         make_train_loader([str(tmp_path / "shard-000000.tar")], batch_size=1, batches_per_epoch=1, rank=2, world_size=2)
+
+
+def _archive(tar_format: int) -> bytes:
+    """A tar with the member kinds shards meet in the wild: files, a directory, a symlink, long and
+    non-ASCII names (pax only), an empty file and a member the whitelist rejects."""
+    names = ["a.jpg", "deep/" + "k" * 90 + "/" + "m" * 60 + ".mask.png", "c.jpg", "skip.pyd", "z.json"]
+    if tar_format == tarfile.PAX_FORMAT:
+        names.append("ünïcode/é.json")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as archive:
+        folder = tarfile.TarInfo("deep")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for index, name in enumerate(names):
+            data = bytes([index]) * (0 if name == "c.jpg" else 700 * index + 3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        archive.addfile(link)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+def test_tar_member_reader_gives_the_regular_files_tarfile_sees(tar_format):
+    data = _archive(tar_format)
+    with tarfile.open(fileobj=io.BytesIO(data)) as reference:
+        expected = [
+            (m.name, reference.extractfile(m).read())
+            for m in reference.getmembers()
+            if m.isreg() and not m.name.endswith(".pyd")
+        ]
+    assert list(tar_members(io.BytesIO(data), lambda name: not name.endswith(".pyd"))) == expected
+
+
+class _ForwardOnly(io.RawIOBase):
+    """A stream that cannot seek (like an HTTP body): skipped members must be read past."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._inner.readinto(buffer)
+
+
+def test_tar_member_reader_skips_unselected_members_on_streams_that_cannot_seek():
+    data = _archive(tarfile.GNU_FORMAT)
+    got = list(tar_members(io.BufferedReader(_ForwardOnly(data)), lambda name: name.endswith(".json")))
+    assert [name for name, _ in got] == ["z.json"] and got[0][1] == bytes([4]) * 2803
+
+
+def test_tar_member_reader_rejects_corrupt_headers_and_truncated_members():
+    data = bytearray(_archive(tarfile.GNU_FORMAT))
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as reference:
+        inside_last_file = reference.getmember("z.json").offset_data + 100
+    with pytest.raises(ValueError, match="ends inside a member"):
+        list(tar_members(io.BytesIO(bytes(data[:inside_last_file])), lambda name: True))
+    data[512 + 3] ^= 0x55  # a byte of the first file header's name: the checksum no longer matches
+    with pytest.raises(ValueError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(data)), lambda name: True))
+
+
+def test_a_truncated_shard_is_skipped_in_training_and_an_error_in_evaluation(tmp_path, caplog):
+    good, broken = _write_shards(tmp_path, 2, 4)
+    with tarfile.open(broken) as archive:
+        inside_third_sample = archive.getmembers()[7].offset_data + 10
+    with open(broken, "r+b") as handle:
+        handle.truncate(inside_third_sample)
+    loader = make_train_loader([good, broken], batch_size=4, crop_size=48, batches_per_epoch=4, num_workers=0, shuffle_buffer=0)
+    assert len(list(loader)) == 4
+    assert "ends inside" in caplog.text
+    with pytest.raises(ValueError, match="ends inside"):
+        list(make_eval_loader([broken], batch_size=2, crop_size=48))

@@ -65,8 +65,13 @@ def test_absolute_floor_applies_to_the_first_champion():
 def test_worse_challenger_is_refused_with_the_failing_checks_named():
     decision = evaluate_gate(summary(19.0), summary(20.0), GATE)
     assert not decision.passed
-    assert any(r.startswith("psnr overall: improvement -1.0000 < required +0.0000") for r in decision.reasons)
-    assert "| psnr | overall | 20.0000 | 19.0000 | -1.0000 | +0.0000 | NO |" in decision.markdown()
+    assert any(r.startswith("psnr overall: improvement -1.0000 < required +0.0100") for r in decision.reasons)
+    assert "| psnr | overall | 20.0000 | 19.0000 | -1.0000 | +0.0100 | NO |" in decision.markdown()
+
+
+def test_an_equally_good_challenger_is_refused_by_the_default_gate():
+    decision = evaluate_gate(summary(20.0), summary(20.0), GATE)
+    assert not decision.passed and decision.reasons == ["psnr overall: improvement +0.0000 < required +0.0100"]
 
 
 def test_better_overall_but_one_bucket_regressing_past_tolerance_is_refused():

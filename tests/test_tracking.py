@@ -291,10 +291,18 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     generator = get_architecture("rn").generator().eval()
     image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
+    import mlflow
+
     tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-model")
+    global_state = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
+                    os.environ.get("MLFLOW_REGISTRY_URI"))
     version = log_and_register_generator(mlflow_server, tracker.run_id, generator, image, mask,
                                          "rn-roundtrip", tags={"dataset_version": "v7", "password": "x"})
     tracker.finish()
+    # MLflow's fluent state (and the environment it exports) is as it was: the library leaks no configuration.
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
+            os.environ.get("MLFLOW_REGISTRY_URI")) == global_state
+    assert mlflow.active_run() is None
     assert version.version == "1" and version.run_id == tracker.run_id
     assert version.tags["holefill.arch"] == "rn" and version.tags["dataset_version"] == "v7"
     assert version.tags["password"] == REDACTED
