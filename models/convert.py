@@ -16,7 +16,7 @@ import torch
 
 from models.registry import get_architecture
 
-__all__ = ["from_official", "load_weights_file", "extract_state_dict"]
+__all__ = ["from_official", "load_weights_bytes", "load_weights_file", "extract_state_dict"]
 
 # Containers the official training scripts wrap their state dicts in.
 _WRAPPER_KEYS = ("state_dict", "model", "generator", "netG", "G", "params")
@@ -48,6 +48,12 @@ def load_weights_file(path_or_url: str, storage_options: Mapping[str, Any] | Non
             payload = f.read()
     except FileNotFoundError:
         raise ValueError(f"weights file not found: {path_or_url}") from None
+    return load_weights_bytes(payload, path_or_url)
+
+
+def load_weights_bytes(payload: bytes, name: str = "weights") -> Any:
+    """Deserialise torch weights with ``weights_only=True``; ``name`` only labels error messages."""
+    path_or_url = name
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -284,6 +284,10 @@ class _HashingWriter:
         self._handle.flush()
 
 
+_TAR_NAME_FIELD = 100
+_TAR_MAX_PLAIN_SIZE = 8**11  # the 12-byte octal size field; larger sizes need tarfile's base-256 form
+
+
 class _TarAppender:
     """Appends regular files to a binary stream as a GNU tar: byte for byte what ``tarfile`` writes.
 
@@ -296,7 +300,7 @@ class _TarAppender:
     def __init__(self, sink: IO[bytes] | _HashingWriter) -> None:
         self._sink = sink
         self._offset = 0
-        self._template = bytes(self._tarfile_header("", 0))
+        self._template = self._tarfile_header("", 0)
 
     @staticmethod
     def _tarfile_header(name: str, size: int) -> bytes:
@@ -335,10 +339,6 @@ class _TarAppender:
         end += -(self._offset + end) % tarfile.RECORDSIZE
         self._sink.write(tarfile.NUL * end)
         self._offset += end
-
-
-_TAR_NAME_FIELD = 100
-_TAR_MAX_PLAIN_SIZE = 8**11  # the 12-byte octal size field; larger sizes need tarfile's base-256 form
 
 
 def _mask_for(item_key: str, target: str | None, config: ShardJobConfig, height: int, width: int):

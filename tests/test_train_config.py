@@ -41,6 +41,7 @@ def test_official_gpu_configs_keep_the_papers_global_batch():
         (["train.ckpt_every=100"], "train.ckpt_every"),
         (["run.name=has space"], "run.name"),
         (["mlflow.unknown=1"], "mlflow.unknown"),
+        (["model.generator_options.per_sample_stats=true"], "model.generator_options"),  # RN's option, not LBAM's
     ],
 )
 def test_bad_values_name_the_key_in_one_line(overrides, key):
@@ -77,3 +78,9 @@ def test_deepspeed_config_per_engine_carries_batch_accumulation_clipping_and_pre
     assert ds["gradient_clipping"] == 1.5 and ds["zero_optimization"] == {"stage": 2}
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_rn_generator_options_reach_the_constructor_check():
+    config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["model.generator_options.per_sample_stats=true"])
+    assert config.model.generator_options == {"per_sample_stats": True}
+    assert config.model.init_weights is None

@@ -43,6 +43,15 @@ class ModelSection(Config):
 
     arch: Literal["rn", "lbam"]
     options: dict[str, Any] = Field(default_factory=dict)
+    generator_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the generator's constructor, e.g. {per_sample_stats: true} for RN",
+    )
+    init_weights: str | None = Field(
+        None,
+        description="generator state dict (path or fsspec URL, weights_only) to start from, e.g. the champion when "
+        "fine-tuning; ignored when the run resumes from its own checkpoint",
+    )
 
 
 class DataSection(Config):
@@ -187,6 +196,20 @@ def check_train_config(config: TrainJobConfig) -> None:
     if train.ckpt_every and train.ckpt_every > train.max_steps:
         raise _fail("train.ckpt_every", f"{train.ckpt_every} exceeds train.max_steps={train.max_steps}; no checkpoint would be written before the end")
     _check_recipe_options(config.model)
+    _check_generator_options(config.model)
+
+
+def _check_generator_options(model: ModelSection) -> None:
+    """Build the generator on the meta device: a wrong constructor option fails here, naming the key."""
+    import torch
+
+    from models.registry import get_architecture
+
+    try:
+        with torch.device("meta"):
+            get_architecture(model.arch).generator(**model.generator_options)
+    except (TypeError, ValueError) as exc:
+        raise _fail("model.generator_options", str(exc).splitlines()[0]) from None
 
 
 def _check_recipe_options(model: ModelSection) -> None:

@@ -195,12 +195,13 @@ def _register(config: TrainJobConfig, tracking_uri: str, run_id: str, generator_
     from models.registry import get_architecture
     from pipeline.tracking import log_and_register_generator
 
-    generator = get_architecture(config.model.arch).generator()
+    generator = get_architecture(config.model.arch).generator(**config.model.generator_options)
     generator.load_state_dict(generator_state)
     image, mask = _example_inputs(config)
     tags = {**data_tags, "holefill.git_commit": _git_commit(), "holefill.version": _holefill_version(), "holefill.run_name": config.run.name}
     version = log_and_register_generator(
-        tracking_uri, run_id, generator.eval(), image, mask, config.registered_model, tags, arch=config.model.arch
+        tracking_uri, run_id, generator.eval(), image, mask, config.registered_model, tags, arch=config.model.arch,
+        generator_kwargs=config.model.generator_options,
     )
     log.info("registered %s version %s", config.registered_model, version.version)
     return str(version.version)

@@ -143,6 +143,17 @@ def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointSta
         )
 
 
+def _load_initial_generator(generator: torch.nn.Module, config: TrainJobConfig) -> None:
+    """Start from given generator weights (fine-tuning); every rank loads the same file, so ranks agree."""
+    from models.convert import extract_state_dict, load_weights_bytes
+    from pipeline.fsutil import read_bytes
+
+    url = config.model.init_weights
+    state = extract_state_dict(load_weights_bytes(read_bytes(url, config.data.storage_options), url))
+    generator.load_state_dict(state, strict=True)
+    log.info("generator initialised from %s", url)
+
+
 def train_worker(payload: WorkerPayload) -> None:
     """Ray Train's ``train_loop_per_worker``: train until ``train.max_steps`` optimiser steps are done."""
     import ray.train
@@ -164,7 +175,10 @@ def train_worker(payload: WorkerPayload) -> None:
     # -- models, recipe, engines (identical initial weights on every rank: same seed for model init) --
     arch = get_architecture(config.model.arch)
     torch.manual_seed(train.seed)
-    generator, discriminator = arch.generator(), arch.discriminator()
+    generator, discriminator = arch.generator(**config.model.generator_options), arch.discriminator()
+    checkpoint = ray.train.get_checkpoint()
+    if config.model.init_weights and checkpoint is None:
+        _load_initial_generator(generator, config)
     _seed_everything(rank_seed(train.seed, rank))
     recipe = build_recipe(config.model.arch, **config.model.options).to(device)
     engines = build_engines(
@@ -177,7 +191,6 @@ def train_worker(payload: WorkerPayload) -> None:
 
     # -- resume --
     step = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             step = restore_checkpoint(
