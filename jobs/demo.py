@@ -1,0 +1,170 @@
+"""The whole holefill pipeline on one machine, in a few minutes on a laptop-class CPU (`make demo`).
+
+    python jobs/demo.py                   # local stack: Ray head (dashboard :8265) + MLflow server (:5000)
+    python jobs/demo.py --embedded        # no servers: embedded Ray, MLflow in a local SQLite file
+
+Steps, each one the same job a user runs by hand (see README "Lifecycle"):
+  1. start the local stack (infra/local/stack.py), left running so the MLflow UI can be browsed afterwards
+  2. generate a small Places-like dataset (real JPEGs, Places365 layout and file lists)
+  3. shard it: training shards, and the pinned bucket-balanced eval set (jobs/shard_places2.py)
+  4. train RN and LBAM briefly on 2 CPU workers with DeepSpeed; each registers its generator (jobs/train_*.py)
+  5. promote each registered version through the gate to `champion` (jobs/promote.py)
+  6. inpaint a validation image with `models:/lbam@champion` (jobs/inpaint.py)
+Then it prints where to look and how long each step took. Re-running reuses the stack, data and shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs import inpaint as inpaint_job  # noqa: E402
+from jobs import promote as promote_job  # noqa: E402
+from jobs import shard_places2 as shard_job  # noqa: E402
+from pipeline.imageops import pillow_flavour  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.sample_data import generate_sample_dataset, load_sample_dataset  # noqa: E402
+from pipeline.train.launch import job_main as train_job_main  # noqa: E402
+
+log = logging.getLogger("holefill.demo")
+CONFIGS = REPO / "jobs" / "configs"
+
+
+class StepTimer:
+    """Times the demo's steps so the summary can show each one's share of the total."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        print(f"\n=== {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
+            print(f"=== {name}: {self.seconds[name]:.1f} s", flush=True)
+
+    def table(self) -> str:
+        total = sum(self.seconds.values()) or 1.0
+        rows = [f"  {name:<44} {sec:7.1f} s  {100 * sec / total:5.1f} %" for name, sec in self.seconds.items()]
+        return "\n".join([*rows, f"  {'total':<44} {total:7.1f} s"])
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise SystemExit(f"demo: {what} failed (exit status {status}); see the log above")
+
+
+def _shard(source: str, root: str, out: str, extra: list[str]) -> str:
+    manifest = Path(out) / "manifest.json"
+    _check(shard_job.main(["--source", source, "--root", root, "--out", out, *extra]), f"sharding into {out}")
+    return str(manifest)
+
+
+def _train(arch: str, train_manifest: str, eval_manifest: str, work: Path, steps: int, tracking_uri: str) -> str:
+    result = train_job_main(arch, [
+        "--config", str(CONFIGS / f"train_{arch}_cpu_tiny.yaml"),
+        "--set", f"data.train_manifest={json.dumps(train_manifest)}",
+        "--set", f"data.eval_manifest={json.dumps(eval_manifest)}",
+        "--set", f"train.max_steps={steps}",
+        "--set", f"train.ckpt_every={steps}",
+        "--set", f"train.val_every={steps}",
+        "--set", f"train.image_every={steps}",
+        "--set", f"run.name=demo-{arch}-{int(time.time())}",
+        "--set", f"run.storage_path={json.dumps(str(work / 'ray_results'))}",
+        "--set", f"mlflow.tracking_uri={json.dumps(tracking_uri)}",
+        "--set", "mlflow.experiment=holefill-demo",
+    ], str(CONFIGS / f"train_{arch}_cpu_tiny.yaml"))
+    return str(result.model_version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default=str(REPO / ".holefill-local" / "demo"), help="folder for data and runs")
+    parser.add_argument("--embedded", action="store_true", help="no servers: embedded Ray and a SQLite MLflow store")
+    parser.add_argument("--train-images", type=int, default=48)
+    parser.add_argument("--val-images", type=int, default=36)
+    parser.add_argument("--rn-steps", type=int, default=4)
+    parser.add_argument("--lbam-steps", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    timer = StepTimer()
+    print(f"holefill demo in {work}; image library: {pillow_flavour()}")
+
+    with timer.step("1. start local stack (Ray head + MLflow server)"):
+        if args.embedded:
+            tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+            ui = f"mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
+            print("embedded mode: no servers; Ray starts inside this process")
+        else:
+            from infra.local.stack import LocalStack
+
+            stack = LocalStack(state_dir=str(REPO / ".holefill-local"))
+            print(stack.start().report())
+            # The jobs below join this cluster and log to this server, as `ray job submit` jobs would.
+            os.environ["RAY_ADDRESS"] = stack.ray_address
+            tracking_uri = ui = stack.mlflow_uri
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+
+    with timer.step("2. generate the sample dataset"):
+        sample_root = work / "sample"
+        if (sample_root / "places365_train_standard.txt").exists():
+            dataset = load_sample_dataset(str(sample_root))
+        else:
+            dataset = generate_sample_dataset(str(sample_root), n_train=args.train_images, n_val=args.val_images, seed=0)
+        print(f"{len(dataset.train_files)} train and {len(dataset.val_files)} val images under {sample_root}")
+
+    with timer.step("3. shard: training set and pinned eval set"):
+        train_manifest = _shard(str(sample_root / "places365_train_standard.txt"), str(sample_root / "data_large"),
+                                str(work / "shards" / "train-v1"), ["--samples-per-shard", "16"])
+        eval_manifest = _shard(str(sample_root / "places365_val.txt"), str(sample_root / "val_large"),
+                               str(work / "shards" / "eval-v1"),
+                               ["--eval", "--masks", "lama_thick_256", "--samples-per-shard", "16",
+                                "--set", "eval.per_bucket=2"])
+        for url in (train_manifest, eval_manifest):
+            manifest = load_manifest(url)
+            print(f"{url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
+                  f"{len(manifest.rejected)} rejected")
+
+    versions = {}
+    with timer.step(f"4a. train RN ({args.rn_steps} steps, 2 CPU workers, DeepSpeed)"):
+        versions["rn"] = _train("rn", train_manifest, eval_manifest, work, args.rn_steps, tracking_uri)
+    with timer.step(f"4b. train LBAM ({args.lbam_steps} steps, 2 CPU workers, DeepSpeed)"):
+        versions["lbam"] = _train("lbam", train_manifest, eval_manifest, work, args.lbam_steps, tracking_uri)
+
+    with timer.step("5. promote through the gate"):
+        for name, version in versions.items():
+            _check(promote_job.main(["--model", name, "--challenger", version, "--eval-manifest", eval_manifest,
+                                     "--set", f"tracking_uri={json.dumps(tracking_uri)}"]), f"promoting {name}")
+
+    with timer.step("6. inpaint a validation image with models:/lbam@champion"):
+        image = dataset.val_path(dataset.val_files[0])
+        out = work / "inpainted.png"
+        _check(inpaint_job.main(["--model", "models:/lbam@champion", "--image", image, "--out", str(out),
+                                 "--set", f"tracking_uri={json.dumps(tracking_uri)}"]), "inpainting")
+
+    print("\n=== holefill demo finished\n" + timer.table())
+    print(f"\nMLflow UI:        {ui}   (experiments holefill-demo, models rn and lbam, alias champion)")
+    if not args.embedded:
+        print(f"Ray dashboard:    {stack.dashboard_url}")
+        print("Stop the stack:   .venv/bin/python infra/local/stack.py stop")
+    print(f"Inpainted image:  {out}  (input {image})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
