@@ -22,7 +22,7 @@ from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
 
 __all__ = [
-    "EvalSettings",
+    "EvaluationSettings",
     "EvaluationResult",
     "evaluate_generator",
     "evaluate_model",
@@ -36,8 +36,13 @@ METRICS = ("psnr", "ssim", "l1")
 EVAL_TAG_PREFIX = "holefill.eval"
 
 
-class EvalSettings(Config):
-    """How to run an evaluation (the eval set itself is given by its manifest URL)."""
+class EvaluationSettings(Config):
+    """How to run an evaluation (the eval set itself is given by its manifest URL).
+
+    ``crop_size`` centre-crops eval samples (as training's validation does; ``None`` keeps the stored size),
+    ``fit`` is how sizes that are not multiples of the model's rule are handled (see ``pipeline.inference``),
+    ``experiment`` is where evaluation runs are recorded.
+    """
 
     batch_size: int = 8
     crop_size: int | None = 256
@@ -94,13 +99,13 @@ def format_table(summary: Mapping[str, float]) -> str:
 
 @torch.no_grad()
 def evaluate_generator(generator: nn.Module, arch: str, eval_manifest: str,
-                       settings: EvalSettings | None = None) -> dict[str, float]:
+                       settings: EvaluationSettings | None = None) -> dict[str, float]:
     """Run ``generator`` over every sample of ``eval_manifest`` once; returns the metrics summary."""
     from pipeline.inference import inpaint_tensor
     from pipeline.loaders import make_eval_loader
     from pipeline.metrics import BucketedMetrics
 
-    settings = settings or EvalSettings()
+    settings = settings or EvaluationSettings()
     device = torch.device(settings.device)
     generator = generator.to(device).eval()
     metrics = BucketedMetrics()
@@ -119,14 +124,14 @@ def evaluate_generator(generator: nn.Module, arch: str, eval_manifest: str,
     return metrics.all_reduce().summary()
 
 
-def evaluate_model(model_ref: str, eval_manifest: str, settings: EvalSettings | None = None,
+def evaluate_model(model_ref: str, eval_manifest: str, settings: EvaluationSettings | None = None,
                    tracking_uri: str | None = None, arch: str | None = None) -> EvaluationResult:
     """Load ``model_ref`` (MLflow URI or local checkpoint, see :func:`pipeline.inference.load_model_ref`) and
     evaluate it on ``eval_manifest``."""
     from pipeline.inference import load_model_ref
     from pipeline.manifest import load_manifest, manifest_hash
 
-    settings = settings or EvalSettings()
+    settings = settings or EvaluationSettings()
     manifest = load_manifest(eval_manifest, settings.storage_options or None)
     if manifest.kind != "eval":
         raise ValueError(f"{eval_manifest} is a {manifest.kind!r} manifest; evaluation needs an 'eval' manifest")
@@ -210,14 +215,14 @@ class EvaluateJobConfig(Config):
     arch: str | None = None
     tracking_uri: str | None = None
     log_to_mlflow: bool = True
-    evaluation: EvalSettings = EvalSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
 
-def registry_evaluator(tracking_uri: str, eval_manifest: str, settings: EvalSettings | None = None,
+def registry_evaluator(tracking_uri: str, eval_manifest: str, settings: EvaluationSettings | None = None,
                        log_results: bool = True):
     """An ``evaluator(name, version) -> summary`` for :func:`pipeline.registry.promote` that loads
     ``models:/name/version``, evaluates it on ``eval_manifest`` and (by default) records the evaluation."""
-    settings = settings or EvalSettings()
+    settings = settings or EvaluationSettings()
 
     def evaluate_version(name: str, version: str) -> dict[str, float]:
         result = evaluate_model(f"models:/{name}/{version}", eval_manifest, settings, tracking_uri)

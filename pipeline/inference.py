@@ -151,9 +151,7 @@ def load_model_ref(ref: str, tracking_uri: str | None = None, arch: str | None =
     """
     from pipeline.tracking import load_generator
 
-    if "://" in ref and ref.split("://", 1)[0] in ("models", "runs", "mlflow-artifacts"):
-        return load_generator(ref.replace("://", ":/", 1), tracking_uri)
-    if ref.startswith(("models:/", "runs:/")):
+    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         return load_generator(ref, tracking_uri)
     path = Path(ref)
     if path.is_dir() and (path / "MLmodel").is_file():

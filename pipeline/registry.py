@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
-from pipeline.evaluation import EvalSettings
+from pipeline.evaluation import EvaluationSettings
 
 __all__ = [
     "CHAMPION",
@@ -228,18 +228,18 @@ def _describe(outcome: PromotionOutcome, eval_set: str) -> str:
 def _record(client, outcome: PromotionOutcome, eval_set: str) -> None:
     from pipeline.tracking import MAX_TAG_VALUE_CHARS, _truncate
 
+    # Tags are for searching and at-a-glance columns (one REST call each, so few); the description holds
+    # the full comparison table.
     tags = {
         f"{TAG}.decision": outcome.action,
         f"{TAG}.compared_to": outcome.champion_before or "none",
         f"{TAG}.eval_set": eval_set,
-        f"{TAG}.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         f"{TAG}.reasons": "; ".join(outcome.decision.reasons) if outcome.decision else "",
     }
-    for metric in ("psnr", "ssim", "l1"):
-        if metric in outcome.challenger_metrics:
-            tags[f"{TAG}.challenger_{metric}"] = f"{outcome.challenger_metrics[metric]:.6g}"
-        if outcome.champion_metrics and metric in outcome.champion_metrics:
-            tags[f"{TAG}.champion_{metric}"] = f"{outcome.champion_metrics[metric]:.6g}"
+    if "psnr" in outcome.challenger_metrics:
+        tags[f"{TAG}.challenger_psnr"] = f"{outcome.challenger_metrics['psnr']:.6g}"
+    if outcome.champion_metrics and "psnr" in outcome.champion_metrics:
+        tags[f"{TAG}.champion_psnr"] = f"{outcome.champion_metrics['psnr']:.6g}"
     for key, value in tags.items():
         client.set_model_version_tag(outcome.model, outcome.challenger, key, _truncate(value, MAX_TAG_VALUE_CHARS))
     client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set))
@@ -297,7 +297,7 @@ class PromoteJobConfig(Config):
     eval_manifest: str
     tracking_uri: str | None = None
     gate: GateConfig = GateConfig()
-    evaluation: EvalSettings = EvalSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
 
 def resolve_version(client, name: str, ref: str) -> str:

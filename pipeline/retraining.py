@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Mapping
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from pipeline.config import Config, ConfigError
-from pipeline.evaluation import EvalSettings
+from pipeline.evaluation import EvaluationSettings
 from pipeline.fsutil import StorageOptions, is_remote, join_url, publish_bytes, url_to_fs
 from pipeline.registry import CHALLENGER, GateConfig
 from pipeline.sources import SourceSpec
@@ -65,7 +65,7 @@ class RetrainJobConfig(Config):
     registered_model: str = Field(min_length=1)
     tracking_uri: str | None = None
     gate: GateConfig = Field(default_factory=GateConfig)
-    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     lock: LockSettings = Field(default_factory=LockSettings)
 
 
@@ -232,15 +232,6 @@ def version_folder(data_root: str, version: int) -> str:
 # Fine-tuning from the champion
 
 
-INIT_WEIGHTS_KEY = "model.init_weights"
-
-
-def _train_config_supports_init() -> bool:
-    from pipeline.train.config import ModelSection
-
-    return "init_weights" in ModelSection.model_fields
-
-
 def export_champion_weights(tracking_uri: str, name: str, version: str, url: str, storage_options: Any = None) -> str:
     """Write the champion generator's fp32 state dict (``weights_only``-loadable) to ``url`` for the workers."""
     import io
@@ -289,9 +280,12 @@ def _previous_version(config: RetrainJobConfig) -> tuple[int, str | None]:
 
 
 def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
-    from pipeline.manifest import load_manifest, manifest_hash
+    from pipeline.evaluation import registry_evaluator
+    from pipeline.manifest import load_manifest, manifest_hash, manifest_url_for
+    from pipeline.registry import promote
     from pipeline.sharding import ShardJobConfig, run_shard_job
     from pipeline.sources import list_source, new_items
+    from pipeline.train.config import load_train_config
 
     previous_number, previous_url = _previous_version(config)
     previous = load_manifest(previous_url, config.storage_options) if previous_url else None
@@ -312,31 +306,35 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
             "parent": previous.location if previous is not None else None,
             "storage_options": config.storage_options,
         })
-    except Exception as exc:  # pydantic ValidationError: name the key like every config error
-        raise ConfigError(f"config key shard: {str(exc).splitlines()[0]}") from None
-    log.info("retrain: %d new items -> data version %d at %s", len(fresh), number, out)
-    sharded = run_shard_job(shard_config)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        raise ConfigError(f"config key shard.{where}: {message}") from None
 
-    champion = _champion(client, config.registered_model)
     overrides = [
-        f"data.train_manifest={json.dumps(sharded.manifest_url)}",
+        *config.train_overrides,
+        f"data.train_manifest={json.dumps(manifest_url_for(out))}",
         f"data.eval_manifest={json.dumps(config.eval_manifest)}",
         f"mlflow.registered_model={json.dumps(config.registered_model)}",
         f"mlflow.tracking_uri={json.dumps(tracking_uri)}",
         f"run.name={json.dumps(f'retrain-{config.registered_model}-data-v{number}')}",
     ]
-    if champion is not None:
-        if _train_config_supports_init():
-            init_url = export_champion_weights(tracking_uri, config.registered_model, champion,
-                                               join_url(out, "init", f"champion-v{champion}.pt"), config.storage_options)
-            overrides.append(f"{INIT_WEIGHTS_KEY}={json.dumps(init_url)}")
-            log.info("fine-tuning from champion version %s", champion)
-        else:
-            log.warning("the training config has no %s key: training from scratch instead of fine-tuning "
-                        "champion version %s", INIT_WEIGHTS_KEY, champion)
-    from pipeline.train.config import load_train_config
+    # Validate the training config before spending time on sharding.
+    if not load_train_config(config.train_config, overrides).mlflow.enabled:
+        raise ConfigError("config key train_overrides: retraining registers a challenger, so mlflow.enabled must be true")
 
-    train_config = load_train_config(config.train_config, [*config.train_overrides, *overrides])
+    log.info("retrain: %d new items -> data version %d at %s", len(fresh), number, out)
+    sharded = run_shard_job(shard_config)
+    champion = _champion(client, config.registered_model)  # read now: a hand-moved alias is honoured
+    if champion is not None:
+        init_url = export_champion_weights(tracking_uri, config.registered_model, champion,
+                                           join_url(out, "init", f"champion-v{champion}.pt"), config.storage_options)
+        overrides.append(f"model.init_weights={json.dumps(init_url)}")
+        log.info("fine-tuning from champion version %s", champion)
+    else:
+        log.info("no champion yet: training from scratch")
+    train_config = load_train_config(config.train_config, overrides)
     if train_fn is None:
         from pipeline.train.launch import run_training as train_fn
     result = train_fn(train_config)
@@ -345,9 +343,6 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     client.set_model_version_tag(config.registered_model, version, "holefill.retrain.dataset_version", str(number))
     client.set_model_version_tag(config.registered_model, version, "holefill.retrain.fine_tuned_from",
                                  f"version {champion}" if champion else "none (trained from scratch)")
-
-    from pipeline.evaluation import registry_evaluator
-    from pipeline.registry import promote
 
     eval_set = manifest_hash(load_manifest(config.eval_manifest, config.storage_options))
     outcome = promote(client, config.registered_model, version,

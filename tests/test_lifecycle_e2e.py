@@ -224,6 +224,9 @@ def test_retrain_shards_only_new_images_fine_tunes_registers_a_challenger_and_ga
     version = client.get_model_version(MODEL, outcome.model_version)
     assert current_champion(client, MODEL, CHALLENGER) == outcome.model_version
     assert version.tags["holefill.retrain.dataset_version"] == "1"
+    # Fine-tuned from the champion of the moment: its weights were exported beside the new data version.
+    assert version.tags["holefill.retrain.fine_tuned_from"] == f"version {champion_before}"
+    assert (world["root"] / "versions" / "v0001" / "init" / f"champion-v{champion_before}.pt").is_file()
     assert version.tags["holefill.promotion.decision"] == outcome.promotion.action
     assert version.tags["holefill.promotion.compared_to"] == (champion_before or "none")
     expected = outcome.model_version if outcome.promotion.promoted else champion_before

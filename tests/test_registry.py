@@ -128,7 +128,8 @@ def model(client):
     run = client.create_run(experiment.experiment_id)
     client.create_registered_model(name)
     for _ in range(5):
-        client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                    await_creation_for=0)
     return name
 
 
