@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "add_config_arguments",
+    "deep_merge",
     "apply_override",
     "flatten",
     "load_config",
@@ -100,7 +101,7 @@ def load_config(
     base: Mapping[str, Any] | None = None,
 ) -> C:
     """Build ``cls`` from ``base`` (defaults), then the YAML at ``path``, then ``overrides`` in order."""
-    tree: dict = _deep_merge(dict(base or {}), _read_yaml(path) if path else {})
+    tree: dict = deep_merge(dict(base or {}), _read_yaml(path) if path else {})
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
@@ -109,10 +110,11 @@ def load_config(
         raise ConfigError(_first_error(exc)) from None
 
 
-def _deep_merge(into: dict, other: Mapping[str, Any]) -> dict:
+def deep_merge(into: dict, other: Mapping[str, Any]) -> dict:
+    """Merge ``other`` into ``into`` recursively (nested mappings merge, other values replace); returns ``into``."""
     for key, value in other.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            into[key] = _deep_merge(dict(into[key]), value)
+        if isinstance(value, Mapping) and isinstance(into.get(key), Mapping):
+            into[key] = deep_merge(dict(into[key]), value)
         else:
             into[key] = value
     return into

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import Config
+from pipeline.config import Config, deep_merge
 
 __all__ = [
     "BoxParams",
@@ -345,7 +345,7 @@ class MaskGenerator:
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> Config:
         """Validate ``defaults`` deep-merged with ``overrides`` into the generator's params type."""
-        merged = _deep_merge(dict(self.defaults), dict(overrides or {}))
+        merged = deep_merge(dict(self.defaults), dict(overrides or {}))
         try:
             return self.params_type.model_validate(merged)
         except ValidationError as exc:
@@ -353,15 +353,6 @@ class MaskGenerator:
             key = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
             msg = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
             raise ValueError(f"mask generator {self.name!r} param {key}: {msg}") from None
-
-
-def _deep_merge(into: dict, other: Mapping[str, Any]) -> dict:
-    for key, value in other.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), Mapping):
-            into[key] = _deep_merge(dict(into[key]), value)
-        else:
-            into[key] = value
-    return into
 
 
 def _irregular(min_times: int, max_times: int, max_width: int, max_len: int, max_angle: int) -> dict:

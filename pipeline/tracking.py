@@ -377,8 +377,12 @@ class RunTracker:
     def log_image(self, image: np.ndarray | torch.Tensor, name: str, step: int) -> None:
         """Queue an image (HWC ``uint8`` array or CHW float tensor in [0,1]) under ``name`` at ``step``."""
         picture = to_hwc_uint8(image)
+        if not name.lower().endswith((".png", ".jpg", ".jpeg")):
+            name = f"{name}.png"
+        # Logged as a plain PNG artifact: MLflow's key/step image mode also writes WebP thumbnails, which
+        # pillow-simd builds (no libwebp) cannot encode, and the step is already part of ``name``.
         self._enqueue(f"image {name}@{step}",
-                      lambda: self._client.log_image(self.run_id, picture, key=name, step=int(step)))
+                      lambda: self._client.log_image(self.run_id, picture, artifact_file=name))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue run tags (redacted, truncated)."""

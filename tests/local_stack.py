@@ -131,9 +131,12 @@ def add_worker_node(head: RayHead, num_cpus: int, resources: Mapping[str, float]
     """
     expected = alive_node_count(head.dashboard_url) + 1
     ports = RayPorts.free(head=False)
-    # Same temp dir as the head: the node joins the head's session directory, and the head's
-    # teardown sweep of that directory catches anything the node leaves behind.
-    spec = RayNodeSpec(role="worker", head_address=head.address, temp_dir=head.temp_dir, num_cpus=num_cpus,
+    # Its own temp dir, as a real second machine has: two nodes sharing one would share the runtime-env
+    # cache, and the worker node's agent would delete a job's working_dir package from under the driver
+    # on the head when its own last user exits. Being inside the head's temp dir, the head's teardown
+    # sweep still catches anything the node leaves behind.
+    spec = RayNodeSpec(role="worker", head_address=head.address, temp_dir=head.temp_dir / f"n{len(head.workers)}",
+                       num_cpus=num_cpus,
                        resources=dict(resources or {}), object_store_memory_bytes=OBJECT_STORE_BYTES, ports=ports)
     log_path = head.temp_dir / f"ray-start-worker-{len(head.workers)}.log"
     leader = start_ray_node(spec, log_path, head.dashboard_url, expected_alive_nodes=expected,

@@ -180,7 +180,7 @@ def test_run_tracker_logs_redacted_truncated_params_metrics_images_and_tags(mlfl
                         "train.lr": 1e-4, "long": "x" * 10_000, "list": [1, 2]})
     for step in range(3):
         tracker.log_metrics({"loss/g": 1.0 / (step + 1), "psnr/0.01-0.10": 20.0 + step}, step=step)
-    tracker.log_image(torch.rand(3, 8, 8), "samples", step=2)
+    tracker.log_image(torch.rand(3, 8, 8), "samples/step_00000002.png", step=2)
     tracker.set_tags({"dataset_version": "v1", "token": "abc"})
     tracker.finish()
 
@@ -194,8 +194,8 @@ def test_run_tracker_logs_redacted_truncated_params_metrics_images_and_tags(mlfl
     assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
     assert run.data.tags["dataset_version"] == "v1" and run.data.tags["token"] == REDACTED
     assert run.data.tags["arch"] == "rn" and run.info.status == "FINISHED"
-    artifacts = [a.path for a in _client(mlflow_server).list_artifacts(tracker.run_id, "images")]
-    assert any("samples" in p for p in artifacts)
+    artifacts = [a.path for a in _client(mlflow_server).list_artifacts(tracker.run_id, "samples")]
+    assert artifacts == ["samples/step_00000002.png"]
 
 
 def test_same_run_name_resumes_the_same_run_and_params_are_idempotent(mlflow_server, caplog):

@@ -104,7 +104,8 @@ def test_rn_run_validates_per_bucket_and_logs_to_exactly_one_mlflow_run(rn_run):
     assert any(key.startswith("val/psnr/0.") for key in metrics)
     history = client.get_metric_history(result.mlflow_run_id, "train/g_loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4]
-    assert any(a.path.startswith("samples") or "step_" in a.path for a in client.list_artifacts(result.mlflow_run_id, "images") or client.list_artifacts(result.mlflow_run_id))
+    grids = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
+    assert grids and all(path.startswith("samples/step_") and path.endswith(".png") for path in grids)
 
 
 def test_rn_generator_is_registered_with_data_tags(rn_run, shards):
