@@ -24,7 +24,6 @@ loader holds no per-sample state (shuffle buffer bounded, shards streamed). Targ
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random

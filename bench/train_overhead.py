@@ -67,7 +67,7 @@ def engine_step_time(arch: str, batch: int, size: int, steps: int, device: torch
     from models.recipes import build_recipe, gan_step
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
-    from pipeline.train.engines import DiscriminatorCaller, build_engines, init_distributed, precision_context, step_updater
+    from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater
 
     spec = get_architecture(arch)
     recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {})).to(device)

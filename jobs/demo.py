@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -31,12 +30,11 @@ sys.path.insert(0, str(REPO))
 from jobs import inpaint as inpaint_job  # noqa: E402
 from jobs import promote as promote_job  # noqa: E402
 from jobs import shard_places2 as shard_job  # noqa: E402
-from pipeline.imageops import pillow_flavour  # noqa: E402
+from pipeline.joblog import setup_job_logging  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.sample_data import generate_sample_dataset, load_sample_dataset  # noqa: E402
 from pipeline.train.launch import job_main as train_job_main  # noqa: E402
 
-log = logging.getLogger("holefill.demo")
 CONFIGS = REPO / "jobs" / "configs"
 
 
@@ -99,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rn-steps", type=int, default=4)
     parser.add_argument("--lbam-steps", type=int, default=2)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_job_logging("demo")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
-    print(f"holefill demo in {work}; image library: {pillow_flavour()}")
+    print(f"holefill demo in {work}")
 
     with timer.step("1. start local stack (Ray head + MLflow server)"):
         if args.embedded:

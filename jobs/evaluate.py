@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.joblog import setup_job_logging  # noqa: E402
 from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
 from pipeline.evaluation import EvaluateJobConfig, evaluate_model, log_evaluation, parse_registered_ref  # noqa: E402
 from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_job_logging("evaluate")
     args = build_parser().parse_args(argv)
     flags = {"model": args.model, "eval_manifest": args.eval_manifest, "arch": args.arch}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]

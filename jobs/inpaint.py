@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.joblog import setup_job_logging  # noqa: E402
 from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
 from pipeline.inference import InpaintJobConfig, inpaint_paths, load_model_ref  # noqa: E402
 from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_job_logging("inpaint")
     args = build_parser().parse_args(argv)
     flags = {k: getattr(args, k) for k in ("model", "arch", "image", "mask", "out", "fit")}
     try:

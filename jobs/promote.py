@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.joblog import setup_job_logging  # noqa: E402
 from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
 from pipeline.evaluation import registry_evaluator  # noqa: E402
 from pipeline.manifest import load_manifest, manifest_hash  # noqa: E402
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_job_logging("promote")
     args = build_parser().parse_args(argv)
     flags = {"registered_model": args.model, "challenger": args.challenger, "eval_manifest": args.eval_manifest}
     try:

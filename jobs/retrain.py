@@ -10,13 +10,13 @@ run holds the lock: each says so in one line), 2 for bad configuration, 1 for a 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.joblog import setup_job_logging  # noqa: E402
 from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
 from pipeline.retraining import RetrainJobConfig, run_retraining  # noqa: E402
 
@@ -25,7 +25,7 @@ DEFAULT_CONFIG = str(Path(__file__).with_name("configs") / "retrain.yaml")
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_job_logging("retrain")
     parser = argparse.ArgumentParser(prog="retrain", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, DEFAULT_CONFIG)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
-from pipeline.imageops import pillow_flavour  # noqa: E402
+from pipeline.joblog import setup_job_logging  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.sharding import ShardJobConfig, run_shard_job  # noqa: E402
 
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shard_places2: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    logging.getLogger("holefill.sharding").info("image library: %s", pillow_flavour())
+    setup_job_logging("sharding")
     try:
         result = run_shard_job(config)
     except (ManifestError, FileNotFoundError, ValueError) as exc:

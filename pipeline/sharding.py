@@ -29,7 +29,6 @@ when the source allows it. An eval set is identified by its manifest hash.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 import tarfile

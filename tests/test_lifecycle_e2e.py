@@ -254,7 +254,7 @@ def test_two_overlapping_retrains_the_second_exits_cleanly_saying_why(world, tmp
         second = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
                                 capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-3000:]
-        assert f"retrain: locked: another retrain run holds" in second.stdout and f"pid {holder.pid}" in second.stdout
+        assert "retrain: locked: another retrain run holds" in second.stdout and f"pid {holder.pid}" in second.stdout
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)

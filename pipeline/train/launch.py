@@ -216,7 +216,9 @@ def job_main(arch: str, argv: list[str] | None, default_config: str) -> Training
     parser = argparse.ArgumentParser(description=f"Train {arch.upper()} on Ray Train + DeepSpeed and register it in MLflow.")
     add_config_arguments(parser, default_config=default_config)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.joblog import setup_job_logging
+
+    setup_job_logging(f"train_{arch}")
     from pipeline.train.config import load_train_config
 
     try:

@@ -163,7 +163,9 @@ def train_worker(payload: WorkerPayload) -> None:
     from models.registry import get_architecture
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from pipeline.joblog import LOG_FORMAT
+
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     config = payload.config
     train, ds = config.train, config.deepspeed
     context = ray.train.get_context()
@@ -204,6 +206,7 @@ def train_worker(payload: WorkerPayload) -> None:
         from pipeline.tracking import RunTracker
 
         tracker = RunTracker.attach(payload.tracking_uri, payload.mlflow_run_id)
+        tracker.start_system_metrics()
 
     batches = _batches(config, rank, world_size, step)
     images_per_step = train.batch_size * ds.gradient_accumulation_steps * world_size
