@@ -179,6 +179,52 @@ def test_evaluate_job_prints_the_bucket_table_and_records_it_against_the_version
 
 
 @pytest.mark.e2e
+def test_inpaint_job_loads_the_version_an_alias_was_moved_to_by_hand(world, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipeline.inference import inpaint_tensor, load_image, load_mask
+    from pipeline.tracking import RunTracker, load_generator, log_and_register_generator
+
+    client = _client(world)
+    original = client.get_model_version_by_alias(MODEL, "champion").version
+    generator, arch = load_generator(f"models:/{MODEL}@champion", world["tracking_uri"])
+    with torch.no_grad():  # a visibly different model: shift the output layer's bias
+        generator.decoder[9].bias.add_(1.5)
+    run = RunTracker.start_or_resume(world["tracking_uri"], "holefill-lifecycle", "hand-picked")
+    probe_image, probe_mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.7).float()
+    picked = log_and_register_generator(world["tracking_uri"], run.run_id, generator, probe_image, probe_mask, MODEL,
+                                        arch=arch).version
+    run.finish()
+    client.set_registered_model_alias(MODEL, "champion", picked)  # what moving the alias in the MLflow UI does
+    try:
+        image_path, mask_path, out_path = tmp_path / "in.png", tmp_path / "hole.png", tmp_path / "out.png"
+        Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype(np.uint8)).save(image_path)
+        hole = np.zeros((60, 90), np.uint8)
+        hole[20:40, 30:70] = 255
+        Image.fromarray(hole).save(mask_path)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": world["tracking_uri"]}
+        done = subprocess.run([sys.executable, "jobs/inpaint.py", "--model", f"models:/{MODEL}@champion",
+                               "--image", str(image_path), "--mask", str(mask_path), "--out", str(out_path)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        written = np.asarray(Image.open(out_path).convert("RGB"), dtype=np.float32) / 255
+        image, mask = load_image(image_path), load_mask(mask_path, 60, 90)
+
+        def expected(version: str) -> np.ndarray:
+            model, _ = load_generator(f"models:/{MODEL}/{version}", world["tracking_uri"])
+            with torch.no_grad():
+                out = inpaint_tensor(model, arch, image, mask)
+            return out[0].permute(1, 2, 0).numpy()
+
+        assert np.abs(written - expected(picked)).max() <= 1 / 255 + 1e-6
+        assert np.abs(written - expected(original)).max() > 0.1
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", original)
+
+
+@pytest.mark.e2e
 def test_retrain_with_nothing_new_exits_zero_at_once(world):
     config_path = world["root"] / "retrain_noop.yaml"
     config_path.write_text(json.dumps(_retrain_config(world).model_dump(mode="json")))
