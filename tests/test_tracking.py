@@ -246,11 +246,11 @@ def test_transient_failures_buffer_metrics_retry_and_drop_images_after_max_attem
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         for step in range(5):
             tracker.log_metrics({"loss": float(step)}, step=step)  # never raises, never blocks
-        tracker.log_image(np.zeros((4, 4, 3), np.uint8), "grid", step=0)
+        tracker.log_image(np.zeros((4, 4, 3), np.uint8), "grid.png", step=0)
         assert tracker.flush(timeout_s=20)
         tracker.finish()
     assert [m.step for m in _client(mlflow_server).get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
-    assert tracker.losses.operations_dropped == ["image grid@0"]
+    assert tracker.losses.operations_dropped == ["image grid.png@0"]
     assert "dropped image grid@0 after 2 failed attempts" in caplog.text
 
 
