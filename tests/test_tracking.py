@@ -251,7 +251,7 @@ def test_transient_failures_buffer_metrics_retry_and_drop_images_after_max_attem
         tracker.finish()
     assert [m.step for m in _client(mlflow_server).get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
     assert tracker.losses.operations_dropped == ["image grid.png@0"]
-    assert "dropped image grid@0 after 2 failed attempts" in caplog.text
+    assert "dropped image grid.png@0 after 2 failed attempts" in caplog.text
 
 
 def test_dead_server_never_blocks_or_raises_into_training(monkeypatch, caplog):
