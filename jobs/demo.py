@@ -56,8 +56,8 @@ class StepTimer:
 
     def table(self) -> str:
         total = sum(self.seconds.values()) or 1.0
-        rows = [f"  {name:<44} {sec:7.1f} s  {100 * sec / total:5.1f} %" for name, sec in self.seconds.items()]
-        return "\n".join([*rows, f"  {'total':<44} {total:7.1f} s"])
+        rows = [f"  {name:<56} {sec:7.1f} s  {100 * sec / total:5.1f} %" for name, sec in self.seconds.items()]
+        return "\n".join([*rows, f"  {'total':<56} {total:7.1f} s"])
 
 
 def _check(status: int, what: str) -> None:
