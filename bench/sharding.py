@@ -246,6 +246,7 @@ def _cpu_seconds(function, *args) -> tuple[float, object]:
 
 
 def _rss_child(args: tuple[list[str], int, str], queue) -> None:
+    _load_holefill()  # a spawned child re-imports this file without running main()
     paths, samples, out = args
     items = items_for([Path(p) for p in paths], samples)
     write_shard(ShardPlan(index=samples, items=items), config_for(Path(out)))
