@@ -135,8 +135,12 @@ class MlflowSection(Config):
 
 
 class FaultInjection(Config):
-    """Test hook: worker ``rank`` exits abruptly (``os._exit``) when it reaches ``at_step`` on a run that did not
-    resume from a checkpoint, i.e. on the first attempt only. Exercises failure recovery end to end."""
+    """Test hook: worker ``rank`` exits abruptly (``os._exit``) when it reaches ``at_step``, once per run.
+
+    "Once" is recorded by a marker file under the run's storage directory, written before the exit. It cannot be
+    "only when not resumed": a worker may die before the controller has collected the checkpoint it reported just
+    before, and the retried attempt then starts afresh and would hit the fault again. Exercises failure recovery
+    end to end."""
 
     rank: int = Field(ge=0)
     at_step: int = Field(gt=0)

@@ -143,6 +143,18 @@ def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointSta
         )
 
 
+def _claim_fault(config: TrainJobConfig) -> bool:
+    """True the first time the injected fault is reached in this run (see :class:`FaultInjection`)."""
+    from pipeline.fsutil import exists, join_url, publish_bytes
+
+    fault = config.fault_injection
+    marker = join_url(config.run.storage_path, config.run.name, f"fault_injected_rank{fault.rank}_step{fault.at_step}")
+    if exists(marker, config.run.storage_options):
+        return False
+    publish_bytes(marker, b"fired\n", config.run.storage_options)
+    return True
+
+
 def _load_initial_generator(generator: torch.nn.Module, config: TrainJobConfig) -> None:
     """Start from given generator weights (fine-tuning); every rank loads the same file, so ranks agree."""
     from models.convert import extract_state_dict, load_weights_bytes
@@ -199,7 +211,6 @@ def train_worker(payload: WorkerPayload) -> None:
                 directory, engines, rank=rank, world_size=world_size, zero_stage=ds.zero_stage, arch=config.model.arch
             ).step
         log.info("rank %d resumed from %s at step %d", rank, checkpoint.path, step)
-    resumed = checkpoint is not None
 
     tracker = None
     if rank == 0 and payload.mlflow_run_id:
@@ -228,7 +239,7 @@ def train_worker(payload: WorkerPayload) -> None:
         window_steps += 1
 
         fault = config.fault_injection
-        if fault is not None and not resumed and rank == fault.rank and step == fault.at_step:
+        if fault is not None and rank == fault.rank and step == fault.at_step and _claim_fault(config):
             log.warning("fault injection: rank %d exits abruptly at step %d", rank, step)
             os._exit(17)
 
