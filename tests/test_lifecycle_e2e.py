@@ -1,6 +1,7 @@
 """The model lifecycle: the retrain lock (fast), then end to end on a real MLflow server, embedded Ray, real
-shards and real training: first champion, a zero-step challenger refused, retrain no-op, retrain on new
-images (only the new ones sharded, fine-tuned, gated), and two overlapping retrains."""
+shards and real LBAM training: first champion, a zero-step challenger refused, a better-trained challenger
+promoted, retrain no-op, retrain on new images (only the new ones sharded, fine-tuned, gated), and two
+overlapping retrains."""
 
 from __future__ import annotations
 
@@ -62,8 +63,12 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_broken(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # End to end
 
-ARCH = "rn"
-MODEL = "rn-lifecycle"
+ARCH = "lbam"
+MODEL = "lbam-lifecycle"
+# A few CPU steps of LBAM at its official learning rate barely move its metrics, so the first champion is
+# trained with a learning rate 1000x too high: Adam's first steps then move every weight by about 0.1, which
+# wrecks the network (PSNR ~11 dB instead of ~18.5 dB). The second, properly trained version must beat it.
+RUINOUS_LR = ["train.lr_scale=1000"]
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +98,12 @@ def world(tmp_path_factory, mlflow_server):
 
 
 def _train_yaml(world) -> str:
-    path = world["root"] / "train_rn.yaml"
+    path = world["root"] / "train_lbam.yaml"
     path.write_text(textwrap.dedent(f"""
-        model: {{arch: {ARCH}}}
-        data: {{train_manifest: {world['base']}, eval_manifest: {world['eval']}, crop_size: 64, loader_workers: 0,
-                eval_batch_size: 2}}
-        train: {{max_steps: 2, batch_size: 2, log_every: 1, ckpt_every: 0, steps_per_epoch: 2}}
+        model: {{arch: {ARCH}, options: {{allow_random_vgg: true}}}}
+        data: {{train_manifest: {world['base']}, eval_manifest: {world['eval']}, crop_size: 256, loader_workers: 0,
+                eval_batch_size: 3}}
+        train: {{max_steps: 2, batch_size: 1, log_every: 1, ckpt_every: 0}}
         scaling: {{num_workers: 2, use_gpu: false}}
         run: {{name: lifecycle, storage_path: {world['root'] / 'ray_results'}}}
         mlflow: {{tracking_uri: {world['tracking_uri']}, experiment: holefill-lifecycle, registered_model: {MODEL}}}
@@ -124,7 +129,7 @@ def _client(world):
 
 
 @pytest.mark.e2e
-def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(world):
+def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refused(world):
     import torch
 
     from pipeline.evaluation import registry_evaluator
@@ -133,7 +138,7 @@ def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(wo
     from pipeline.train.config import load_train_config
     from pipeline.train.launch import run_training
 
-    result = run_training(load_train_config(_train_yaml(world)))
+    result = run_training(load_train_config(_train_yaml(world), RUINOUS_LR))
     client = _client(world)
     evaluator = registry_evaluator(world["tracking_uri"], world["eval"])
     first = promote(client, MODEL, result.model_version, evaluator, GateConfig(), eval_set="eval")
@@ -143,7 +148,7 @@ def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(wo
     # A zero-step challenger: fine-tuning the champion for zero steps gives back the champion's weights.
     champion_weights, arch = load_generator(f"models:/{MODEL}@champion", world["tracking_uri"])
     run = RunTracker.start_or_resume(world["tracking_uri"], "holefill-lifecycle", "zero-step")
-    image, mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.7).float()
+    image, mask = torch.rand(1, 3, 128, 128), (torch.rand(1, 1, 128, 128) > 0.7).float()
     zero = log_and_register_generator(world["tracking_uri"], run.run_id, champion_weights, image, mask, MODEL, arch=arch)
     run.finish()
     refused = promote(client, MODEL, zero.version, evaluator, GateConfig(), eval_set="eval")
@@ -155,6 +160,29 @@ def test_trained_model_becomes_champion_and_a_zero_step_challenger_is_refused(wo
     assert version.tags["holefill.promotion.compared_to"] == result.model_version
     evaluations = client.search_runs([client.get_experiment_by_name("holefill-evaluation").experiment_id])
     assert {r.data.tags["holefill.model_version"] for r in evaluations} >= {result.model_version, zero.version}
+
+
+@pytest.mark.e2e
+def test_a_better_trained_lbam_is_promoted_and_the_old_champion_kept_as_previous(world):
+    from pipeline.evaluation import registry_evaluator
+    from pipeline.registry import PREVIOUS_CHAMPION, GateConfig, current_champion, promote
+    from pipeline.train.config import load_train_config
+    from pipeline.train.launch import run_training
+
+    client = _client(world)
+    champion = current_champion(client, MODEL)
+    assert champion is not None, "needs the first champion of the test above"
+    result = run_training(load_train_config(_train_yaml(world), ["run.name=lifecycle-official-lr"]))
+    evaluator = registry_evaluator(world["tracking_uri"], world["eval"])
+    decision = promote(client, MODEL, result.model_version, evaluator, GateConfig(), eval_set="eval")
+    assert decision.action == "promoted", decision.decision.reasons
+    assert decision.challenger_metrics["psnr"] > decision.champion_metrics["psnr"] + 1.0
+    assert current_champion(client, MODEL) == result.model_version
+    assert current_champion(client, MODEL, PREVIOUS_CHAMPION) == champion
+    version = client.get_model_version(MODEL, result.model_version)
+    assert version.tags["holefill.promotion.decision"] == "promoted"
+    assert version.tags["holefill.promotion.compared_to"] == champion
+    assert "promoted" in version.description and "psnr" in version.description
 
 
 @pytest.mark.e2e
@@ -190,10 +218,10 @@ def test_inpaint_job_loads_the_version_an_alias_was_moved_to_by_hand(world, tmp_
     client = _client(world)
     original = client.get_model_version_by_alias(MODEL, "champion").version
     generator, arch = load_generator(f"models:/{MODEL}@champion", world["tracking_uri"])
-    with torch.no_grad():  # a visibly different model: shift the output layer's bias
-        generator.decoder[9].bias.add_(1.5)
+    with torch.no_grad():  # a visibly different model: scale up the output layer
+        generator.dc7.weight.mul_(1000.0)
     run = RunTracker.start_or_resume(world["tracking_uri"], "holefill-lifecycle", "hand-picked")
-    probe_image, probe_mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.7).float()
+    probe_image, probe_mask = torch.rand(1, 3, 128, 128), (torch.rand(1, 1, 128, 128) > 0.7).float()
     picked = log_and_register_generator(world["tracking_uri"], run.run_id, generator, probe_image, probe_mask, MODEL,
                                         arch=arch).version
     run.finish()

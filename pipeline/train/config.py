@@ -80,6 +80,9 @@ class TrainSection(Config):
         10_000, gt=0, description="optimiser steps per epoch for epoch-based LR schedules (RN: 0.8 per epoch)"
     )
     seed: int = 67454
+    lr_scale: float = Field(
+        1.0, gt=0, description="multiplies the recipe's base learning rates of G and D, e.g. 0.1 when fine-tuning"
+    )
 
 
 class DeepSpeedSection(Config):

@@ -88,13 +88,14 @@ def _engine(
     steps_per_epoch: int,
     ds_config: dict[str, Any],
     device: torch.device,
+    lr_scale: float,
 ) -> Any:
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
         params,
-        lr=settings.lr,
+        lr=settings.lr * lr_scale,
         betas=tuple(settings.betas),
         weight_decay=settings.weight_decay,
         fused=device.type == "cuda",
@@ -121,15 +122,20 @@ def build_engines(
     world_size: int,
     steps_per_epoch: int,
     device: torch.device,
+    lr_scale: float = 1.0,
 ) -> GanEngines:
-    """Wrap G and D in their own DeepSpeed engines with the recipe's Adam settings and LR schedule."""
+    """Wrap G and D in their own DeepSpeed engines with the recipe's Adam settings and LR schedule;
+    ``lr_scale`` multiplies both base learning rates (``train.lr_scale``)."""
     ds_config = deepspeed_config(ds, micro_batch_size, world_size)
     generator.to(device)
     discriminator.to(device)
     return GanEngines(
-        generator=_engine(generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, device),
+        generator=_engine(
+            generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, device, lr_scale
+        ),
         discriminator=_engine(
-            discriminator, recipe.discriminator_optimizer, recipe.lr_factor, steps_per_epoch, dict(ds_config), device
+            discriminator, recipe.discriminator_optimizer, recipe.lr_factor, steps_per_epoch, dict(ds_config), device,
+            lr_scale,
         ),
     )
 

@@ -198,7 +198,7 @@ def train_worker(payload: WorkerPayload) -> None:
     engines = build_engines(
         recipe, generator, discriminator, ds,
         micro_batch_size=train.batch_size, world_size=world_size,
-        steps_per_epoch=train.steps_per_epoch, device=device,
+        steps_per_epoch=train.steps_per_epoch, device=device, lr_scale=train.lr_scale,
     )
     G, D = engines.generator, DiscriminatorCaller(engines.discriminator)
     update_g, update_d = step_updater(G), step_updater(engines.discriminator)
