@@ -124,18 +124,29 @@ def _signal_all(processes: Iterable[psutil.Process], sig: signal.Signals) -> Non
             pass
 
 
+def _gone(proc: psutil.Process) -> bool:
+    """Exited: no longer running, or a zombie waiting for a parent that may not be us."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    for proc in processes:
-        _reap_if_our_child(proc.pid)
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    survivors = []
-    for proc in alive:
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                survivors.append(proc)
-        except psutil.Error:
-            continue
-    return survivors
+    """Wait up to ``timeout_s`` for ``processes`` to exit; returns those still running.
+
+    Polls rather than ``psutil.wait_procs``: a process started by another process (``stack.py stop`` run
+    from a fresh shell) stays a zombie until its own parent reaps it, and ``wait_procs`` would wait out the
+    whole timeout on it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for proc in processes:
+            _reap_if_our_child(proc.pid)
+        survivors = [proc for proc in processes if not _gone(proc)]
+        if not survivors or time.monotonic() >= deadline:
+            return survivors
+        time.sleep(0.1)
 
 
 def stop_session(

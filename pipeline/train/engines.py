@@ -109,7 +109,17 @@ def _engine(
         config=ds_config,
         dist_init_required=False,
     )
+    if ds_config["zero_optimization"]["stage"] == 0 and _world_size() == 1:
+        # One rank has nothing to average, yet DeepSpeed's fallback all-reduce still flattens every gradient into
+        # a buffer, reduces it and copies it back: for LBAM's 90 M parameters that is a few percent of a CPU step.
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def build_engines(
