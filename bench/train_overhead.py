@@ -6,10 +6,12 @@ Both sides run the same ``gan_step`` on the same model and batch in one process:
 * holefill: the DeepSpeed engines of ``pipeline.train.engines`` (ZeRO stage, precision from the flags) on a
   one-rank process group, i.e. everything a Ray Train worker does per step except the data loader.
 
-On CPU the DeepSpeed step is also timed inside a one-worker Ray Train ``TorchTrainer``, as a training job
-runs it (start-up excluded: it is paid once per run). Prints seconds per image for both and their ratio (target: overhead
-<= 10 % at batch >= 4 on CPU). On a GPU it also prints images/s in bf16 for ZeRO 0 vs 1, peak memory and the
-speed-up over fp32.
+Their steps alternate (plain, DeepSpeed, plain, ...) and each side reports its median, so drift of a shared
+machine (other jobs, clock changes) hits both alike. On CPU the DeepSpeed step is also timed inside a
+one-worker Ray Train ``TorchTrainer``, as a training job runs it (start-up excluded: it is paid once per run),
+against plain steps timed right after in this process. Prints milliseconds per image and the ratios (target:
+overhead <= 10 % at batch >= 4 on CPU). On a GPU it also prints images/s in bf16 for ZeRO 0 vs 1, peak memory
+and the speed-up over fp32.
 
     python bench/train_overhead.py --arch rn --batch 4 --size 64 --steps 5
 """
@@ -22,25 +24,36 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+Step = Callable[[], object]
 
-def _timed_steps(step, steps: int, device: torch.device) -> float:
-    step()  # warm-up: allocations, DeepSpeed's first-step JIT
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+def _timed(step: Step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_step_times(steps: dict[str, Step], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each step, the steps taking turns for ``rounds`` rounds after one warm-up
+    call each (allocations, DeepSpeed's first-step set-up)."""
+    for step in steps.values():
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timed(step, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,27 +63,35 @@ def _batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, t
     return image, mask
 
 
-def plain_step_time(arch: str, batch: int, size: int, steps: int, device: torch.device) -> float:
-    from models.recipes import build_recipe, gan_step, torch_updater
+def _recipe(arch: str, device: torch.device):
+    from models.recipes import build_recipe
+
+    return build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {})).to(device)
+
+
+def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
+    """One GAN step of ``arch`` with plain ``torch.optim.Adam``."""
+    from models.recipes import gan_step, torch_updater
     from models.registry import get_architecture
 
     spec = get_architecture(arch)
-    recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {})).to(device)
+    recipe = _recipe(arch, device)
     G, D = spec.generator().to(device), spec.discriminator().to(device)
     opt_g = recipe.generator_optimizer.build(G.parameters())
     opt_d = recipe.discriminator_optimizer.build(D.parameters())
     image, mask = _batch(batch, size, device)
-    return _timed_steps(lambda: gan_step(recipe, G, D, image, mask, torch_updater(opt_d), torch_updater(opt_g)), steps, device)
+    return lambda: gan_step(recipe, G, D, image, mask, torch_updater(opt_d), torch_updater(opt_g))
 
 
-def engine_step_time(arch: str, batch: int, size: int, steps: int, device: torch.device, zero_stage: int, precision: str) -> float:
-    from models.recipes import build_recipe, gan_step
+def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_stage: int, precision: str) -> Step:
+    """One GAN step of ``arch`` through holefill's DeepSpeed engines, as a training worker runs it."""
+    from models.recipes import gan_step
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater
 
     spec = get_architecture(arch)
-    recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {})).to(device)
+    recipe = _recipe(arch, device)
     engines = build_engines(
         recipe, spec.generator(), spec.discriminator(), DeepSpeedSection(zero_stage=zero_stage, precision=precision),
         micro_batch_size=batch, world_size=1, steps_per_epoch=10_000, device=device,
@@ -83,10 +104,16 @@ def engine_step_time(arch: str, batch: int, size: int, steps: int, device: torch
         with precision_context(precision, device):
             gan_step(recipe, engines.generator, D, image, mask, update_d, update_g)
 
-    return _timed_steps(step, steps, device)
+    return step
 
 
-def ray_train_step_time(arch: str, batch: int, size: int, steps: int, zero_stage: int) -> float:
+def engine_step_time(arch: str, batch: int, size: int, steps: int, device: torch.device, zero_stage: int, precision: str) -> float:
+    """Median seconds of ``steps`` DeepSpeed GAN steps (after a warm-up step)."""
+    step = engine_step(arch, batch, size, device, zero_stage, precision)
+    return median_step_times({"engine": step}, steps, device)["engine"]
+
+
+def ray_train_step_time(arch: str, batch: int, size: int, steps: int, zero_stage: int, runtime_env: dict) -> float:
     """``engine_step_time`` inside a one-worker Ray Train ``TorchTrainer`` (CPU, gloo), as a training job runs it."""
     import json
     import tempfile
@@ -101,7 +128,7 @@ def ray_train_step_time(arch: str, batch: int, size: int, steps: int, zero_stage
         init_distributed(False)
         seconds = engine_step_time(cfg["arch"], cfg["batch"], cfg["size"], cfg["steps"], torch.device("cpu"),
                                    cfg["zero_stage"], "fp32")
-        Path(cfg["out"]).write_text(json.dumps({"seconds": seconds}))
+        Path(cfg["out"]).write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads()}))
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -113,11 +140,15 @@ def ray_train_step_time(arch: str, batch: int, size: int, steps: int, zero_stage
                 train_loop_config={"arch": arch, "batch": batch, "size": size, "steps": steps,
                                    "zero_stage": zero_stage, "out": str(out)},
                 scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
-                run_config=RunConfig(storage_path=tmp, name="overhead"),
+                run_config=RunConfig(storage_path=tmp, name="overhead", worker_runtime_env=runtime_env),
             ).fit()
         finally:
             ray.shutdown()
-        return json.loads(out.read_text())["seconds"]
+        result = json.loads(out.read_text())
+        if result["threads"] != torch.get_num_threads():
+            print(f"  note: the Ray Train worker ran {result['threads']} torch threads, this process "
+                  f"{torch.get_num_threads()}")
+        return result["seconds"]
 
 
 def main() -> None:
@@ -139,17 +170,39 @@ def main() -> None:
 
     init_distributed(use_gpu)
 
-    plain = plain_step_time(args.arch, args.batch, args.size, args.steps, device)
-    engine = engine_step_time(args.arch, args.batch, args.size, args.steps, device, args.zero_stage, "fp32")
-    print(f"{args.arch} batch {args.batch} at {args.size}², {device.type}, median of {args.steps} steps")
-    print(f"  plain PyTorch      {plain / args.batch * 1e3:9.2f} ms/image")
-    print(f"  DeepSpeed ZeRO {args.zero_stage}   {engine / args.batch * 1e3:9.2f} ms/image   ratio {engine / plain:.3f}"
-          f"  (overhead {100 * (engine / plain - 1):+.1f} %)")
+    plain = plain_step(args.arch, args.batch, args.size, device)
+    medians = median_step_times(
+        {"plain": plain, "engine": engine_step(args.arch, args.batch, args.size, device, args.zero_stage, "fp32")},
+        args.steps, device,
+    )
+    engine = medians["engine"]
+
+    def row(label: str, seconds: float, reference: float) -> str:
+        return (f"  {label:<24}{seconds / args.batch * 1e3:9.2f} ms/image   ratio {seconds / reference:.3f}"
+                f"  (overhead {100 * (seconds / reference - 1):+.1f} %)")
+
+    print(f"{args.arch} batch {args.batch} at {args.size}², {device.type}, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} alternating steps")
+    print(f"  {'plain PyTorch':<24}{medians['plain'] / args.batch * 1e3:9.2f} ms/image")
+    print(row(f"DeepSpeed ZeRO {args.zero_stage}", engine, medians["plain"]))
     if not use_gpu:
         dist.destroy_process_group()
-        in_ray = ray_train_step_time(args.arch, args.batch, args.size, args.steps, args.zero_stage)
-        print(f"  Ray Train + DeepSpeed {in_ray / args.batch * 1e3:9.2f} ms/image   ratio {in_ray / plain:.3f}"
-              f"  (overhead {100 * (in_ray / plain - 1):+.1f} %)")
+        from pipeline.train.config import ScalingSection
+        from pipeline.train.launch import worker_runtime_env
+
+        holefill_env = worker_runtime_env(ScalingSection(num_workers=1, use_gpu=False))
+        in_ray = {
+            "Ray Train + DeepSpeed": ray_train_step_time(args.arch, args.batch, args.size, args.steps,
+                                                         args.zero_stage, holefill_env),
+            "  same, malloc default": ray_train_step_time(args.arch, args.batch, args.size, args.steps,
+                                                          args.zero_stage, {}),
+        }
+        # The plain reference again, right after, so both sides see the machine in the same state.
+        after = median_step_times({"plain": plain}, args.steps, device)["plain"]
+        print(f"  {'plain PyTorch (after)':<24}{after / args.batch * 1e3:9.2f} ms/image")
+        for label, seconds in in_ray.items():
+            print(row(label, seconds, after))
+        print(f"  (holefill's CPU workers run with {holefill_env['env_vars']}; see pipeline.train.launch.worker_runtime_env)")
         return
 
     if use_gpu:

@@ -84,3 +84,20 @@ def test_rn_generator_options_reach_the_constructor_check():
     config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["model.generator_options.per_sample_stats=true"])
     assert config.model.generator_options == {"per_sample_stats": True}
     assert config.model.init_weights is None
+
+
+def test_cpu_workers_get_one_malloc_arena_unless_the_user_sets_it_and_gpu_workers_are_left_alone():
+    from pipeline.train.launch import worker_runtime_env
+
+    cpu = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml")
+    assert worker_runtime_env(cpu.scaling) == {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+    mine = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["scaling.worker_env.MALLOC_ARENA_MAX=4",
+                                                                  "scaling.worker_env.FOO=bar"])
+    assert worker_runtime_env(mine.scaling) == {"env_vars": {"MALLOC_ARENA_MAX": "4", "FOO": "bar"}}
+    gpu = load_train_config(CONFIGS / "train_rn.yaml")
+    assert worker_runtime_env(gpu.scaling) == {"env_vars": {}}
+
+
+def test_lr_scale_must_be_positive():
+    with pytest.raises(ConfigError, match="train.lr_scale"):
+        load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["train.lr_scale=0"])

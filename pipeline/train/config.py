@@ -115,6 +115,17 @@ class ScalingSection(Config):
     extra_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per worker, e.g. to pin one worker per node"
     )
+    worker_env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables of the training worker processes"
+    )
+
+    @field_validator("worker_env", mode="before")
+    @classmethod
+    def _env_values_as_text(cls, env: Any) -> Any:
+        # `--set scaling.worker_env.OMP_NUM_THREADS=4` arrives as a YAML integer; the environment holds text.
+        if isinstance(env, dict):
+            return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in env.items()}
+        return env
 
 
 class RunSection(Config):
