@@ -70,9 +70,9 @@ def worker_runtime_env(scaling: ScalingSection) -> dict[str, Any]:
     Ray Train runs the training function in a thread of the worker actor, and glibc gives non-main threads
     their own mmap'd arenas of at most 64 MiB: large activations are then mapped and page-faulted afresh on
     every step. Measured on a 2-core VM, RN at 256², batch 4: 1.9 M minor faults per step against 1.0 M on the
-    main thread, and a Ray Train step 30-40 % slower than the same step in a plain loop; with
-    ``MALLOC_ARENA_MAX=1`` the difference is gone (see ``bench/train_overhead.py``). GPU workers keep
-    activations in CUDA memory and are left alone. The job's own runtime env is merged in by Ray.
+    main thread; the same plain step inside a Ray Train worker took 2.44 s per image by default and 2.10 s with
+    ``MALLOC_ARENA_MAX=1``, against 2.15 s on a main thread (``bench/train_overhead.py`` prints both). GPU
+    workers keep activations in CUDA memory and are left alone. The job's own runtime env is merged in by Ray.
     """
     env = dict(scaling.worker_env)
     if not scaling.use_gpu:
