@@ -89,6 +89,7 @@ def _engine(
     ds_config: dict[str, Any],
     device: torch.device,
     lr_scale: float,
+    reduce_gradients: bool,
 ) -> Any:
     import deepspeed
 
@@ -109,17 +110,9 @@ def _engine(
         config=ds_config,
         dist_init_required=False,
     )
-    if ds_config["zero_optimization"]["stage"] == 0 and _world_size() == 1:
-        # One rank has nothing to average, yet DeepSpeed's fallback all-reduce still flattens every gradient into
-        # a buffer, reduces it and copies it back: for LBAM's 90 M parameters that is a few percent of a CPU step.
+    if not reduce_gradients:
         engine.enable_backward_allreduce = False
     return engine
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def build_engines(
@@ -137,15 +130,19 @@ def build_engines(
     """Wrap G and D in their own DeepSpeed engines with the recipe's Adam settings and LR schedule;
     ``lr_scale`` multiplies both base learning rates (``train.lr_scale``)."""
     ds_config = deepspeed_config(ds, micro_batch_size, world_size)
+    # One ZeRO-0 rank has nothing to average, yet DeepSpeed's fallback all-reduce still flattens every gradient
+    # into a buffer, reduces it and copies it back (ZeRO 1/2 reduce inside their own optimiser).
+    reduce_gradients = world_size > 1 or ds.zero_stage > 0
     generator.to(device)
     discriminator.to(device)
     return GanEngines(
         generator=_engine(
-            generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, device, lr_scale
+            generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, device, lr_scale,
+            reduce_gradients,
         ),
         discriminator=_engine(
             discriminator, recipe.discriminator_optimizer, recipe.lr_factor, steps_per_epoch, dict(ds_config), device,
-            lr_scale,
+            lr_scale, reduce_gradients,
         ),
     )
 
