@@ -733,9 +733,12 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.
     """
     import mlflow.pyfunc
 
-    with _fluent_target(tracking_uri, None):
+    # MLflow downloads a remote model into a fresh temporary folder that it never removes (45 MB for RN, 267 MB for
+    # LBAM, on every load: promotion, evaluation, inference); the weights are read into memory by load_context, so
+    # the download can go as soon as the model is built.
+    with _fluent_target(tracking_uri, None), tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
         try:
-            wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+            wrapper = mlflow.pyfunc.load_model(model_uri, dst_path=download).unwrap_python_model()
         except Exception as exc:
             raise ValueError(f"cannot load model {redact(model_uri)}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
     if not isinstance(wrapper, HolefillGenerator) or wrapper.generator is None:

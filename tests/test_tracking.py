@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -318,6 +319,22 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     result = torch.load(tmp_path / "out.pt", weights_only=True)
     assert result["arch"] == "rn" and result["training"] is False
     torch.testing.assert_close(result["out"], expected, atol=1e-5, rtol=0)
+
+
+def test_loading_a_registered_model_leaves_no_download_behind(mlflow_server, tmp_path, monkeypatch):
+    from models.registry import get_architecture
+
+    tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-download")
+    image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
+    version = log_and_register_generator(mlflow_server, tracker.run_id, get_architecture("rn").generator().eval(),
+                                         image, mask, "rn-download")
+    tracker.finish()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    generator, arch = load_generator(f"models:/rn-download/{version.version}", mlflow_server)
+    assert arch == "rn" and not generator.training
+    assert list(scratch.iterdir()) == []
 
 
 def test_loading_a_model_that_does_not_exist_is_a_clear_error(mlflow_server):
