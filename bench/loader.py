@@ -8,7 +8,7 @@ Both loaders run in the calling process (``num_workers=0``): the numbers are sam
 * baseline - what the official LBAM ``GetData`` does per sample: open the full-size image file,
   ``convert('RGB')``, bicubic resize to 350x350, random 256 crop, random flip, to float; pick a random
   mask file, ``convert('RGB')``, nearest resize to 256x256, threshold; batches stacked with torch.
-* holefill - :func:`pipeline.loaders.make_train_loader` on shards made from the same images (short side
+* holefill - :func:`pipeline.data.loaders.make_train_loader` on shards made from the same images (short side
   256, masks precomputed by ``lama_train_mix``), joint 256 crop + flip.
 
 Timing is CPU time of this process (``time.process_time``), so other load on a shared machine does
@@ -40,10 +40,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.imageops import encode_mask_png, pillow_flavour, prepare_image  # noqa: E402
-from pipeline.loaders import make_train_loader  # noqa: E402
-from pipeline.masks import describe, hole_ratio, make_mask  # noqa: E402
-from pipeline.sample_data import generate_sample_dataset  # noqa: E402
+from pipeline.data.imageops import encode_mask_png, pillow_flavour, prepare_image  # noqa: E402
+from pipeline.data.loaders import make_train_loader  # noqa: E402
+from pipeline.data.masks import describe, hole_ratio, make_mask  # noqa: E402
+from pipeline.data.sample_data import generate_sample_dataset  # noqa: E402
 
 BATCH = 8
 

@@ -2,7 +2,7 @@
 
 Both sides run the same ``gan_step`` on the same model and batch in one process:
 
-* plain: ``torch.optim.Adam`` through ``models.recipes.torch_updater``;
+* plain: ``torch.optim.Adam`` through ``pipeline.train.recipes.torch_updater``;
 * holefill: the DeepSpeed engines of ``pipeline.train.engines`` (ZeRO stage, precision from the flags) on a
   one-rank process group, i.e. everything a Ray Train worker does per step except the data loader.
 
@@ -64,14 +64,14 @@ def _batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def _recipe(arch: str, device: torch.device):
-    from models.recipes import build_recipe
+    from pipeline.train.recipes import build_recipe
 
     return build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {})).to(device)
 
 
 def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
     """One GAN step of ``arch`` with plain ``torch.optim.Adam``."""
-    from models.recipes import gan_step, torch_updater
+    from pipeline.train.recipes import gan_step, torch_updater
     from models.registry import get_architecture
 
     spec = get_architecture(arch)
@@ -85,7 +85,7 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
 
 def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_stage: int, precision: str) -> Step:
     """One GAN step of ``arch`` through holefill's DeepSpeed engines, as a training worker runs it."""
-    from models.recipes import gan_step
+    from pipeline.train.recipes import gan_step
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater

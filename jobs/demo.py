@@ -31,9 +31,10 @@ from jobs import inpaint as inpaint_job  # noqa: E402
 from jobs import promote as promote_job  # noqa: E402
 from jobs import shard_places2 as shard_job  # noqa: E402
 from pipeline.joblog import setup_job_logging  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
-from pipeline.sample_data import generate_sample_dataset, load_sample_dataset  # noqa: E402
-from pipeline.train.launch import job_main as train_job_main  # noqa: E402
+from pipeline.data.manifest import load_manifest  # noqa: E402
+from pipeline.data.sample_data import generate_sample_dataset, load_sample_dataset  # noqa: E402
+from pipeline.lifecycle.training import train_and_register  # noqa: E402
+from pipeline.train.config import load_train_config  # noqa: E402
 
 CONFIGS = REPO / "jobs" / "configs"
 
@@ -72,19 +73,19 @@ def _shard(source: str, root: str, out: str, extra: list[str]) -> str:
 
 
 def _train(arch: str, train_manifest: str, eval_manifest: str, work: Path, steps: int, tracking_uri: str) -> str:
-    result = train_job_main(arch, [
-        "--config", str(CONFIGS / f"train_{arch}_cpu_tiny.yaml"),
-        "--set", f"data.train_manifest={json.dumps(train_manifest)}",
-        "--set", f"data.eval_manifest={json.dumps(eval_manifest)}",
-        "--set", f"train.max_steps={steps}",
-        "--set", f"train.ckpt_every={steps}",
-        "--set", f"train.val_every={steps}",
-        "--set", f"train.image_every={steps}",
-        "--set", f"run.name=demo-{arch}-{int(time.time())}",
-        "--set", f"run.storage_path={json.dumps(str(work / 'ray_results'))}",
-        "--set", f"mlflow.tracking_uri={json.dumps(tracking_uri)}",
-        "--set", "mlflow.experiment=holefill-demo",
-    ], str(CONFIGS / f"train_{arch}_cpu_tiny.yaml"))
+    config = load_train_config(CONFIGS / f"train_{arch}_cpu_tiny.yaml", [
+        f"data.train_manifest={json.dumps(train_manifest)}",
+        f"data.eval_manifest={json.dumps(eval_manifest)}",
+        f"train.max_steps={steps}",
+        f"train.ckpt_every={steps}",
+        f"train.val_every={steps}",
+        f"train.image_every={steps}",
+        f"run.name=demo-{arch}-{int(time.time())}",
+        f"run.storage_path={json.dumps(str(work / 'ray_results'))}",
+        f"mlflow.tracking_uri={json.dumps(tracking_uri)}",
+        "mlflow.experiment=holefill-demo",
+    ])
+    result = train_and_register(config)
     return str(result.model_version)
 
 

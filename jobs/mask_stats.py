@@ -10,7 +10,6 @@ so a drift of holefill's re-implementation is visible at a glance.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from pydantic import Field, field_validator
 # Run as a script (`python jobs/mask_stats.py`, also inside a Ray job's working dir): make the repo importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import Config, ConfigError, add_config_arguments, parse_job_config  # noqa: E402
-from pipeline.masks import generator_names, get_generator, hole_ratio_stats  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.jobcli import run_job  # noqa: E402
+from pipeline.data.masks import generator_names, get_generator, hole_ratio_stats  # noqa: E402
 
 # LaMa's measured hole-ratio means of its own generators (PLATFORM.md), for side-by-side comparison.
 LAMA_MEASURED_MEANS: dict[str, float] = {
@@ -59,14 +59,12 @@ def format_table(config: MaskStatsConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mask_stats", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = parse_job_config(MaskStatsConfig, args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Entry point; returns the exit status."""
+    return run_job("mask_stats", __doc__, MaskStatsConfig, report, argv)
+
+
+def report(config: MaskStatsConfig) -> int:
+    """Print the hole-ratio table."""
     print(f"hole ratios over {config.samples} masks per generator (seed {config.seed})")
     print(format_table(config))
     return 0

@@ -9,35 +9,28 @@ run holds the lock: each says so in one line), 2 for bad configuration, 1 for a 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.joblog import setup_job_logging  # noqa: E402
-from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
-from pipeline.retraining import RetrainJobConfig, run_retraining  # noqa: E402
+from pipeline.jobcli import run_job  # noqa: E402
+from pipeline.lifecycle.retraining import RetrainJobConfig, run_retraining  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).with_name("configs") / "retrain.yaml")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    setup_job_logging("retrain")
-    parser = argparse.ArgumentParser(prog="retrain", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, DEFAULT_CONFIG)
-    args = parser.parse_args(argv)
-    try:
-        config = parse_job_config(RetrainJobConfig, args)
-        outcome = run_retraining(config, os.environ)
-    except (ConfigError, ValueError) as exc:
-        print(f"retrain: {exc}", file=sys.stderr)
-        return 2
+def retrain(config: RetrainJobConfig) -> int:
+    """One retrain run; prints its outcome in one line."""
+    outcome = run_retraining(config, os.environ)
     print(f"retrain: {outcome.action}: {outcome.message}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    return run_job("retrain", __doc__, RetrainJobConfig, retrain, argv, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

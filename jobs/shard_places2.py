@@ -11,76 +11,36 @@
 
 Runs on the Ray cluster named by RAY_ADDRESS, else on an embedded local Ray. Re-running after a crash skips
 the shards already published. Prints the manifest URL and its hash at the end. Every key of the config is in
-``pipeline/sharding.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
+``pipeline/data/sharding.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 # Run as a script (`python jobs/shard_places2.py`, also inside a Ray job's working dir): make the repo importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, add_config_arguments, parse_job_config  # noqa: E402
-from pipeline.joblog import setup_job_logging  # noqa: E402
-from pipeline.manifest import ManifestError  # noqa: E402
-from pipeline.sharding import ShardJobConfig, run_shard_job  # noqa: E402
+from pipeline.data.manifest import ManifestError  # noqa: E402
+from pipeline.data.sharding import ShardJobConfig, run_shard_job  # noqa: E402
+from pipeline.jobcli import Flag, run_job  # noqa: E402
 
-# flag -> config key. String values are JSON-quoted so a path such as "2024" stays a string.
-_FLAG_KEYS = {
-    "source": "source.url",
-    "root": "source.root",
-    "out": "out",
-    "samples_per_shard": "samples_per_shard",
-    "masks": "masks.name",
-    "seed": "seed",
-    "store_size": "store_size",
-    "limit": "limit",
+FLAGS = {
+    "source": Flag("source.url", "file list (.txt), tar archive (.tar) or image folder; any fsspec URL"),
+    "root": Flag("source.root", "image folder of a file list / folder inside a tar archive"),
+    "out": Flag("out", "dataset folder for the shards and manifest.json"),
+    "samples_per_shard": Flag("samples_per_shard", options={"type": int}),
+    "masks": Flag("masks.name", "mask generator name (pipeline.data.masks), default lama_train_mix"),
+    "seed": Flag("seed", options={"type": int}),
+    "store_size": Flag("store_size", "short side of stored images in px (default 256)", options={"type": int}),
+    "eval": Flag("eval.enabled", "build the pinned, bucket-balanced eval set", const=True),
+    "limit": Flag("limit", "shard only the first N items (sorted by key)", options={"type": int}),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shard_places2", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--source", help="file list (.txt), tar archive (.tar) or image folder; any fsspec URL")
-    parser.add_argument("--root", help="image folder of a file list / folder inside a tar archive")
-    parser.add_argument("--out", help="dataset folder for the shards and manifest.json")
-    parser.add_argument("--samples-per-shard", type=int)
-    parser.add_argument("--masks", help="mask generator name (pipeline.masks), default lama_train_mix")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--store-size", type=int, help="short side of stored images in px (default 256)")
-    parser.add_argument("--eval", action="store_true", help="build the pinned, bucket-balanced eval set")
-    parser.add_argument("--limit", type=int, help="shard only the first N items (sorted by key)")
-    add_config_arguments(parser)
-    return parser
-
-
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """``key=value`` overrides for the shortcut flags that were given."""
-    overrides = [
-        f"{key}={json.dumps(getattr(args, flag))}"
-        for flag, key in _FLAG_KEYS.items()
-        if getattr(args, flag) is not None
-    ]
-    if args.eval:
-        overrides.append("eval.enabled=true")
-    return overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point (`holefill-shard`); returns the exit status."""
-    args = build_parser().parse_args(argv)
-    # Config errors are reported in one line before any Ray resource is requested.
-    try:
-        config = parse_job_config(ShardJobConfig, args, flag_overrides(args))
-    except ConfigError as exc:
-        print(f"shard_places2: {exc}", file=sys.stderr)
-        return 2
-    setup_job_logging("sharding")
+def shard(config: ShardJobConfig) -> int:
+    """Run the shard job; print the manifest URL and hash. A failed run (not bad config) exits 1."""
     try:
         result = run_shard_job(config)
     except (ManifestError, FileNotFoundError, ValueError) as exc:
@@ -89,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"manifest: {result.manifest_url}")
     print(f"manifest_hash: {result.manifest_hash}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`holefill-shard`); returns the exit status."""
+    return run_job("shard_places2", __doc__, ShardJobConfig, shard, argv, FLAGS, log_name="sharding")
 
 
 if __name__ == "__main__":

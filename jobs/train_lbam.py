@@ -14,15 +14,17 @@ from pathlib import Path
 # Run as a script (`python jobs/train_lbam.py`, also inside a Ray job's working dir): make the repo importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.train.launch import job_main  # noqa: E402
+from pipeline.jobcli import run_job  # noqa: E402
+from pipeline.lifecycle.training import training_job  # noqa: E402
+from pipeline.train.config import TrainJobConfig  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "train_lbam.yaml")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (`holefill-train-lbam`)."""
-    job_main("lbam", argv, DEFAULT_CONFIG)
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`holefill-train-lbam`); returns the exit status."""
+    return run_job("train_lbam", __doc__, TrainJobConfig, training_job("lbam"), argv, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,15 +14,17 @@ from pathlib import Path
 # Run as a script (`python jobs/train_rn.py`, also inside a Ray job's working dir): make the repo importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.train.launch import job_main  # noqa: E402
+from pipeline.jobcli import run_job  # noqa: E402
+from pipeline.lifecycle.training import training_job  # noqa: E402
+from pipeline.train.config import TrainJobConfig  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "train_rn.yaml")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (`holefill-train-rn`)."""
-    job_main("rn", argv, DEFAULT_CONFIG)
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`holefill-train-rn`); returns the exit status."""
+    return run_job("train_rn", __doc__, TrainJobConfig, training_job("rn"), argv, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import Architecture, register
 from models.validation import check_image, check_inpainting_inputs, check_mask
 
 __all__ = [
@@ -429,18 +428,3 @@ def convert_official_discriminator(state_dict: Mapping[str, torch.Tensor]) -> di
     return _check_official(
         state_dict, _expected_shapes(LBAMDiscriminator), "LBAM discriminator (DiscriminatorDoubleColumn)"
     )
-
-
-register(
-    Architecture(
-        name="lbam",
-        generator=LBAMGenerator,
-        discriminator=LBAMDiscriminator,
-        size_multiple=SIZE_MULTIPLE,
-        train_size=DISCRIMINATOR_SIZE,
-        official_converters={
-            "generator": convert_official_generator,
-            "discriminator": convert_official_discriminator,
-        },
-    )
-)

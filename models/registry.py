@@ -1,4 +1,9 @@
-"""Name -> architecture registry, so jobs and converters select models without if-chains."""
+"""Name -> architecture registry, so jobs and converters select models without if-chains.
+
+The one place that knows every architecture: it imports the model files (which know nothing of it)
+and lists what the rest of holefill needs from each. A new architecture is a new model file plus one
+entry in :data:`_REGISTRY`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ from typing import Callable
 
 import torch.nn as nn
 
-__all__ = ["Architecture", "register", "get_architecture", "architectures"]
+from models import lbam, rn
+
+__all__ = ["Architecture", "get_architecture", "architectures"]
 
 
 @dataclass(frozen=True)
@@ -28,23 +35,23 @@ class Architecture:
     official_converters: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, Architecture] = {}
+def _official(module) -> dict[str, Callable[[dict], dict]]:
+    return {"generator": module.convert_official_generator, "discriminator": module.convert_official_discriminator}
 
 
-def register(arch: Architecture) -> Architecture:
-    """Register an architecture under ``arch.name`` (model modules call this at import)."""
-    _REGISTRY[arch.name] = arch
-    return arch
-
-
-def _load_builtin() -> None:
-    # Importing the model modules registers them.
-    from models import lbam, rn  # noqa: F401
+_REGISTRY: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture("rn", rn.RNGenerator, rn.RNDiscriminator, size_multiple=rn.SIZE_MULTIPLE, train_size=None,
+                     official_converters=_official(rn)),
+        Architecture("lbam", lbam.LBAMGenerator, lbam.LBAMDiscriminator, size_multiple=lbam.SIZE_MULTIPLE,
+                     train_size=lbam.DISCRIMINATOR_SIZE, official_converters=_official(lbam)),
+    )
+}
 
 
 def get_architecture(name: str) -> Architecture:
     """Look up an architecture by name; a clear ``ValueError`` lists the known names."""
-    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -53,5 +60,4 @@ def get_architecture(name: str) -> Architecture:
 
 def architectures() -> list[str]:
     """Names of all registered architectures."""
-    _load_builtin()
     return sorted(_REGISTRY)

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import Architecture, register
 from models.validation import check_inpainting_inputs
 
 __all__ = [
@@ -456,18 +455,3 @@ def convert_official_discriminator(state_dict: Mapping[str, torch.Tensor]) -> di
     Raises ``ValueError`` naming missing, unexpected or mis-shaped keys.
     """
     return _convert_identity(state_dict, "discriminator")
-
-
-register(
-    Architecture(
-        name="rn",
-        generator=RNGenerator,
-        discriminator=RNDiscriminator,
-        size_multiple=SIZE_MULTIPLE,
-        train_size=None,
-        official_converters={
-            "generator": convert_official_generator,
-            "discriminator": convert_official_discriminator,
-        },
-    )
-)

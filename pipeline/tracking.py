@@ -1,4 +1,7 @@
-"""MLflow tracking for holefill: runs, params, metrics, images, secret redaction, model logging.
+"""MLflow run tracking for holefill: runs, params, metrics, images, secret redaction.
+
+Shared by every stage that records something (training, evaluation, promotion); model packaging
+(logging, registering and loading generators as MLflow models) is :mod:`pipeline.lifecycle.packaging`.
 
 What this module promises the training loop (rank 0 owns the run):
 
@@ -19,11 +22,6 @@ What this module promises the training loop (rank 0 owns the run):
   MLflow's own HTTP client retries each request a few times underneath; these retries happen on the
   background thread, so a slow or absent server only delays tracking, never a training step.
 * :func:`redact` masks credentials in anything that is about to be logged.
-* :func:`log_and_register_generator` logs an fp32 generator as an MLflow ``pyfunc`` model whose only
-  artifact is a ``weights_only`` state dict plus the architecture name, and registers it;
-  :func:`load_generator` rebuilds it through :mod:`models.registry` in any process. (MLflow 3's default
-  ``mlflow.pytorch`` format is torch.export, which cannot trace RN's and LBAM's data-dependent code;
-  pickled modules would tie the artifact to class layouts and need pickle to load.)
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -42,17 +39,14 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 __all__ = [
     "RunTracker",
     "check_tracking_server",
-    "load_generator",
-    "log_and_register_generator",
     "redact",
     "resolve_tracking_uri",
     "sample_grid",
@@ -116,7 +110,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
             raise ValueError(f"MLflow tracking store {shown}: folder {folder} does not exist")
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -170,7 +164,7 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
@@ -178,7 +172,7 @@ def _param_value(value: Any) -> str:
     """MLflow param text of a config value: JSON for containers (stable, readable), str otherwise."""
     if isinstance(value, (list, tuple, dict)):
         value = json.dumps(value, sort_keys=True, default=str)
-    return _truncate(str(redact(value) if isinstance(value, str) else value), MAX_PARAM_VALUE_CHARS)
+    return truncate(str(redact(value) if isinstance(value, str) else value), MAX_PARAM_VALUE_CHARS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,13 +304,13 @@ class RunTracker:
         """
         if not run_name or "'" in run_name:
             raise ValueError(f"run name must be non-empty and contain no single quote, got {run_name!r}")
-        client = _client(uri)
-        experiment_id = _get_or_create_experiment(client, experiment)
+        client = mlflow_client(uri)
+        experiment_id = get_or_create_experiment(client, experiment)
         found = client.search_runs(
             [experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
             order_by=["attributes.start_time DESC"], max_results=1,
         )
-        clean_tags = _tag_dict(tags or {})
+        clean_tags = tag_dict(tags or {})
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
@@ -332,7 +326,7 @@ class RunTracker:
     @classmethod
     def attach(cls, uri: str, run_id: str, **options: Any) -> "RunTracker":
         """Write to an existing run (a Ray worker given the run id by the driver)."""
-        return cls(_client(uri), run_id, **options)
+        return cls(mlflow_client(uri), run_id, **options)
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -344,7 +338,7 @@ class RunTracker:
         """
         wanted: dict[str, str] = {}
         for key, value in redact(dict(flat)).items():
-            wanted[_truncate(str(key), MAX_KEY_CHARS)] = _param_value(value)
+            wanted[truncate(str(key), MAX_KEY_CHARS)] = _param_value(value)
         existing = self._existing_params()
         changed = {k: (existing[k], v) for k, v in wanted.items() if k in existing and existing[k] != v}
         for key, (old, new) in sorted(changed.items()):
@@ -361,7 +355,7 @@ class RunTracker:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        points = [Metric(_truncate(str(k), MAX_KEY_CHARS), float(v), stamp, int(step)) for k, v in metrics.items()]
+        points = [Metric(truncate(str(k), MAX_KEY_CHARS), float(v), stamp, int(step)) for k, v in metrics.items()]
         with self._lock:
             self._metrics.extend(points)
             overflow = len(self._metrics) - self.max_buffered_metrics
@@ -386,7 +380,7 @@ class RunTracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue run tags (redacted, truncated)."""
-        clean = _tag_dict(tags)
+        clean = tag_dict(tags)
         if clean:
             self._enqueue(f"{len(clean)} tags", lambda: self._client.log_batch(self.run_id, tags=_tag_entities(clean)))
 
@@ -534,7 +528,7 @@ class RunTracker:
                 self._overflowing = False
 
 
-def _get_or_create_experiment(client, name: str) -> str:
+def get_or_create_experiment(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -552,9 +546,9 @@ def _get_or_create_experiment(client, name: str) -> str:
         return experiment.experiment_id
 
 
-def _tag_dict(tags: Mapping[str, Any]) -> dict[str, str]:
+def tag_dict(tags: Mapping[str, Any]) -> dict[str, str]:
     return {
-        _truncate(str(k), MAX_KEY_CHARS): _truncate(str(v), MAX_TAG_VALUE_CHARS)
+        truncate(str(k), MAX_KEY_CHARS): truncate(str(v), MAX_TAG_VALUE_CHARS)
         for k, v in redact(dict(tags)).items()
         if v is not None
     }
@@ -564,183 +558,3 @@ def _tag_entities(tags: Mapping[str, str]):
     from mlflow.entities import RunTag
 
     return [RunTag(k, v) for k, v in tags.items()]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model logging, registration and loading
-
-GENERATOR_WEIGHTS = "generator_weights"  # artifact key: state dict file (torch.save, weights_only-loadable)
-GENERATOR_SPEC = "generator_spec"  # artifact key: JSON with the architecture name and builder kwargs
-
-
-def _mlflow_pyfunc_base():
-    import mlflow.pyfunc
-
-    return mlflow.pyfunc.PythonModel
-
-
-class HolefillGenerator(_mlflow_pyfunc_base()):
-    """MLflow ``pyfunc`` wrapper of a holefill generator.
-
-    Artifacts: an fp32 state dict (loaded with ``weights_only=True``) and a JSON spec (architecture name,
-    builder kwargs); the module is rebuilt through :func:`models.registry.get_architecture`, so loading needs
-    the holefill package importable. ``predict`` takes ``{"image": (B,3,H,W) float32 in [0,1],
-    "mask": (B,1,H,W) float32, 1 = hole}`` of any size and returns the composited inpainting.
-    """
-
-    generator: nn.Module | None = None
-    arch: str | None = None
-    # Skip MLflow's type-hint-driven input conversion (and its warning that ``predict`` has no hints): this
-    # model declares an explicit tensor signature instead. ChatModel uses the same switch.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context) -> None:
-        spec = json.loads(Path(context.artifacts[GENERATOR_SPEC]).read_text())
-        self.generator, self.arch = build_generator(spec, context.artifacts[GENERATOR_WEIGHTS])
-
-    def predict(self, context, model_input, params=None):  # noqa: D401 - MLflow's signature
-        from pipeline.inference import inpaint_tensor
-
-        image = torch.as_tensor(np.asarray(model_input["image"], dtype=np.float32))
-        mask = torch.as_tensor(np.asarray(model_input["mask"], dtype=np.float32))
-        with torch.no_grad():
-            return inpaint_tensor(self.generator, self.arch, image, mask).numpy()
-
-
-def build_generator(spec: Mapping[str, Any], weights_path: str | os.PathLike) -> tuple[nn.Module, str]:
-    """Rebuild a generator from its spec (``{"arch", "generator_kwargs"}``) and a weights_only state dict file."""
-    from models.registry import get_architecture
-
-    arch = str(spec["arch"])
-    generator = get_architecture(arch).generator(**dict(spec.get("generator_kwargs") or {}))
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    generator.load_state_dict(state, strict=True)
-    return generator.float().eval(), arch
-
-
-def architecture_of(model: nn.Module) -> str:
-    """The registered architecture name whose generator builds modules of ``model``'s class."""
-    from models.registry import architectures, get_architecture
-
-    declared = getattr(model, "arch_name", None)
-    if isinstance(declared, str):
-        return declared
-    for name in architectures():
-        builder = get_architecture(name).generator
-        if isinstance(builder, type) and isinstance(model, builder):
-            return name
-    for name in architectures():
-        if type(get_architecture(name).generator()) is type(model):
-            return name
-    raise ValueError(f"{type(model).__name__} is not the generator of any registered architecture; pass arch=")
-
-
-@contextlib.contextmanager
-def _fluent_target(tracking_uri: str | None, experiment_id: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API at ``tracking_uri``/``experiment_id`` for a block, then restore exactly.
-
-    ``Model.log`` and ``pyfunc.load_model`` resolve the store (and the logged model's experiment) from
-    process-wide fluent state. MLflow's setters also export ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``
-    for subprocesses, so the previous module state *and* environment are put back afterwards: this library
-    never leaks global configuration into its caller. (Uses MLflow internals; pinned by the tests.)
-    """
-    import mlflow.tracking._model_registry.utils as registry_state
-    import mlflow.tracking.fluent as fluent
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    saved_registry = (registry_state._registry_uri, os.environ.get("MLFLOW_REGISTRY_URI"))
-    saved_experiment = fluent._active_experiment_id
-    with _use_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
-        try:
-            if tracking_uri:
-                registry_state._registry_uri = tracking_uri
-            if experiment_id is not None:
-                fluent._active_experiment_id = experiment_id
-            yield
-        finally:
-            registry_state._registry_uri = saved_registry[0]
-            if saved_registry[1] is None:
-                os.environ.pop("MLFLOW_REGISTRY_URI", None)
-            else:
-                os.environ["MLFLOW_REGISTRY_URI"] = saved_registry[1]
-            fluent._active_experiment_id = saved_experiment
-
-
-def _pip_requirements() -> list[str]:
-    import mlflow
-
-    from importlib import metadata
-
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        reqs.append(f"holefill=={metadata.version('holefill')}")
-    return reqs
-
-
-def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module, example_image: torch.Tensor,
-                               example_mask: torch.Tensor, registered_model: str,
-                               tags: Mapping[str, Any] | None = None, *, arch: str | None = None,
-                               generator_kwargs: Mapping[str, Any] | None = None, name: str = "generator"):
-    """Log ``model`` (as fp32) to run ``run_id`` as a pyfunc model and register it under ``registered_model``.
-
-    The model carries a tensor signature and ``(example_image, example_mask)`` as input example (keep it
-    small: MLflow runs ``predict`` on it to validate serving). ``tags`` (redacted) go on the new model version,
-    together with ``holefill.arch``. Returns the ``ModelVersion``.
-    """
-    import mlflow
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    arch = arch or architecture_of(model)
-    client = _client(tracking_uri)
-    run = client.get_run(run_id)
-    image = example_image.detach().float().cpu()
-    mask = example_mask.detach().float().cpu()
-    with torch.no_grad():
-        state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-                 for k, v in model.state_dict().items()}
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image"),
-                       TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1), "mask")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-    )
-    version_tags = _tag_dict({**dict(tags or {}), "holefill.arch": arch})
-    with tempfile.TemporaryDirectory(prefix="holefill-model-") as tmp:
-        weights = Path(tmp) / "generator.pt"
-        spec = Path(tmp) / "generator.json"
-        torch.save(state, weights)
-        spec.write_text(json.dumps({"arch": arch, "generator_kwargs": dict(generator_kwargs or {}),
-                                    "format": "holefill-generator/1"}))
-        with _fluent_target(tracking_uri, run.info.experiment_id):
-            info = Model.log(
-                None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=HolefillGenerator(),
-                artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
-                signature=signature, input_example={"image": image.numpy(), "mask": mask.numpy()},
-                pip_requirements=_pip_requirements(), metadata={"holefill_arch": arch},
-                registered_model_name=registered_model, tags={"holefill.arch": arch},
-            )
-    version = str(info.registered_model_version)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
-    return client.get_model_version(registered_model, version)
-
-
-def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
-    """Load a generator logged by :func:`log_and_register_generator`: ``(module in eval mode, arch name)``.
-
-    ``model_uri`` is anything MLflow resolves (``models:/lbam@champion``, ``models:/lbam/3``, ``runs:/…``,
-    ``models:/m-…``, a local model folder). ``tracking_uri`` defaults to MLflow's configured one.
-    """
-    import mlflow.pyfunc
-
-    # MLflow downloads a remote model into a fresh temporary folder that it never removes (45 MB for RN, 267 MB for
-    # LBAM, on every load: promotion, evaluation, inference); the weights are read into memory by load_context, so
-    # the download can go as soon as the model is built.
-    with _fluent_target(tracking_uri, None), tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
-        try:
-            wrapper = mlflow.pyfunc.load_model(model_uri, dst_path=download).unwrap_python_model()
-        except Exception as exc:
-            raise ValueError(f"cannot load model {redact(model_uri)}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    if not isinstance(wrapper, HolefillGenerator) or wrapper.generator is None:
-        raise ValueError(f"model {redact(model_uri)} is not a holefill generator (logged by log_and_register_generator)")
-    return wrapper.generator, str(wrapper.arch)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imageops import (
+from pipeline.joblog import pillow_flavour
+from pipeline.data.imageops import (
     BadImageError,
     PreparedImage,
     decode_mask_png,
     encode_mask_png,
     jpeg_draft_scale,
-    pillow_flavour,
     prepare_image,
 )
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from PIL import Image
 
 from models.registry import get_architecture
-from pipeline.inference import inpaint_paths, inpaint_tensor, load_model_ref
+from pipeline.lifecycle.inference import inpaint_paths, inpaint_tensor, load_model_ref
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from local_stack import mlflow_server  # noqa: F401  (fixture)
-from pipeline.retraining import LockHeld, RetrainLock
+from pipeline.lifecycle.retraining import LockHeld, RetrainLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_a_lock_older_than_the_stale_limit_is_broken(tmp_path):
 def test_a_lock_left_by_a_dead_process_on_this_host_is_broken(tmp_path):
     holder = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(f"""
-            from pipeline.retraining import RetrainLock
+            from pipeline.lifecycle.retraining import RetrainLock
             RetrainLock({str(tmp_path)!r}, stale_after_s=3600).acquire()  # exits without releasing
         """)], cwd=REPO, check=True, timeout=120)
     assert holder.returncode == 0 and (tmp_path / ".retrain.lock").exists()
@@ -76,8 +76,8 @@ def world(tmp_path_factory, mlflow_server):
     """Embedded Ray, a directory of 8 source images sharded as the base version, a pinned eval set."""
     import ray
 
-    from pipeline.sample_data import generate_sample_dataset
-    from pipeline.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.sample_data import generate_sample_dataset
+    from pipeline.data.sharding import ShardJobConfig, run_shard_job
 
     root = tmp_path_factory.mktemp("lifecycle")
     sample = generate_sample_dataset(str(root / "places"), n_train=8, n_val=24, size=(288, 256),
@@ -112,7 +112,7 @@ def _train_yaml(world) -> str:
 
 
 def _retrain_config(world, **extra):
-    from pipeline.retraining import RetrainJobConfig
+    from pipeline.lifecycle.retraining import RetrainJobConfig
 
     return RetrainJobConfig.model_validate({
         "source": {"url": world["sample"].train_root}, "data_root": str(world["root"] / "versions"),
@@ -122,7 +122,7 @@ def _retrain_config(world, **extra):
     })
 
 
-def _client(world):
+def mlflow_client(world):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=world["tracking_uri"], registry_uri=world["tracking_uri"])
@@ -132,14 +132,15 @@ def _client(world):
 def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refused(world):
     import torch
 
-    from pipeline.evaluation import registry_evaluator
-    from pipeline.registry import GateConfig, current_champion, promote
-    from pipeline.tracking import RunTracker, load_generator, log_and_register_generator
+    from pipeline.lifecycle.evaluations import registry_evaluator
+    from pipeline.lifecycle.promotion import GateConfig, current_champion, promote
+    from pipeline.lifecycle.packaging import load_generator, log_and_register_generator
+    from pipeline.tracking import RunTracker
     from pipeline.train.config import load_train_config
-    from pipeline.train.launch import run_training
+    from pipeline.lifecycle.training import train_and_register as run_training
 
     result = run_training(load_train_config(_train_yaml(world), RUINOUS_LR))
-    client = _client(world)
+    client = mlflow_client(world)
     evaluator = registry_evaluator(world["tracking_uri"], world["eval"])
     first = promote(client, MODEL, result.model_version, evaluator, GateConfig(), eval_set="eval")
     assert first.action == "first_champion" and current_champion(client, MODEL) == result.model_version
@@ -164,12 +165,12 @@ def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refus
 
 @pytest.mark.e2e
 def test_a_better_trained_lbam_is_promoted_and_the_old_champion_kept_as_previous(world):
-    from pipeline.evaluation import registry_evaluator
-    from pipeline.registry import PREVIOUS_CHAMPION, GateConfig, current_champion, promote
+    from pipeline.lifecycle.evaluations import registry_evaluator
+    from pipeline.lifecycle.promotion import PREVIOUS_CHAMPION, GateConfig, current_champion, promote
     from pipeline.train.config import load_train_config
-    from pipeline.train.launch import run_training
+    from pipeline.lifecycle.training import train_and_register as run_training
 
-    client = _client(world)
+    client = mlflow_client(world)
     champion = current_champion(client, MODEL)
     assert champion is not None, "needs the first champion of the test above"
     result = run_training(load_train_config(_train_yaml(world), ["run.name=lifecycle-official-lr"]))
@@ -198,7 +199,7 @@ def test_evaluate_job_prints_the_bucket_table_and_records_it_against_the_version
                                                       "0.40-0.50", "0.50-0.60", "all"]
     assert all(row.split()[1] == "1" for row in table[1:7]) and table[7].split()[1] == "6"
     run_id = next(l for l in lines if l.startswith("recorded in MLflow run")).split()[4]
-    client = _client(world)
+    client = mlflow_client(world)
     champion = client.get_model_version_by_alias(MODEL, "champion")
     run = client.get_run(run_id)
     assert run.data.tags["holefill.model_version"] == champion.version and "psnr/0.50-0.60" in run.data.metrics
@@ -212,10 +213,11 @@ def test_inpaint_job_loads_the_version_an_alias_was_moved_to_by_hand(world, tmp_
     import torch
     from PIL import Image
 
-    from pipeline.inference import inpaint_tensor, load_image, load_mask
-    from pipeline.tracking import RunTracker, load_generator, log_and_register_generator
+    from pipeline.lifecycle.inference import inpaint_tensor, load_image, load_mask
+    from pipeline.lifecycle.packaging import load_generator, log_and_register_generator
+    from pipeline.tracking import RunTracker
 
-    client = _client(world)
+    client = mlflow_client(world)
     original = client.get_model_version_by_alias(MODEL, "champion").version
     generator, arch = load_generator(f"models:/{MODEL}@champion", world["tracking_uri"])
     with torch.no_grad():  # a visibly different model: scale up the output layer
@@ -279,12 +281,12 @@ def _add_new_images(world, count: int) -> list[Path]:
 
 @pytest.mark.e2e
 def test_retrain_shards_only_new_images_fine_tunes_registers_a_challenger_and_gates_it(world):
-    from pipeline.manifest import load_manifest
-    from pipeline.registry import CHALLENGER, current_champion
-    from pipeline.retraining import read_latest, run_retraining
+    from pipeline.data.manifest import load_manifest
+    from pipeline.lifecycle.promotion import CHALLENGER, current_champion
+    from pipeline.lifecycle.retraining import read_latest, run_retraining
 
     _add_new_images(world, 4)
-    client = _client(world)
+    client = mlflow_client(world)
     champion_before = current_champion(client, MODEL)
     outcome = run_retraining(_retrain_config(world), env={})
     assert outcome.action == "retrained" and outcome.new_items == 4
@@ -317,7 +319,7 @@ def test_two_overlapping_retrains_the_second_exits_cleanly_saying_why(world, tmp
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from pipeline.retraining import RetrainLock
+            from pipeline.lifecycle.retraining import RetrainLock
             lock = RetrainLock({str(world['root'] / 'versions')!r}, stale_after_s=3600)
             lock.acquire()
             print("locked", flush=True)

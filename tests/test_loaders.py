@@ -13,8 +13,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.imageops import encode_mask_png
-from pipeline.loaders import make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls, tar_members
+from pipeline.data.imageops import encode_mask_png
+from pipeline.data.loaders import make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls, tar_members
 
 
 def _jpeg(array: np.ndarray, quality: int = 100) -> bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.fsutil import StorageOptions, atomic_write, join_url, parent_url, sha256_of_url, url_to_fs
-from pipeline.manifest import (
+from pipeline.data.manifest import (
     HoleRatioHistogram,
     Manifest,
     ManifestError,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from models.lbam import LBAMDiscriminator, LBAMGenerator
-from models.recipes import (
+from pipeline.train.recipes import (
     LBAMRecipe,
     OptimizerSettings,
     RNRecipe,

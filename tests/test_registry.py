@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import ConfigError, load_config
-from pipeline.registry import (
+from pipeline.lifecycle.promotion import (
     CHAMPION,
     PREVIOUS_CHAMPION,
     GateConfig,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imageops import BadImageError, prepare_image
-from pipeline.sample_data import (
+from pipeline.data.imageops import BadImageError, prepare_image
+from pipeline.data.sample_data import (
     CATEGORIES,
     add_new_images,
     find_package_photos,

@@ -24,12 +24,12 @@ from PIL import Image
 
 from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.config import ConfigError, load_config
-from pipeline.imageops import decode_mask_png
-from pipeline.manifest import load_manifest, manifest_hash, read_keys, verify_shards
-from pipeline.masks import hole_ratio
-from pipeline.sample_data import generate_sample_dataset
-from pipeline.sharding import ShardJobConfig, ShardPlan, derive_mask_seed, plan_shards, run_shard_job, write_shard
-from pipeline.sources import SourceItem
+from pipeline.data.imageops import decode_mask_png
+from pipeline.data.manifest import load_manifest, manifest_hash, read_keys, verify_shards
+from pipeline.data.masks import hole_ratio
+from pipeline.data.sample_data import generate_sample_dataset
+from pipeline.data.sharding import ShardJobConfig, ShardPlan, derive_mask_seed, plan_shards, run_shard_job, write_shard
+from pipeline.data.sources import SourceItem
 from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +337,7 @@ def test_incremental_version_lists_old_and_new_shards_once(ray_cluster, tmp_path
     dataset = generate_sample_dataset(str(tmp_path / "src"), n_train=6, n_val=0, size=IMAGE_SIZE, include_package_photos=False)
     base = {"source": {"url": dataset.train_list, "root": dataset.train_root}, "samples_per_shard": 4, "store_size": STORE}
     v1 = run_shard_job(ShardJobConfig.model_validate({**base, "out": str(tmp_path / "v1")})).manifest
-    from pipeline.sample_data import add_new_images
+    from pipeline.data.sample_data import add_new_images
 
     add_new_images(dataset, 3, seed=5)
     v2 = run_shard_job(
@@ -380,7 +380,7 @@ def test_shard_bytes_are_exactly_what_tarfile_writes_for_the_same_members(sample
 
 
 def test_shard_plan_is_consecutive_blocks_of_sorted_items_and_retry_seeds_are_derived():
-    from pipeline.sources import SourceItem
+    from pipeline.data.sources import SourceItem
 
     items = [SourceItem(key=f"k{i}", path=f"k{i}.jpg", url=f"/d/k{i}.jpg") for i in range(7)]
     plans = plan_shards(items, 3, first_index=5)

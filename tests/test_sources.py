@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import (
+from pipeline.data.manifest import (
     HoleRatioHistogram,
     Manifest,
     SourceDescription,
@@ -17,8 +17,8 @@ from pipeline.manifest import (
     write_keys,
     write_manifest,
 )
-from pipeline.sample_data import generate_sample_dataset
-from pipeline.sources import SourceReader, SourceSpec, key_for_path, list_source, new_items, parse_file_list
+from pipeline.data.sample_data import generate_sample_dataset
+from pipeline.data.sources import SourceReader, SourceSpec, key_for_path, list_source, new_items, parse_file_list
 from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.lifecycle.packaging import load_generator, log_and_register_generator
 from pipeline.tracking import (
     REDACTED,
     RunTracker,
     check_tracking_server,
     is_secret_name,
-    load_generator,
-    log_and_register_generator,
     redact,
     resolve_tracking_uri,
     sample_grid,
@@ -169,7 +168,7 @@ def test_images_convert_from_chw_float_and_hwc_uint8():
 # Run tracking against a real server
 
 
-def _client(uri):
+def mlflow_client(uri):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -185,17 +184,17 @@ def test_run_tracker_logs_redacted_truncated_params_metrics_images_and_tags(mlfl
     tracker.set_tags({"dataset_version": "v1", "token": "abc"})
     tracker.finish()
 
-    run = _client(mlflow_server).get_run(tracker.run_id)
+    run = mlflow_client(mlflow_server).get_run(tracker.run_id)
     params = run.data.params
     assert params["data.train_manifest"] == f"s3://k:{REDACTED}@b/m.json"
     assert params["data.storage_options.secret"] == REDACTED
     assert params["train.lr"] == "0.0001" and params["list"] == "[1, 2]"
     assert len(params["long"]) == 6000 and params["long"].endswith("[truncated]")
-    history = _client(mlflow_server).get_metric_history(tracker.run_id, "loss/g")
+    history = mlflow_client(mlflow_server).get_metric_history(tracker.run_id, "loss/g")
     assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
     assert run.data.tags["dataset_version"] == "v1" and run.data.tags["token"] == REDACTED
     assert run.data.tags["arch"] == "rn" and run.info.status == "FINISHED"
-    artifacts = [a.path for a in _client(mlflow_server).list_artifacts(tracker.run_id, "samples")]
+    artifacts = [a.path for a in mlflow_client(mlflow_server).list_artifacts(tracker.run_id, "samples")]
     assert artifacts == ["samples/step_00000002.png"]
 
 
@@ -208,14 +207,14 @@ def test_same_run_name_resumes_the_same_run_and_params_are_idempotent(mlflow_ser
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         again = RunTracker.start_or_resume(mlflow_server, "resume-test", "job-1")
         assert again.run_id == first.run_id
-        assert _client(mlflow_server).get_run(again.run_id).info.status == "RUNNING"
+        assert mlflow_client(mlflow_server).get_run(again.run_id).info.status == "RUNNING"
         again.log_params({"train.max_steps": 10, "train.batch_size": 4, "train.seed": 7})
         again.log_metrics({"loss": 0.5}, step=2)
         again.finish()
     assert "train.batch_size changed on resume" in caplog.text
-    run = _client(mlflow_server).get_run(first.run_id)
+    run = mlflow_client(mlflow_server).get_run(first.run_id)
     assert run.data.params == {"train.max_steps": "10", "train.batch_size": "2", "train.seed": "7"}
-    assert [m.step for m in _client(mlflow_server).get_metric_history(first.run_id, "loss")] == [1, 2]
+    assert [m.step for m in mlflow_client(mlflow_server).get_metric_history(first.run_id, "loss")] == [1, 2]
     other = RunTracker.start_or_resume(mlflow_server, "resume-test", "job-2")
     assert other.run_id != first.run_id
     other.finish()
@@ -242,7 +241,7 @@ class _FlakyClient:
 
 def test_transient_failures_buffer_metrics_retry_and_drop_images_after_max_attempts(mlflow_server, caplog):
     run_id = RunTracker.start_or_resume(mlflow_server, "flaky-test", "flaky").run_id
-    flaky = _FlakyClient(_client(mlflow_server), fail_batches=2)
+    flaky = _FlakyClient(mlflow_client(mlflow_server), fail_batches=2)
     tracker = RunTracker(flaky, run_id, flush_interval_s=0.05, max_attempts=2)
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         for step in range(5):
@@ -250,7 +249,7 @@ def test_transient_failures_buffer_metrics_retry_and_drop_images_after_max_attem
         tracker.log_image(np.zeros((4, 4, 3), np.uint8), "grid.png", step=0)
         assert tracker.flush(timeout_s=20)
         tracker.finish()
-    assert [m.step for m in _client(mlflow_server).get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
+    assert [m.step for m in mlflow_client(mlflow_server).get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
     assert tracker.losses.operations_dropped == ["image grid.png@0"]
     assert "dropped image grid.png@0 after 2 failed attempts" in caplog.text
 
@@ -276,7 +275,7 @@ def test_dead_server_never_blocks_or_raises_into_training(monkeypatch, caplog):
 _LOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
     import mlflow
-    from pipeline.tracking import load_generator
+    from pipeline.lifecycle.packaging import load_generator
     mlflow.set_tracking_uri(sys.argv[1])
     generator, arch = load_generator(sys.argv[2])
     inputs = torch.load(sys.argv[3], weights_only=True)
@@ -311,7 +310,7 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     with torch.no_grad():
         expected = generator(image, mask)
     torch.save({"image": image, "mask": mask}, tmp_path / "inputs.pt")
-    _client(mlflow_server).set_registered_model_alias("rn-roundtrip", "champion", "1")
+    mlflow_client(mlflow_server).set_registered_model_alias("rn-roundtrip", "champion", "1")
     script = tmp_path / "load.py"
     script.write_text(_LOAD_SCRIPT)
     subprocess.run([sys.executable, str(script), mlflow_server, "models:/rn-roundtrip@champion",

@@ -18,7 +18,7 @@ mlflow = pytest.importorskip("mlflow")
 
 
 def _shard(source_list: str, root: str, out: str, storage_options: dict, **extra) -> str:
-    from pipeline.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.sharding import ShardJobConfig, run_shard_job
 
     config = ShardJobConfig.model_validate({
         "source": {"url": source_list, "root": root}, "out": out, "samples_per_shard": 4, "store_size": 256,
@@ -31,7 +31,7 @@ def _shard(source_list: str, root: str, out: str, storage_options: dict, **extra
 def s3_shards(ray_head, s3_endpoint, tmp_path_factory):  # noqa: F811
     import ray
 
-    from pipeline.sample_data import generate_sample_dataset
+    from pipeline.data.sample_data import generate_sample_dataset
 
     sample = generate_sample_dataset(
         str(tmp_path_factory.mktemp("places")), n_train=8, n_val=24, size=(288, 256), include_package_photos=False

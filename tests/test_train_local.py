@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.sample_data import generate_sample_dataset
-from pipeline.sharding import ShardJobConfig, run_shard_job
+from pipeline.data.sample_data import generate_sample_dataset
+from pipeline.data.sharding import ShardJobConfig, run_shard_job
 from pipeline.train.checkpoint import load_generator_state, read_state
 from pipeline.train.config import TrainJobConfig
-from pipeline.train.launch import run_training
+from pipeline.lifecycle.training import train_and_register as run_training
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -116,7 +116,7 @@ def test_rn_generator_is_registered_with_data_tags(rn_run, shards):
     assert version.tags["holefill.data.dataset_version"] == "1"
     assert len(version.tags["holefill.data.train_manifest_hash"]) >= 16
     assert "holefill.git_commit" in version.tags and "holefill.version" in version.tags
-    from pipeline.tracking import load_generator
+    from pipeline.lifecycle.packaging import load_generator
 
     model, arch = load_generator(f"models:/rn/{result.model_version}", config.mlflow.tracking_uri)
     saved = load_generator_state(Path(result.checkpoint_path))

@@ -34,7 +34,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class ModelSection(Config):
-    """Which architecture to train and the options handed to its recipe (``models.recipes.build_recipe``).
+    """Which architecture to train and the options handed to its recipe (``pipeline.train.recipes.build_recipe``).
 
     ``options`` are recipe keywords such as ``per_sample_stats`` (RN), ``vgg_weights`` /
     ``allow_random_vgg`` (LBAM's perceptual loss) or ``adversarial``; they are checked against the
@@ -232,7 +232,7 @@ def _check_generator_options(model: ModelSection) -> None:
 
 def _check_recipe_options(model: ModelSection) -> None:
     """Validate recipe options here, so a typo fails on the driver rather than inside every Ray worker."""
-    from models.recipes import RECIPE_OPTIONS
+    from pipeline.train.recipes import RECIPE_OPTIONS
 
     try:
         options = RECIPE_OPTIONS[model.arch](**model.options)

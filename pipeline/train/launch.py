@@ -7,8 +7,9 @@
 3. run a ``TorchTrainer`` (one worker per GPU, or CPU workers with gloo) whose ``RunConfig(name,
    storage_path)`` makes Ray resume from the latest checkpoint after a worker failure
    (``FailureConfig(max_failures)``) or a re-submission;
-4. load the consolidated fp32 generator of the final checkpoint and register it in MLflow, tagged with the
-   data manifest's hash and version, the git commit and the holefill version.
+4. load the consolidated fp32 generator of the final checkpoint and hand it to ``register`` (the lifecycle
+   stage's :func:`pipeline.lifecycle.training.train_and_register` passes one that registers it in MLflow,
+   tagged with the data manifest's hash and version, the git commit and the holefill version).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
 
 from pipeline.config import flatten
 from pipeline.fsutil import StorageOptions, is_remote
@@ -28,7 +28,7 @@ from pipeline.train.checkpoint import load_generator_state, read_state
 from pipeline.train.config import ScalingSection, TrainJobConfig, check_train_config
 from pipeline.train.loop import WorkerPayload, train_worker
 
-__all__ = ["TrainingResult", "run_training", "storage_filesystem", "worker_runtime_env"]
+__all__ = ["Registrar", "TrainingResult", "run_info_tags", "run_training", "storage_filesystem", "worker_runtime_env"]
 
 log = logging.getLogger("holefill.train")
 
@@ -43,6 +43,10 @@ class TrainingResult:
     mlflow_run_id: str | None = None
     registered_model: str | None = None
     model_version: str | None = None
+
+
+# register(config, tracking_uri, run_id, fp32 generator state dict, tags) -> registered version
+Registrar = Callable[[TrainJobConfig, str, str, dict, dict], str]
 
 
 def storage_filesystem(storage_path: str, options: StorageOptions) -> tuple[Any, str]:
@@ -98,9 +102,15 @@ def _holefill_version() -> str:
         return "unknown"
 
 
+def run_info_tags(config: TrainJobConfig) -> dict[str, str]:
+    """Where a run's code came from: git commit, holefill version, run name."""
+    return {"holefill.git_commit": _git_commit(), "holefill.version": _holefill_version(),
+            "holefill.run_name": config.run.name}
+
+
 def _data_tags(config: TrainJobConfig) -> dict[str, str]:
     """Tags identifying the training and eval data; loading the manifests also proves they are reachable."""
-    from pipeline.manifest import load_manifest, manifest_hash
+    from pipeline.data.manifest import load_manifest, manifest_hash
 
     train = load_manifest(config.data.train_manifest, config.data.storage_options)
     evaluation = load_manifest(config.data.eval_manifest, config.data.storage_options)
@@ -148,21 +158,16 @@ def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
     )
 
 
-def _example_inputs(config: TrainJobConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """A small (image, mask) pair for the registered model's signature: a centred square hole."""
-    size = config.data.crop_size
-    image = torch.full((1, 3, size, size), 0.5)
-    mask = torch.zeros(1, 1, size, size)
-    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
-    return image, mask
+def run_training(config: TrainJobConfig, register: Registrar | None = None) -> TrainingResult:
+    """Train ``config.model.arch`` on Ray Train + DeepSpeed; ``register`` the final generator when MLflow is on.
 
-
-def run_training(config: TrainJobConfig) -> TrainingResult:
-    """Train ``config.model.arch`` on Ray Train + DeepSpeed and register the final generator in MLflow."""
+    The MLflow run stays open while ``register`` runs and is marked failed when it raises.
+    """
     from ray.train import Checkpoint  # noqa: F401  (fail early when ray[train] is missing)
 
     check_train_config(config)
     data_tags = _data_tags(config)
+    info_tags = run_info_tags(config)
 
     tracker = tracking_uri = None
     if config.mlflow.enabled:
@@ -173,8 +178,7 @@ def run_training(config: TrainJobConfig) -> TrainingResult:
         run_tags = {
             **data_tags,
             "holefill.arch": config.model.arch,
-            "holefill.git_commit": _git_commit(),
-            "holefill.version": _holefill_version(),
+            **info_tags,
         }
         tracker = RunTracker.start_or_resume(tracking_uri, config.mlflow.experiment, config.run.name, run_tags)
         tracker.log_params(redact(flatten(config)))
@@ -190,8 +194,8 @@ def run_training(config: TrainJobConfig) -> TrainingResult:
             final_step = read_state(directory).step
             generator_state = load_generator_state(directory)
         version = None
-        if tracker is not None:
-            version = _register(config, tracking_uri, tracker.run_id, generator_state, data_tags)
+        if tracker is not None and register is not None:
+            version = register(config, tracking_uri, tracker.run_id, generator_state, {**data_tags, **info_tags})
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
@@ -203,50 +207,6 @@ def run_training(config: TrainJobConfig) -> TrainingResult:
         checkpoint_path=result.checkpoint.path,
         metrics=dict(result.metrics or {}),
         mlflow_run_id=tracker.run_id if tracker else None,
-        registered_model=config.registered_model if tracker else None,
+        registered_model=config.registered_model if version else None,
         model_version=version,
     )
-
-
-def _register(config: TrainJobConfig, tracking_uri: str, run_id: str, generator_state: dict, data_tags: dict[str, str]) -> str:
-    from models.registry import get_architecture
-    from pipeline.tracking import log_and_register_generator
-
-    generator = get_architecture(config.model.arch).generator(**config.model.generator_options)
-    generator.load_state_dict(generator_state)
-    image, mask = _example_inputs(config)
-    tags = {**data_tags, "holefill.git_commit": _git_commit(), "holefill.version": _holefill_version(), "holefill.run_name": config.run.name}
-    version = log_and_register_generator(
-        tracking_uri, run_id, generator.eval(), image, mask, config.registered_model, tags, arch=config.model.arch,
-        generator_kwargs=config.model.generator_options,
-    )
-    log.info("registered %s version %s", config.registered_model, version.version)
-    return str(version.version)
-
-
-def job_main(arch: str, argv: list[str] | None, default_config: str) -> TrainingResult:
-    """Entry point shared by ``jobs/train_rn.py`` and ``jobs/train_lbam.py``: parse, validate, train, report."""
-    import argparse
-
-    from pipeline.config import ConfigError, add_config_arguments
-
-    parser = argparse.ArgumentParser(description=f"Train {arch.upper()} on Ray Train + DeepSpeed and register it in MLflow.")
-    add_config_arguments(parser, default_config=default_config)
-    args = parser.parse_args(argv)
-    from pipeline.joblog import setup_job_logging
-
-    setup_job_logging(f"train_{arch}")
-    from pipeline.train.config import load_train_config
-
-    try:
-        config = load_train_config(args.config, args.overrides)
-        if config.model.arch != arch:
-            raise ConfigError(f"config key model.arch: this job trains {arch}, the config says {config.model.arch}")
-        result = run_training(config)
-    except ValueError as exc:  # ConfigError and every other one-line rule violation
-        parser.exit(2, f"error: {exc}\n")
-    log.info(
-        "done: step %d, checkpoint %s, model %s version %s",
-        result.final_step, result.checkpoint_path, result.registered_model, result.model_version,
-    )
-    return result

@@ -64,7 +64,7 @@ def _batches(config: TrainJobConfig, rank: int, world_size: int, start_step: int
     waits on a rank that ran dry). After a resume the seed also depends on the step, so the restarted run
     draws fresh crops rather than replaying the ones it trained on before the failure.
     """
-    from pipeline.loaders import make_train_loader
+    from pipeline.data.loaders import make_train_loader
 
     data, train = config.data, config.train
     micro_batches_left = (train.max_steps - start_step) * config.deepspeed.gradient_accumulation_steps
@@ -92,7 +92,7 @@ def evaluate(recipe: Any, generator: torch.nn.Module, config: TrainJobConfig, ra
     Each rank reads its own slice of the eval shards; the accumulator's all-reduce sums the ranks' partial
     sums, so every eval sample counts exactly once whatever the number of ranks.
     """
-    from pipeline.loaders import make_eval_loader
+    from pipeline.data.loaders import make_eval_loader
     from pipeline.metrics import BucketedMetrics
 
     loader = make_eval_loader(
@@ -171,7 +171,7 @@ def train_worker(payload: WorkerPayload) -> None:
     import ray.train
     import ray.train.torch
 
-    from models.recipes import build_recipe, gan_step
+    from pipeline.train.recipes import build_recipe, gan_step
     from models.registry import get_architecture
 
     if not logging.getLogger().handlers:

@@ -21,10 +21,9 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from importlib import metadata
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError, features
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -34,7 +33,6 @@ __all__ = [
     "encode_jpeg",
     "encode_mask_png",
     "jpeg_draft_scale",
-    "pillow_flavour",
     "prepare_image",
     "to_rgb",
 ]
@@ -365,25 +363,3 @@ def decode_mask_png(data: bytes) -> np.ndarray:
     binary = np.right_shift(array, 7)
     binary *= 255
     return binary
-
-
-def pillow_flavour() -> str:
-    """Which Pillow build is active, e.g. ``"pillow-simd 9.5.0.post2 (libjpeg-turbo 3.0.4)"``.
-
-    pillow-simd and Pillow install the same ``PIL`` package; a later ``pip install`` of anything that
-    depends on Pillow silently swaps pillow-simd out, so jobs log this line at start.
-    """
-    import PIL
-
-    name = "Pillow"
-    for dist in ("pillow-simd", "Pillow-SIMD"):
-        try:
-            metadata.version(dist)
-            name = "pillow-simd"
-            break
-        except metadata.PackageNotFoundError:
-            continue
-    jpeg = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
-    jpeg_version = features.version_feature("libjpeg_turbo") or features.version_codec("jpg") or "?"
-    return f"{name} {PIL.__version__} ({jpeg} {jpeg_version})"
-

@@ -52,8 +52,8 @@ from pipeline.fsutil import (
     sha256_of_url,
     size_of_url,
 )
-from pipeline.imageops import DEFAULT_MAX_PIXELS, BadImageError, encode_mask_png, prepare_image
-from pipeline.manifest import (
+from pipeline.data.imageops import DEFAULT_MAX_PIXELS, BadImageError, encode_mask_png, prepare_image
+from pipeline.data.manifest import (
     HoleRatioHistogram,
     Manifest,
     ParentRef,
@@ -70,8 +70,8 @@ from pipeline.manifest import (
     write_keys,
     write_manifest,
 )
-from pipeline.masks import MaskSpec, describe, hole_ratio, make_mask
-from pipeline.sources import SourceItem, SourceReader, SourceSpec, list_source, new_items
+from pipeline.data.masks import MaskSpec, describe, hole_ratio, make_mask
+from pipeline.data.sources import SourceItem, SourceReader, SourceSpec, list_source, new_items
 
 __all__ = [
     "EvalSettings",

@@ -24,8 +24,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.fsutil import StorageOptionsLike, join_url, open_url, url_to_fs
-from pipeline.imageops import encode_mask_png
-from pipeline.masks import hole_ratio
+from pipeline.data.imageops import encode_mask_png
+from pipeline.data.masks import hole_ratio
 
 __all__ = [
     "MASK_EXTENSIONS",

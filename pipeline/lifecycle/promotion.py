@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
-from pipeline.evaluation import EvaluationSettings
+from pipeline.evaluation.evaluate import EvaluationSettings
 
 __all__ = [
     "CHAMPION",
@@ -226,7 +226,7 @@ def _describe(outcome: PromotionOutcome, eval_set: str) -> str:
 
 
 def _record(client, outcome: PromotionOutcome, eval_set: str) -> None:
-    from pipeline.tracking import MAX_TAG_VALUE_CHARS, _truncate
+    from pipeline.tracking import MAX_TAG_VALUE_CHARS, truncate
 
     # Tags are for searching and at-a-glance columns (one REST call each, so few); the description holds
     # the full comparison table.
@@ -241,7 +241,7 @@ def _record(client, outcome: PromotionOutcome, eval_set: str) -> None:
     if outcome.champion_metrics and "psnr" in outcome.champion_metrics:
         tags[f"{TAG}.champion_psnr"] = f"{outcome.champion_metrics['psnr']:.6g}"
     for key, value in tags.items():
-        client.set_model_version_tag(outcome.model, outcome.challenger, key, _truncate(value, MAX_TAG_VALUE_CHARS))
+        client.set_model_version_tag(outcome.model, outcome.challenger, key, truncate(value, MAX_TAG_VALUE_CHARS))
     client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set))
 
 

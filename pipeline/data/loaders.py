@@ -8,7 +8,7 @@ gray, 255 = hole, image-sized) and ``KEY.json`` (metadata). Both loaders
   parser (:func:`tar_members`, several times cheaper than ``tarfile``'s); anything else, a ``.pyd`` or
   ``.pth`` in particular, is skipped without being read into memory, so nothing in a shard is ever
   unpickled,
-* decode with explicit handlers (PIL for the JPEG, :func:`pipeline.imageops.decode_mask_png` for the
+* decode with explicit handlers (PIL for the JPEG, :func:`pipeline.data.imageops.decode_mask_png` for the
   mask, a plain inflate for the masks holefill writes; ``json.loads``), never webdataset's default decoders,
 * yield float batches: ``image`` (B, 3, S, S) in [0, 1] and ``mask`` (B, 1, S, S) with 1 = hole.
 
@@ -40,7 +40,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline.fsutil import StorageOptionsLike, open_url
-from pipeline.imageops import decode_mask_png
+from pipeline.data.imageops import decode_mask_png
 
 __all__ = [
     "MEMBER_WHITELIST",
@@ -74,13 +74,13 @@ def resolve_shard_urls(shards: str | Sequence[str], storage_options: StorageOpti
     """The shard URLs to read: a list as given, a brace pattern / single ``.tar``, or a manifest URL.
 
     A string ending in ``.tar`` (optionally with ``{000..009}`` braces) names shards directly; any
-    other string is a manifest file or dataset folder read with ``pipeline.manifest.load_manifest``.
+    other string is a manifest file or dataset folder read with ``pipeline.data.manifest.load_manifest``.
     """
     if isinstance(shards, str):
         if shards.endswith(".tar"):
             urls = list(wds.shardlists.expand_urls(shards))
         else:
-            from pipeline.manifest import load_manifest  # deferred: manifests pull in pydantic schemas
+            from pipeline.data.manifest import load_manifest  # deferred: manifests pull in pydantic schemas
 
             urls = load_manifest(shards, storage_options).shard_urls()
     else:

@@ -31,10 +31,10 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import Field, ValidationError
 
 from pipeline.config import Config, ConfigError
-from pipeline.evaluation import EvaluationSettings
+from pipeline.evaluation.evaluate import EvaluationSettings
 from pipeline.fsutil import StorageOptions, is_remote, join_url, publish_bytes, url_to_fs
-from pipeline.registry import CHALLENGER, GateConfig
-from pipeline.sources import SourceSpec
+from pipeline.lifecycle.promotion import CHALLENGER, GateConfig
+from pipeline.data.sources import SourceSpec
 
 __all__ = ["LockHeld", "RetrainJobConfig", "RetrainLock", "RetrainOutcome", "run_retraining"]
 
@@ -238,7 +238,7 @@ def export_champion_weights(tracking_uri: str, name: str, version: str, url: str
 
     import torch
 
-    from pipeline.tracking import load_generator
+    from pipeline.lifecycle.packaging import load_generator
 
     generator, _ = load_generator(f"models:/{name}/{version}", tracking_uri)
     buffer = io.BytesIO()
@@ -253,7 +253,7 @@ def export_champion_weights(tracking_uri: str, name: str, version: str, url: str
 
 def run_retraining(config: RetrainJobConfig, env: Mapping[str, str] | None = None,
                    train_fn: Callable[[Any], Any] | None = None) -> RetrainOutcome:
-    """One retrain run (see the module docstring). ``train_fn`` defaults to ``run_training``."""
+    """One retrain run (see the module docstring). ``train_fn`` defaults to ``train_and_register``."""
     from mlflow import MlflowClient
 
     from pipeline.tracking import check_tracking_server, resolve_tracking_uri
@@ -280,11 +280,11 @@ def _previous_version(config: RetrainJobConfig) -> tuple[int, str | None]:
 
 
 def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
-    from pipeline.evaluation import registry_evaluator
-    from pipeline.manifest import load_manifest, manifest_hash, manifest_url_for
-    from pipeline.registry import promote
-    from pipeline.sharding import ShardJobConfig, run_shard_job
-    from pipeline.sources import list_source, new_items
+    from pipeline.lifecycle.evaluations import registry_evaluator
+    from pipeline.data.manifest import load_manifest, manifest_hash, manifest_url_for
+    from pipeline.lifecycle.promotion import promote
+    from pipeline.data.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.sources import list_source, new_items
     from pipeline.train.config import load_train_config
 
     previous_number, previous_url = _previous_version(config)
@@ -336,7 +336,7 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
         log.info("no champion yet: training from scratch")
     train_config = load_train_config(config.train_config, overrides)
     if train_fn is None:
-        from pipeline.train.launch import run_training as train_fn
+        from pipeline.lifecycle.training import train_and_register as train_fn
     result = train_fn(train_config)
     version = str(result.model_version)
     client.set_registered_model_alias(config.registered_model, CHALLENGER, version)
@@ -356,7 +356,7 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
 
 
 def _champion(client, name: str) -> str | None:
-    from pipeline.registry import current_champion
+    from pipeline.lifecycle.promotion import current_champion
 
     return current_champion(client, name)
 

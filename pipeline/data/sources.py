@@ -25,7 +25,7 @@ from pydantic import Field
 
 from pipeline.config import Config
 from pipeline.fsutil import StorageOptionsLike, join_url, read_bytes, url_to_fs
-from pipeline.manifest import Manifest, SourceDescription, read_keys
+from pipeline.data.manifest import Manifest, SourceDescription, read_keys
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,7 +1,7 @@
 """Evaluate a generator on a pinned eval set: per-bucket PSNR/SSIM/L1, a printable table, MLflow records.
 
-An evaluation reads every sample of the eval manifest exactly once (``pipeline.loaders.make_eval_loader``),
-inpaints it with the generator (:func:`pipeline.inference.inpaint_tensor`, so the numbers are of
+An evaluation reads every sample of the eval manifest exactly once (``pipeline.data.loaders.make_eval_loader``),
+inpaints it with the generator (:func:`pipeline.lifecycle.inference.inpaint_tensor`, so the numbers are of
 *composited* outputs, as in the papers' tables) and accumulates :class:`pipeline.metrics.BucketedMetrics`.
 Results are identified by the eval manifest's hash, so two numbers are only ever compared when they
 come from the same pinned set.
@@ -18,14 +18,15 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn as nn
 
-from pipeline.buckets import BUCKET_NAMES
+from models.inpaint import inpaint_tensor
 from pipeline.config import Config
+from pipeline.buckets import BUCKET_NAMES
 
 __all__ = [
     "EvaluationSettings",
     "EvaluationResult",
     "evaluate_generator",
-    "evaluate_model",
+    "evaluate_on_manifest",
     "format_table",
     "log_evaluation",
 ]
@@ -40,7 +41,7 @@ class EvaluationSettings(Config):
     """How to run an evaluation (the eval set itself is given by its manifest URL).
 
     ``crop_size`` centre-crops eval samples (as training's validation does; ``None`` keeps the stored size),
-    ``fit`` is how sizes that are not multiples of the model's rule are handled (see ``pipeline.inference``),
+    ``fit`` is how sizes that are not multiples of the model's rule are handled (see ``pipeline.lifecycle.inference``),
     ``experiment`` is where evaluation runs are recorded.
     """
 
@@ -101,8 +102,7 @@ def format_table(summary: Mapping[str, float]) -> str:
 def evaluate_generator(generator: nn.Module, arch: str, eval_manifest: str,
                        settings: EvaluationSettings | None = None) -> dict[str, float]:
     """Run ``generator`` over every sample of ``eval_manifest`` once; returns the metrics summary."""
-    from pipeline.inference import inpaint_tensor
-    from pipeline.loaders import make_eval_loader
+    from pipeline.data.loaders import make_eval_loader
     from pipeline.metrics import BucketedMetrics
 
     settings = settings or EvaluationSettings()
@@ -124,18 +124,15 @@ def evaluate_generator(generator: nn.Module, arch: str, eval_manifest: str,
     return metrics.all_reduce().summary()
 
 
-def evaluate_model(model_ref: str, eval_manifest: str, settings: EvaluationSettings | None = None,
-                   tracking_uri: str | None = None, arch: str | None = None) -> EvaluationResult:
-    """Load ``model_ref`` (MLflow URI or local checkpoint, see :func:`pipeline.inference.load_model_ref`) and
-    evaluate it on ``eval_manifest``."""
-    from pipeline.inference import load_model_ref
-    from pipeline.manifest import load_manifest, manifest_hash
+def evaluate_on_manifest(generator: nn.Module, arch: str, model_ref: str, eval_manifest: str,
+                         settings: EvaluationSettings | None = None) -> EvaluationResult:
+    """Evaluate ``generator`` (known to its caller as ``model_ref``) on the pinned set ``eval_manifest``."""
+    from pipeline.data.manifest import load_manifest, manifest_hash
 
     settings = settings or EvaluationSettings()
     manifest = load_manifest(eval_manifest, settings.storage_options or None)
     if manifest.kind != "eval":
         raise ValueError(f"{eval_manifest} is a {manifest.kind!r} manifest; evaluation needs an 'eval' manifest")
-    generator, arch = load_model_ref(model_ref, tracking_uri, arch)
     started = time.monotonic()
     summary = evaluate_generator(generator, arch, eval_manifest, settings)
     return EvaluationResult(model_ref, arch, eval_manifest, manifest_hash(manifest), summary,
@@ -157,13 +154,13 @@ def log_evaluation(tracking_uri: str, result: EvaluationResult, model_name: str 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from pipeline.tracking import _get_or_create_experiment, redact
+    from pipeline.tracking import get_or_create_experiment, redact
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     model_id = None
     if model_name and model_version:
         model_id = client.get_model_version(model_name, str(model_version)).model_id
-    experiment_id = _get_or_create_experiment(client, experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     tags = {
         "holefill.model_ref": redact(result.model_ref), "holefill.arch": result.arch,
         "holefill.eval_manifest": redact(result.eval_manifest), "holefill.eval_manifest_hash": result.eval_manifest_hash,
@@ -189,46 +186,3 @@ def log_evaluation(tracking_uri: str, result: EvaluationResult, model_name: str 
         client.set_model_version_tag(model_name, str(model_version), f"{EVAL_TAG_PREFIX}.{short}.run_id",
                                      run.info.run_id)
     return run.info.run_id
-
-
-def parse_registered_ref(model_ref: str, client) -> tuple[str, str] | None:
-    """``(name, version)`` of a ``models:/name/version`` or ``models:/name@alias`` reference, else ``None``."""
-    if not model_ref.startswith("models:/"):
-        return None
-    body = model_ref[len("models:/"):]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    name, _, version = body.partition("/")
-    if name.startswith("m-") and not version:  # a logged model id, not a registered version
-        return None
-    if not version.isdigit():
-        raise ValueError(f"model reference {model_ref!r} must be models:/name/<version number> or models:/name@alias")
-    return name, version
-
-
-class EvaluateJobConfig(Config):
-    """``jobs/evaluate.py``: which model, which pinned eval set, where to record the result."""
-
-    model: str = "models:/lbam@champion"
-    eval_manifest: str
-    arch: str | None = None
-    tracking_uri: str | None = None
-    log_to_mlflow: bool = True
-    evaluation: EvaluationSettings = EvaluationSettings()
-
-
-def registry_evaluator(tracking_uri: str, eval_manifest: str, settings: EvaluationSettings | None = None,
-                       log_results: bool = True):
-    """An ``evaluator(name, version) -> summary`` for :func:`pipeline.registry.promote` that loads
-    ``models:/name/version``, evaluates it on ``eval_manifest`` and (by default) records the evaluation."""
-    settings = settings or EvaluationSettings()
-
-    def evaluate_version(name: str, version: str) -> dict[str, float]:
-        result = evaluate_model(f"models:/{name}/{version}", eval_manifest, settings, tracking_uri)
-        log.info("%s/%s on %s:\n%s", name, version, result.eval_manifest_hash[:12], result.table())
-        if log_results:
-            log_evaluation(tracking_uri, result, name, version, settings.experiment)
-        return result.summary
-
-    return evaluate_version
