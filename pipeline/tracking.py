@@ -5,7 +5,8 @@ Shared by every stage that records something (training, evaluation, promotion); 
 
 What this module promises the training loop (rank 0 owns the run):
 
-* :func:`resolve_tracking_uri` picks the store (config > ``MLFLOW_TRACKING_URI`` > a local SQLite file) and
+* :func:`resolve_tracking_uri` picks the store (config > ``MLFLOW_TRACKING_URI`` > a local SQLite file, for jobs
+  that write and never inside a Ray job's temporary working dir) and
   :func:`check_tracking_server` fails fast, with one line naming the URI, before any Ray worker starts.
 * :class:`RunTracker` writes to one run. Writes never raise into training and never block it on the
   network: they are queued and sent by one background thread. **Failure policy** (exactly):
@@ -44,6 +45,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from pipeline.paths import ray_working_dir_copy
+
 __all__ = [
     "RunTracker",
     "check_tracking_server",
@@ -69,19 +72,40 @@ REDACTED = "***"
 
 
 def resolve_tracking_uri(configured: str | None, env: Mapping[str, str] | None = None,
-                         default_dir: str | os.PathLike | None = None) -> str:
+                         default_dir: str | os.PathLike | None = None, *, local_store: bool = True) -> str:
     """The tracking URI to use: ``configured`` if set, else ``env["MLFLOW_TRACKING_URI"]``, else a local store.
 
-    The local default is ``sqlite:///<abs default_dir or cwd>/mlflow.db`` (the "embedded" mode of the design:
-    no server needed). ``env`` defaults to ``os.environ``; jobs pass the mapping they were given.
+    The local store is ``sqlite:///<abs default_dir or cwd>/mlflow.db`` (the "embedded" mode of the design: no
+    server needed), for jobs that write (training, the embedded demo): ``local_store=True``. A job that only
+    reads (loading ``models:/…``) passes ``local_store=False``: it uses that file when it exists and otherwise
+    raises a one-line ``ValueError`` saying that no tracking server is configured and how to point at one,
+    instead of creating an empty store and then reporting that the model does not exist.
+
+    A job running in Ray's temporary copy of its working dir (``ray job submit --working-dir``) with nothing
+    configured raises too: a SQLite file there vanishes with the Ray session, and the user's server would
+    show neither the run nor the model. ``env`` defaults to ``os.environ``.
     """
     if env is None:
         env = os.environ
     for candidate in (configured, env.get("MLFLOW_TRACKING_URI")):
         if candidate is not None and str(candidate).strip():
             return str(candidate).strip()
-    base = Path(default_dir) if default_dir is not None else Path.cwd()
-    return f"sqlite:///{base.resolve() / 'mlflow.db'}"
+    store = (Path(default_dir) if default_dir is not None else Path.cwd()).resolve() / "mlflow.db"
+    ray_copy = ray_working_dir_copy(store)
+    if ray_copy is not None:
+        raise ValueError(
+            f"MLFLOW_TRACKING_URI is not set in this Ray job, and a local MLflow store would be lost with Ray's "
+            f"temporary copy of the working dir ({ray_copy}): submit with --runtime-env-json "
+            f"'{{\"env_vars\": {{\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:5000\"}}}}' (your server), set the "
+            f"config's tracking_uri, or start the Ray head with MLFLOW_TRACKING_URI set (infra/local/stack.py does)"
+        )
+    if not local_store and not store.is_file():
+        raise ValueError(
+            f"no MLflow tracking server configured (and no local store {store}): export "
+            f"MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (the local stack's server; yours otherwise) or "
+            f"--set tracking_uri=URI"
+        )
+    return f"sqlite:///{store}"
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
