@@ -52,6 +52,7 @@ __all__ = [
     "check_tracking_server",
     "redact",
     "resolve_tracking_uri",
+    "captioned_row",
     "sample_grid",
     "to_hwc_uint8",
 ]
@@ -231,6 +232,31 @@ def to_hwc_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"image must be uint8 or float in [0,1], got dtype {array.dtype}")
     return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
+def captioned_row(tiles: list[tuple[str, np.ndarray | torch.Tensor]], gap: int = 4, band: int = 18) -> np.ndarray:
+    """Pictures side by side, each under its caption: an HWC ``uint8`` array on a white background.
+
+    ``tiles`` are ``(caption, image)`` pairs of one size (anything :func:`to_hwc_uint8` takes). Captions are drawn
+    in black in a ``band``-pixel strip above each picture with PIL's built-in font (nothing is downloaded).
+    """
+    from PIL import Image, ImageDraw
+
+    if not tiles:
+        raise ValueError("captioned_row needs at least one picture")
+    pictures = [to_hwc_uint8(image) for _, image in tiles]
+    h, w = pictures[0].shape[:2]
+    if any(p.shape[:2] != (h, w) for p in pictures):
+        raise ValueError(f"captioned_row pictures must share one size, got {[p.shape[:2] for p in pictures]}")
+    canvas = np.full((band + h, len(pictures) * w + (len(pictures) - 1) * gap, 3), 255, dtype=np.uint8)
+    for index, picture in enumerate(pictures):
+        left = index * (w + gap)
+        canvas[band:, left: left + w] = picture
+    drawn = Image.fromarray(canvas)
+    pen = ImageDraw.Draw(drawn)
+    for index, (caption, _) in enumerate(tiles):
+        pen.text((index * (w + gap) + 3, 3), caption, fill=(0, 0, 0))
+    return np.asarray(drawn)
 
 
 def sample_grid(image: torch.Tensor, mask: torch.Tensor, output: torch.Tensor, truth: torch.Tensor,

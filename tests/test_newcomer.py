@@ -138,3 +138,32 @@ def test_training_refuses_a_manifest_without_samples_before_ray_starts(tmp_path)
     with pytest.raises(ManifestError, match=r"^config key data.train_manifest: manifest .* holds no samples"):
         run_training(config)
     assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+
+def test_the_demo_picture_shows_the_input_with_its_hole_each_model_and_the_truth_captioned_with_steps():
+    import numpy as np
+    import torch
+
+    from jobs.demo import comparison_picture
+    from pipeline.tracking import to_hwc_uint8
+
+    image = torch.linspace(0, 1, 64 * 96).reshape(1, 1, 64, 96).repeat(1, 3, 1, 1)
+    mask = torch.zeros(1, 1, 64, 96)
+    mask[..., 16:48, 24:72] = 1
+    rn, lbam = torch.full_like(image, 0.5), torch.full_like(image, 0.25)
+
+    picture = comparison_picture(image, mask, [("RN", 4, rn), ("LBAM", 2, lbam)])
+
+    band, gap, w = 18, 4, 96
+    assert picture.shape == (band + 64, 4 * w + 3 * gap, 3)
+    tiles = [picture[band:, i * (w + gap): i * (w + gap) + w] for i in range(4)]
+    assert (tiles[0][16:48, 24:72] == 255).all()  # the hole, white, in the input
+    assert np.array_equal(tiles[0][:16], to_hwc_uint8(image)[:16])
+    assert np.array_equal(tiles[1], to_hwc_uint8(rn)) and np.array_equal(tiles[2], to_hwc_uint8(lbam))
+    assert np.array_equal(tiles[3], to_hwc_uint8(image))  # the truth
+    captions = [picture[:band, i * (w + gap): i * (w + gap) + w] for i in range(4)]
+    assert all((caption < 128).any() for caption in captions)  # every tile says what it is
+    assert not np.array_equal(captions[1], captions[2])  # "RN after 4 steps" vs "LBAM after 2 steps"

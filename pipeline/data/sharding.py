@@ -707,7 +707,7 @@ def run_shard_job(config: ShardJobConfig, emit: Callable[[str], None] | None = N
         check_rejections([r for result in results for r in result.rejected], len(attempted), config)
         results, short = _fill_short_shards(results, config, emit, first_index + len(plans))
 
-    manifest = _build_manifest(config, listing.description, attempted, results, parent)
+    manifest = _build_manifest(config, listing.description, attempted, results, parent, superseded=short)
     manifest_url = write_manifest(manifest, config.out, config.storage_options)
     _remove_shards([result.name for result in short], config)  # superseded by the fill shards
     digest = manifest_hash(manifest)
@@ -804,7 +804,9 @@ def _build_manifest(
     attempted: Sequence[SourceItem],
     results: Sequence[ShardResult],
     parent: Manifest | None,
+    superseded: Sequence[ShardResult] = (),
 ) -> Manifest:
+    """The manifest of ``results``; ``superseded`` short shards (regrouped into others) add only their rejects."""
     shards: list[ShardEntry] = []
     rejected: list[RejectedInput] = []
     histograms: list[HoleRatioHistogram] = []
@@ -828,6 +830,8 @@ def _build_manifest(
             dataset_version=parent.dataset_version,
             manifest_hash=manifest_hash(parent),
         )
+    for result in superseded:
+        rejected += result.rejected
     for result in results:
         # A shard whose every input was rejected is still published, but it is not worth listing.
         if result.samples:
