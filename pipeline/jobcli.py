@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from pipeline.config import Config, add_config_arguments, parse_job_config
 from pipeline.joblog import setup_job_logging
-from pipeline.paths import resolve_config_paths
+from pipeline.paths import ray_working_dir_copy, resolve_config_paths
 
 __all__ = ["Flag", "build_parser", "flag_overrides", "run_job"]
 
@@ -83,6 +83,10 @@ def run_job(prog: str, doc: str | None, config_type: type[C], work: Callable[[C]
         logger = setup_job_logging(log_name or prog)  # after the config: a config error stays the only line on stderr
         for change in resolved:
             logger.info("path %s: %s -> %s", change.key, change.given, change.resolved)
+            if ray_working_dir_copy(change.resolved) is not None:
+                logger.warning("path %s lies in Ray's copy of the job's --working-dir, which lacks git-ignored "
+                               "files (data under .holefill-local/, for one): give data as absolute paths or URLs",
+                               change.key)
         status = work(config)
     except ValueError as exc:  # ConfigError and every other one-line rule violation
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -1,24 +1,20 @@
-"""The README's newcomer path, end to end: `infra/local/stack.py start`, the exports it prints, then exactly the
-README's `ray job submit --working-dir . -- python jobs/train_lbam.py ...` line. The run, the registered version
-and the checkpoints must be where the user looks: on the stack's MLflow server and under `~/ray_results`, not
-in Ray's temporary copy of the working directory."""
+"""The README's newcomer path, end to end: the exports the local stack prints, then exactly the README's
+`ray job submit --working-dir . -- python jobs/train_lbam.py ...` line, against a Ray head configured as
+`infra/local/stack.py` configures its own (MLFLOW_TRACKING_URI in the head's environment). The run, the
+registered version and the checkpoints must be where the user looks: on the MLflow server and under
+`~/ray_results`, not in Ray's temporary copy of the working directory."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shlex
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-import local_stack  # noqa: F401  (puts infra/ on sys.path)
-from infra.local.ray_node import find_free_port_block, venv_bin
-from infra.local.stack import LocalStack
+from local_stack import mlflow_server, ray_head  # noqa: F401  (fixtures)
+from infra.local.ray_node import venv_bin
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -38,33 +34,7 @@ def _readme_submit_line() -> str:
     raise AssertionError("README.md lost its train_lbam submit line")
 
 
-def _exports(report: str) -> dict[str, str]:
-    return dict(re.findall(r"^export (\w+)=(\S+)", report, re.MULTILINE))
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """The local stack on free ports, its own state dir, and a private HOME (where `~/ray_results` lands)."""
-    home = tmp_path_factory.mktemp("home")
-    saved_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)  # the Ray head (and so every job it runs) inherits it
-    gcs, dashboard, mlflow_port = find_free_port_block(3)
-    stack = LocalStack(Path("/tmp") / f"hf-st-{os.getpid()}", ray_port=gcs, ray_dashboard_port=dashboard,
-                       mlflow_port=mlflow_port, num_cpus=3)
-    try:
-        yield stack, stack.start().report(), home
-    finally:
-        stack.stop()
-        if saved_home is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = saved_home
-        import shutil
-
-        shutil.rmtree(stack.state_dir, ignore_errors=True)
-
-
-def _shards(stack: LocalStack, root: Path) -> dict[str, str]:
+def _shards(address: str, root: Path) -> dict[str, str]:
     import ray
 
     from pipeline.data.sample_data import generate_sample_dataset
@@ -72,7 +42,7 @@ def _shards(stack: LocalStack, root: Path) -> dict[str, str]:
 
     sample = generate_sample_dataset(str(root / "sample"), n_train=4, n_val=12, size=(288, 256),
                                      include_package_photos=False)
-    ray.init(address=stack.ray_address, log_to_driver=False)
+    ray.init(address=address, log_to_driver=False)
     try:
         made = {}
         for name, listing, images, extra in (("train", sample.train_list, sample.train_root, {}),
@@ -85,27 +55,26 @@ def _shards(stack: LocalStack, root: Path) -> dict[str, str]:
         ray.shutdown()
 
 
-def test_readme_submit_line_logs_to_the_stack_server_and_checkpoints_under_home(stack, tmp_path):
-    stack, report, home = stack
-    shards = _shards(stack, tmp_path)
+def test_readme_submit_line_logs_to_the_clusters_server_and_checkpoints_under_home(ray_head, mlflow_server, tmp_path):  # noqa: F811
+    shards = _shards(ray_head.address, tmp_path)
     line = _readme_submit_line().replace("$PWD/.holefill-local/demo/shards", str(tmp_path))  # where the shards are
-    env = {**os.environ, **_exports(report)}  # the shell after pasting the exports: MLFLOW_TRACKING_URI included
-    env["PATH"] = f"{venv_bin()}{os.pathsep}{env['PATH']}"
-    assert "MLFLOW_TRACKING_URI" in env and "--runtime-env-json" not in line
-    words = shlex.split(line)
-    # `ray job submit` does not hand the shell's environment to the job: only the Ray head's own reaches it.
-    done = subprocess.run(words, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # The shell after pasting the exports `infra/local/stack.py start` prints: MLFLOW_TRACKING_URI included.
+    exports = {"RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
+               "MLFLOW_TRACKING_URI": mlflow_server, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **exports, "PATH": f"{venv_bin()}{os.pathsep}{os.environ['PATH']}"}
+    assert "--runtime-env-json" not in line  # `ray job submit` hands the job the head's environment, not the shell's
+    done = subprocess.run(shlex.split(line), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     story = "\n".join(line for line in output.splitlines() if "holefill" in line or "Error" in line)[-6000:]
     assert done.returncode == 0, f"{story}\n...\n{output[-2000:]}"
     assert "registered lbam version" in output
 
-    client = mlflow.MlflowClient(stack.mlflow_uri)
+    client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("holefill-smoke")
     (run,) = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'lbam-cpu-tiny'")
     assert run.info.status == "FINISHED"
     assert any(v.run_id == run.info.run_id for v in client.search_model_versions("name = 'lbam'"))
-    checkpoints = sorted((home / "ray_results" / "lbam-cpu-tiny").glob("checkpoint_*"))
-    assert checkpoints, f"no checkpoints under {home / 'ray_results'}"
-    assert str(home / "ray_results" / "lbam-cpu-tiny") in output  # the job log says where
+    folder = Path(ray_head.env["HOME"]) / "ray_results" / "lbam-cpu-tiny"
+    assert sorted(folder.glob("checkpoint_*")), f"no checkpoints in {folder}"
+    assert f"checkpoints of run lbam-cpu-tiny: {folder}" in output  # the job log says where
     assert shards["train"].startswith(str(tmp_path))
