@@ -3,12 +3,14 @@
 Shape of a run (:func:`run_shard_job`):
 
 1. list the source (sorted, unique keys), keep only new items for an incremental version, apply ``limit``;
-2. plan shards deterministically: the i-th block of ``samples_per_shard`` items becomes ``shard-%06d.tar``;
+2. plan shards deterministically: the i-th block of ``samples_per_shard`` items becomes ``shard-%06d.tar``
+   (a file list's missing images counted first: too many fail the job here);
 3. run ONE Ray task per shard (:func:`write_shard`), at most ``max_in_flight`` at a time. A task first checks
    whether its shard is already published and verifies (the ``.tar.json`` sidecar records the plan's
    fingerprint, size and sha256); if so it returns the recorded result, otherwise it writes the shard to a
    temporary name, publishes it atomically and then publishes the sidecar;
-4. write the key list (watermark) and ``manifest.json`` atomically.
+4. check the share of rejected inputs, regroup short shards into full ones (see below);
+5. write the key list (watermark) and ``manifest.json`` atomically.
 
 Everything a shard holds is a function of the config and the source bytes: tar headers carry fixed times
 and owners, member order is fixed, masks come from ``(seed, key)``. So a re-run after a crash skips the
@@ -17,7 +19,13 @@ finished shards, rewrites the others identically, and ends with byte-identical s
 
 Each sample is ``KEY.jpg`` (RGB JPEG), ``KEY.mask.png`` (8-bit gray, 255 = hole, image-sized) and ``KEY.json``
 (source path, label, size, hole ratio, mask generator + parameters + seed). Bad inputs are listed in the
-manifest with a reason and skipped; they never fail the job, so shards can hold fewer samples than planned.
+manifest with a reason and skipped. Shards still hold ``samples_per_shard`` samples each (the last excepted):
+the samples of shards left short by rejections are regrouped, by copying their members (no second decode),
+into full shards numbered after the planned ones (:func:`fill_plans`), a function of the written shards alone,
+so determinism and resume hold; the short shards are deleted once the manifest is published. A job in which
+every input, or more than ``max_rejected_fraction`` of them, is rejected fails with one line counting the
+reasons (for a file list whose images are missing: the ``--root`` that finds them) and publishes no manifest;
+missing files of a file list are caught from its listing, before any task runs.
 
 Eval sets (``eval.enabled``) come from a validation split: images are centre-cropped to ``store_size``
 squared, and each item gets a target hole-ratio bucket (round-robin over the buckets still short); its mask
