@@ -9,7 +9,9 @@ Steps, each one the same job a user runs by hand (see README "Lifecycle"):
   3. shard it: training shards, and the pinned bucket-balanced eval set (jobs/shard_places2.py)
   4. train RN and LBAM briefly on 2 CPU workers with DeepSpeed; each registers its generator (jobs/train_*.py)
   5. promote each registered version through the gate to `champion` (jobs/promote.py)
-  6. inpaint a validation image with `models:/lbam@champion` (jobs/inpaint.py)
+  6. inpaint a validation image with `models:/lbam@champion` (jobs/inpaint.py), and draw the comparison picture
+     `demo_comparison.png`: input with its hole | RN champion | LBAM champion | truth, each model captioned
+     with the steps it trained (a few steps make a blurry, greyish fill: the picture says so, not hides it)
 Then it prints where to look and how long each step took. Re-running reuses the stack, data and shards.
 """
 
@@ -72,7 +74,9 @@ def _shard(source: str, root: str, out: str, extra: list[str]) -> str:
     return str(manifest)
 
 
-def _train(arch: str, train_manifest: str, eval_manifest: str, work: Path, steps: int, tracking_uri: str) -> str:
+def _train(arch: str, train_manifest: str, eval_manifest: str, work: Path, steps: int,
+           tracking_uri: str) -> tuple[str, int]:
+    """Train ``arch`` briefly and register it; ``(registered version, steps trained)``."""
     config = load_train_config(CONFIGS / f"train_{arch}_cpu_tiny.yaml", [
         f"data.train_manifest={json.dumps(train_manifest)}",
         f"data.eval_manifest={json.dumps(eval_manifest)}",
@@ -86,7 +90,37 @@ def _train(arch: str, train_manifest: str, eval_manifest: str, work: Path, steps
         "mlflow.experiment=holefill-demo",
     ])
     result = train_and_register(config)
-    return str(result.model_version)
+    return str(result.model_version), result.final_step
+
+
+def comparison_picture(image, mask, outputs: list[tuple[str, int, object]]):
+    """``input with its hole | each model's output | truth`` as one captioned HWC ``uint8`` picture.
+
+    ``image`` (1,3,H,W) in [0,1] is the truth, ``mask`` (1,1,H,W) has 1 = hole (shown white in the input),
+    ``outputs`` are ``(model name, steps trained, (1,3,H,W) output)``.
+    """
+    from pipeline.tracking import captioned_row
+
+    holed = image * (1 - mask) + mask
+    tiles = [("input + hole", holed)]
+    tiles += [(f"{name} after {steps} steps", output) for name, steps, output in outputs]
+    tiles.append(("truth", image))
+    return captioned_row(tiles)
+
+
+def _draw_comparison(image_path: str, mask_path: Path, steps: dict[str, int], tracking_uri: str, out: Path) -> None:
+    from PIL import Image
+
+    from models.inpaint import inpaint_tensor
+    from pipeline.lifecycle.inference import load_image, load_mask, load_model_ref
+
+    image = load_image(image_path)
+    mask = load_mask(mask_path, *image.shape[-2:])
+    outputs = []
+    for arch in steps:
+        generator, _ = load_model_ref(f"models:/{arch}@champion", tracking_uri)
+        outputs.append((arch.upper(), steps[arch], inpaint_tensor(generator, arch, image, mask)))
+    Image.fromarray(comparison_picture(image, mask, outputs)).save(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,22 +173,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
                   f"{len(manifest.rejected)} rejected")
 
-    versions = {}
+    versions, steps = {}, {}
     with timer.step(f"4a. train RN ({args.rn_steps} steps, 2 CPU workers, DeepSpeed)"):
-        versions["rn"] = _train("rn", train_manifest, eval_manifest, work, args.rn_steps, tracking_uri)
+        versions["rn"], steps["rn"] = _train("rn", train_manifest, eval_manifest, work, args.rn_steps, tracking_uri)
     with timer.step(f"4b. train LBAM ({args.lbam_steps} steps, 2 CPU workers, DeepSpeed)"):
-        versions["lbam"] = _train("lbam", train_manifest, eval_manifest, work, args.lbam_steps, tracking_uri)
+        versions["lbam"], steps["lbam"] = _train("lbam", train_manifest, eval_manifest, work, args.lbam_steps,
+                                                 tracking_uri)
 
     with timer.step("5. promote through the gate"):
         for name, version in versions.items():
             _check(promote_job.main(["--model", name, "--challenger", version, "--eval-manifest", eval_manifest,
                                      "--set", f"tracking_uri={json.dumps(tracking_uri)}"]), f"promoting {name}")
 
-    with timer.step("6. inpaint a validation image with models:/lbam@champion"):
+    with timer.step("6. inpaint a validation image with models:/lbam@champion; draw the comparison"):
         image = dataset.val_path(dataset.val_files[0])
         out = work / "inpainted.png"
         _check(inpaint_job.main(["--model", "models:/lbam@champion", "--image", image, "--out", str(out),
                                  "--set", f"tracking_uri={json.dumps(tracking_uri)}"]), "inpainting")
+        picture = work / "demo_comparison.png"
+        # The same hole the inpaint job drew (it writes its generated mask beside the output).
+        _draw_comparison(image, out.with_name(out.stem + ".mask.png"), steps, tracking_uri, picture)
 
     print("\n=== holefill demo finished\n" + timer.table())
     print(f"\nMLflow UI:        {ui}   (experiments holefill-demo, models rn and lbam, alias champion)")
@@ -162,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Ray dashboard:    {stack.dashboard_url}")
         print("Stop the stack:   .venv/bin/python infra/local/stack.py stop")
     print(f"Inpainted image:  {out}  (input {image})")
+    print(f"Comparison:       {picture}  (input + hole | RN | LBAM | truth; "
+          f"{steps['rn']} and {steps['lbam']} training steps, so the fills are rough)")
     return 0
 
 

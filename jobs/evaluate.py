@@ -6,7 +6,7 @@
     python jobs/evaluate.py --model weights.pt --arch rn --eval-manifest /data/eval-v1 --no-log
 
 MLflow references (``models:/name@alias``, ``models:/name/version``, ``runs:/...``) are resolved on the
-tracking server (``--set tracking_uri=...``, else ``MLFLOW_TRACKING_URI``, else ./mlflow.db). The metrics
+tracking server (``--set tracking_uri=...``, else ``MLFLOW_TRACKING_URI``, else an existing ./mlflow.db). The metrics
 and a per-bucket table are logged to an evaluation run linked to the model version (and tagged on it).
 """
 
@@ -33,8 +33,9 @@ FLAGS = {
 
 def evaluate(config: EvaluateJobConfig) -> int:
     """Evaluate, print the per-bucket table, record it in MLflow unless told not to."""
-    tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
-    if config.log_to_mlflow or config.model.startswith(("models:/", "runs:/")):
+    reads_registry = config.model.startswith(("models:/", "runs:/"))
+    tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ, local_store=not reads_registry)
+    if config.log_to_mlflow or reads_registry:
         check_tracking_server(tracking_uri)
     result = evaluate_model(config.model, config.eval_manifest, config.evaluation, tracking_uri, config.arch)
     print(f"model {config.model} ({result.arch}) on eval set {result.eval_manifest_hash[:12]} "

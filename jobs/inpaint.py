@@ -34,8 +34,9 @@ FLAGS = {
 
 def inpaint(config: InpaintJobConfig) -> int:
     """Load the model, inpaint every image, print the paths written."""
-    tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
-    if config.model.startswith(("models:/", "runs:/")):
+    tracking_uri = None
+    if config.model.startswith(("models:/", "runs:/")):  # only registry references need a tracking server
+        tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ, local_store=False)
         check_tracking_server(tracking_uri)
     generator, arch = load_model_ref(config.model, tracking_uri, config.arch)
     generator.to(config.device)

@@ -33,7 +33,7 @@ FLAGS = {
 
 def run_promotion(config: PromoteJobConfig) -> int:
     """Evaluate challenger and champion, apply the gate, print the decision."""
-    tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
+    tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ, local_store=False)
     check_tracking_server(tracking_uri)
     from mlflow import MlflowClient
 

@@ -2,7 +2,8 @@
 
 A job declares its shortcut flags as :class:`Flag` records (flag -> config key) and hands its work to
 :func:`run_job`, which parses the arguments, sets up job logging, loads and validates the typed config
-(shortcut flags first, ``--set`` last, so ``--set`` wins), runs the work and turns every ``ValueError``
+(shortcut flags first, ``--set`` last, so ``--set`` wins), makes its relative local paths absolute against the
+caller's working directory (:mod:`pipeline.paths`; Ray workers run elsewhere) and logs them, runs the work and turns every ``ValueError``
 (``ConfigError`` included) into ``<job>: <one line>`` on stderr and exit status 2. The work returns the
 job's exit status.
 """
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from pipeline.config import Config, add_config_arguments, parse_job_config
 from pipeline.joblog import setup_job_logging
+from pipeline.paths import ray_working_dir_copy, resolve_config_paths
 
 __all__ = ["Flag", "build_parser", "flag_overrides", "run_job"]
 
@@ -77,7 +79,14 @@ def run_job(prog: str, doc: str | None, config_type: type[C], work: Callable[[C]
     args = parser.parse_args(argv)
     try:
         config = parse_job_config(config_type, args, flag_overrides(args, flags))
-        setup_job_logging(log_name or prog)  # after the config: a config error stays the only line on stderr
+        resolved = resolve_config_paths(config)
+        logger = setup_job_logging(log_name or prog)  # after the config: a config error stays the only line on stderr
+        for change in resolved:
+            logger.info("path %s: %s -> %s", change.key, change.given, change.resolved)
+            if ray_working_dir_copy(change.resolved) is not None:
+                logger.warning("path %s lies in Ray's copy of the job's --working-dir, which lacks git-ignored "
+                               "files (data under .holefill-local/, for one): give data as absolute paths or URLs",
+                               change.key)
         status = work(config)
     except ValueError as exc:  # ConfigError and every other one-line rule violation
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -5,7 +5,8 @@ Shared by every stage that records something (training, evaluation, promotion); 
 
 What this module promises the training loop (rank 0 owns the run):
 
-* :func:`resolve_tracking_uri` picks the store (config > ``MLFLOW_TRACKING_URI`` > a local SQLite file) and
+* :func:`resolve_tracking_uri` picks the store (config > ``MLFLOW_TRACKING_URI`` > a local SQLite file, for jobs
+  that write and never inside a Ray job's temporary working dir) and
   :func:`check_tracking_server` fails fast, with one line naming the URI, before any Ray worker starts.
 * :class:`RunTracker` writes to one run. Writes never raise into training and never block it on the
   network: they are queued and sent by one background thread. **Failure policy** (exactly):
@@ -44,11 +45,14 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from pipeline.paths import ray_working_dir_copy
+
 __all__ = [
     "RunTracker",
     "check_tracking_server",
     "redact",
     "resolve_tracking_uri",
+    "captioned_row",
     "sample_grid",
     "to_hwc_uint8",
 ]
@@ -69,19 +73,40 @@ REDACTED = "***"
 
 
 def resolve_tracking_uri(configured: str | None, env: Mapping[str, str] | None = None,
-                         default_dir: str | os.PathLike | None = None) -> str:
+                         default_dir: str | os.PathLike | None = None, *, local_store: bool = True) -> str:
     """The tracking URI to use: ``configured`` if set, else ``env["MLFLOW_TRACKING_URI"]``, else a local store.
 
-    The local default is ``sqlite:///<abs default_dir or cwd>/mlflow.db`` (the "embedded" mode of the design:
-    no server needed). ``env`` defaults to ``os.environ``; jobs pass the mapping they were given.
+    The local store is ``sqlite:///<abs default_dir or cwd>/mlflow.db`` (the "embedded" mode of the design: no
+    server needed), for jobs that write (training, the embedded demo): ``local_store=True``. A job that only
+    reads (loading ``models:/…``) passes ``local_store=False``: it uses that file when it exists and otherwise
+    raises a one-line ``ValueError`` saying that no tracking server is configured and how to point at one,
+    instead of creating an empty store and then reporting that the model does not exist.
+
+    A job running in Ray's temporary copy of its working dir (``ray job submit --working-dir``) with nothing
+    configured raises too: a SQLite file there vanishes with the Ray session, and the user's server would
+    show neither the run nor the model. ``env`` defaults to ``os.environ``.
     """
     if env is None:
         env = os.environ
     for candidate in (configured, env.get("MLFLOW_TRACKING_URI")):
         if candidate is not None and str(candidate).strip():
             return str(candidate).strip()
-    base = Path(default_dir) if default_dir is not None else Path.cwd()
-    return f"sqlite:///{base.resolve() / 'mlflow.db'}"
+    store = (Path(default_dir) if default_dir is not None else Path.cwd()).resolve() / "mlflow.db"
+    ray_copy = ray_working_dir_copy(store)
+    if ray_copy is not None:
+        raise ValueError(
+            f"MLFLOW_TRACKING_URI is not set in this Ray job, and a local MLflow store would be lost with Ray's "
+            f"temporary copy of the working dir ({ray_copy}): submit with --runtime-env-json "
+            f"'{{\"env_vars\": {{\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:5000\"}}}}' (your server), set the "
+            f"config's tracking_uri, or start the Ray head with MLFLOW_TRACKING_URI set (infra/local/stack.py does)"
+        )
+    if not local_store and not store.is_file():
+        raise ValueError(
+            f"no MLflow tracking server configured (and no local store {store}): export "
+            f"MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (the local stack's server; yours otherwise) or "
+            f"--set tracking_uri=URI"
+        )
+    return f"sqlite:///{store}"
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -207,6 +232,31 @@ def to_hwc_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"image must be uint8 or float in [0,1], got dtype {array.dtype}")
     return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
+def captioned_row(tiles: list[tuple[str, np.ndarray | torch.Tensor]], gap: int = 4, band: int = 18) -> np.ndarray:
+    """Pictures side by side, each under its caption: an HWC ``uint8`` array on a white background.
+
+    ``tiles`` are ``(caption, image)`` pairs of one size (anything :func:`to_hwc_uint8` takes). Captions are drawn
+    in black in a ``band``-pixel strip above each picture with PIL's built-in font (nothing is downloaded).
+    """
+    from PIL import Image, ImageDraw
+
+    if not tiles:
+        raise ValueError("captioned_row needs at least one picture")
+    pictures = [to_hwc_uint8(image) for _, image in tiles]
+    h, w = pictures[0].shape[:2]
+    if any(p.shape[:2] != (h, w) for p in pictures):
+        raise ValueError(f"captioned_row pictures must share one size, got {[p.shape[:2] for p in pictures]}")
+    canvas = np.full((band + h, len(pictures) * w + (len(pictures) - 1) * gap, 3), 255, dtype=np.uint8)
+    for index, picture in enumerate(pictures):
+        left = index * (w + gap)
+        canvas[band:, left: left + w] = picture
+    drawn = Image.fromarray(canvas)
+    pen = ImageDraw.Draw(drawn)
+    for index, (caption, _) in enumerate(tiles):
+        pen.text((index * (w + gap) + 3, 3), caption, fill=(0, 0, 0))
+    return np.asarray(drawn)
 
 
 def sample_grid(image: torch.Tensor, mask: torch.Tensor, output: torch.Tensor, truth: torch.Tensor,

@@ -91,6 +91,7 @@ class RayHead:
     leader: ProcessHandle
     log_path: Path
     workers: list[RayWorkerNode] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # set in the head's environment, so every job inherits it
 
     def stop(self) -> None:
         """Stop the worker nodes added to this head, then the head; remove its temp dir."""
@@ -106,17 +107,22 @@ def _short_temp_dir() -> Path:
 
 
 @contextmanager
-def running_ray_head(num_cpus: int = 4, resources: Mapping[str, float] | None = None) -> Iterator[RayHead]:
-    """A private Ray head on free loopback ports for the duration of the ``with`` block."""
+def running_ray_head(num_cpus: int = 4, resources: Mapping[str, float] | None = None,
+                     env: Mapping[str, str] | None = None) -> Iterator[RayHead]:
+    """A private Ray head on free loopback ports for the duration of the ``with`` block.
+
+    ``env`` is added to the head's environment: jobs submitted to it inherit it (as on a configured cluster).
+    """
     temp_dir = _short_temp_dir()
     ports = RayPorts.free(head=True)
     dashboard_url = f"http://{LOOPBACK}:{ports.dashboard}"
     spec = RayNodeSpec(role="head", temp_dir=temp_dir, num_cpus=num_cpus, resources=dict(resources or {}),
                        object_store_memory_bytes=OBJECT_STORE_BYTES, ports=ports)
     log_path = temp_dir / "ray-start-head.log"
-    leader = start_ray_node(spec, log_path, dashboard_url, expected_alive_nodes=1, timeout_s=STARTUP_TIMEOUT_S)
+    leader = start_ray_node(spec, log_path, dashboard_url, expected_alive_nodes=1, timeout_s=STARTUP_TIMEOUT_S,
+                            env={**ray_node_env(), **dict(env or {})})
     head = RayHead(address=f"{LOOPBACK}:{ports.gcs}", dashboard_url=dashboard_url, temp_dir=temp_dir,
-                   leader=leader, log_path=log_path)
+                   leader=leader, log_path=log_path, env=dict(env or {}))
     try:
         yield head
     finally:
@@ -166,13 +172,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_head() -> Iterator[RayHead]:
+def ray_head(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """A real Ray head (4 logical CPUs, dashboard on 127.0.0.1) shared by the test session.
+
+    Configured as ``infra/local/stack.py`` configures its head: ``MLFLOW_TRACKING_URI`` names the session's
+    MLflow server, so submitted jobs log there. Its ``HOME`` is a private folder (``head.env["HOME"]``): jobs'
+    default ``~/ray_results`` lands there, never in the developer's home.
 
     Tests that add worker nodes should stop them when done (``node.stop()``) so later tests see
     one node; the head stops any that are left at the end of the session.
     """
-    with running_ray_head(num_cpus=4) as head:
+    home = tmp_path_factory.mktemp("ray-head-home")
+    with running_ray_head(num_cpus=4, env={"MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(home)}) as head:
         yield head
 
 

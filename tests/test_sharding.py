@@ -404,3 +404,57 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert job.returncode == 2 and job.stderr.count("\n") == 1 and "seed" in job.stderr
+
+
+# ------------------------------------------------------------------------------- rejections, equal shards
+
+
+def test_a_file_list_without_its_root_fails_in_one_line_naming_the_root_that_finds_the_images(
+        ray_cluster, sample, tmp_path, capsys):
+    from jobs import shard_places2
+
+    out = tmp_path / "out"
+    # As in the Places365 layout: the list sits beside data_large/, and --root was forgotten.
+    status = shard_places2.main(["--source", sample.train_list, "--out", str(out), "--store-size", str(STORE)])
+
+    error = capsys.readouterr().err.strip()
+    assert status == 1 and len(error.splitlines()) == 1
+    assert "20 of 20 inputs rejected (20 missing)" in error
+    assert f"--root {sample.train_root} finds them" in error
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*"))  # nothing published
+
+
+def test_more_rejected_inputs_than_the_configured_share_fail_the_job_and_publish_nothing(ray_cluster, tmp_path):
+    file_list, _ = _bad_inputs_dataset(tmp_path / "src")  # 5 of its 10 inputs are bad
+    base = {"source": {"url": str(file_list)}, "samples_per_shard": 4, "store_size": STORE}
+    with pytest.raises(ValueError, match=r"^5 of 10 inputs rejected \(.*1 missing.*\), more than "
+                                         r"max_rejected_fraction=0.4; no manifest published"):
+        run_shard_job(ShardJobConfig.model_validate({**base, "out": str(tmp_path / "strict"), "max_rejected_fraction": 0.4}))
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    # The default share (a half) lets the same inputs through: rejects are listed, not fatal.
+    assert run_shard_job(ShardJobConfig.model_validate({**base, "out": str(tmp_path / "default")})).manifest.total_samples == 5
+
+
+def test_shards_are_filled_to_samples_per_shard_despite_rejections_byte_stable_and_resumable(ray_cluster, sample, tmp_path):
+    # Three missing files sort into the first shard and one into the third: round one leaves two short shards.
+    file_list = tmp_path / "list.txt"
+    lines = Path(sample.train_list).read_text().splitlines()
+    missing = ["/a/aaa/missing_0.jpg 1", "/a/aaa/missing_1.jpg 1", "/a/aaa/missing_2.jpg 1", "/z/zzz/missing_3.jpg 1"]
+    file_list.write_text("\n".join([*missing, *lines]) + "\n")
+    config = {"source": {"url": str(file_list), "root": sample.train_root}, "samples_per_shard": 6, "store_size": STORE}
+
+    first = run_shard_job(ShardJobConfig.model_validate({**config, "out": str(tmp_path / "a")}))
+    manifest = first.manifest
+    assert [s.samples for s in manifest.shards] == [6, 6, 6, 2]  # 24 inputs, 4 missing: equal counts, last excepted
+    assert sorted(r.reason for r in manifest.rejected) == ["missing"] * 4
+    assert sorted(_samples(manifest)) == sorted(k.replace("/", "_").lstrip("_")[:-4] for k in
+                                                (line.split()[0] for line in lines))
+    assert verify_shards(manifest) == []
+    assert sorted(p.name for p in (tmp_path / "a").glob("shard-*.tar")) == sorted(s.url for s in manifest.shards)
+
+    again = run_shard_job(ShardJobConfig.model_validate({**config, "out": str(tmp_path / "b")}))
+    assert again.manifest_hash == first.manifest_hash  # deterministic: the same shards wherever written
+    for entry in manifest.shards:
+        assert (tmp_path / "a" / entry.url).read_bytes() == (tmp_path / "b" / entry.url).read_bytes()
+    rerun = run_shard_job(ShardJobConfig.model_validate({**config, "out": str(tmp_path / "a")}))
+    assert rerun.manifest_hash == first.manifest_hash and rerun.shards_reused >= 2

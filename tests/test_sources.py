@@ -130,7 +130,7 @@ def test_tar_archive_is_indexed_without_extraction_and_members_read_by_offset(sa
     listing = list_source(SourceSpec(url=str(archive_path), root="data_large"))
     from_list = list_source(SourceSpec(url=sample.train_list, root=sample.train_root))
 
-    assert set(os.listdir(tmp_path)) == before  # nothing extracted
+    assert set(os.listdir(tmp_path)) == before | {"train_large.tar.index.tsv.gz"}  # nothing extracted; index cached
     assert [i.key for i in listing.items] == [i.key for i in from_list.items]
     assert listing.description.kind == "tar" and listing.description.root == "data_large"
     with SourceReader() as reader:
@@ -185,3 +185,63 @@ def test_new_items_are_those_the_previous_watermark_has_not_seen(tmp_path):
     assert [i.key for i in new_items(items, previous)] == ["b"]
     assert [i.key for i in new_items(items, previous, by="mtime")] == ["c"]
     assert new_items(items, None) == items
+
+
+# ------------------------------------------------------------------------------ tar archives on S3, at scale
+
+
+class _GetCounter:
+    """Counts the S3 GET requests of one object key, as the S3 client sends them."""
+
+    def __init__(self, fs, key: str):
+        self.key, self.count = key, 0
+        fs.connect()  # the client exists from here on; events registered on it see every request
+        fs.s3.meta.events.register("before-call.s3.GetObject", self._seen)
+
+    def _seen(self, params, **_):
+        if params.get("Key") == self.key:
+            self.count += 1
+
+
+def _places_like_archive(members: int, member_bytes: int) -> bytes:
+    """A tar in the Places2 layout (data_large/a/abbey/...) of incompressible members."""
+    rng = __import__("random").Random(0)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for number in range(members):
+            info = tarfile.TarInfo(f"data_large/a/abbey/{number:08d}.jpg")
+            info.size, info.mtime = member_bytes, 1_600_000_000
+            archive.addfile(info, io.BytesIO(rng.randbytes(member_bytes)))
+    return buffer.getvalue()
+
+
+def test_a_tar_archive_on_s3_is_listed_in_requests_bounded_by_its_size_and_its_index_is_reused(s3_endpoint):
+    from pipeline.data.sources import TAR_LIST_BLOCK, index_url_for, scan_tar
+    from pipeline.fsutil import url_to_fs
+
+    url = s3_endpoint.url("raw", "train_large.tar")
+    data = _places_like_archive(members=400, member_bytes=60 * 1024)  # the issue's 400 x 60 KiB: 201 GETs before
+    fs, path = url_to_fs(url, s3_endpoint.storage_options)
+    fs.pipe_file(path, data)
+    spec = SourceSpec(url=url, root="data_large")
+    counter = _GetCounter(fs, path.split("/", 1)[1])
+
+    listing = list_source(spec, s3_endpoint.storage_options)
+    assert len(listing.items) == 400 and listing.items[0].key == "a_abbey_00000000"
+    assert counter.count <= -(-len(data) // TAR_LIST_BLOCK) + 1  # one pass: size / block, whatever the members
+
+    counter.count = 0
+    small_block = 1024 * 1024
+    assert len(scan_tar(url, s3_endpoint.storage_options, block_size=small_block)) == 400
+    assert counter.count <= -(-len(data) // small_block) + 1 < 400 // 10  # proportional to bytes, not members
+
+    counter.count = 0
+    again = list_source(spec, s3_endpoint.storage_options)  # retraining lists the same archive again
+    assert again.items == listing.items and counter.count == 0  # the cached index, not the archive
+    assert fs.exists(url_to_fs(index_url_for(spec), s3_endpoint.storage_options)[1])
+    with SourceReader(s3_endpoint.storage_options) as reader:
+        item = listing.items[7]
+        assert reader.read(item) == data[item.offset: item.offset + item.size]
+
+    fs.pipe_file(path, _places_like_archive(members=3, member_bytes=1024))  # replaced: new ETag and size
+    assert len(list_source(spec, s3_endpoint.storage_options).items) == 3

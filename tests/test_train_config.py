@@ -51,7 +51,7 @@ def test_bad_values_name_the_key_in_one_line(overrides, key):
     assert key in message and "\n" not in message
 
 
-@pytest.mark.parametrize("missing", ["data.train_manifest", "train.max_steps", "scaling.use_gpu", "mlflow.tracking_uri", "run.storage_path"])
+@pytest.mark.parametrize("missing", ["data.train_manifest", "train.max_steps", "scaling.use_gpu", "mlflow.tracking_uri", "run.name"])  # run.storage_path has a default
 def test_required_keys_are_required(tmp_path, missing):
     import yaml
 

@@ -44,6 +44,8 @@ from infra.local.ray_node import (  # noqa: E402
     RayNodeSpec,
     RayPorts,
     alive_node_count,
+    find_free_port_block,
+    ray_node_env,
     start_ray_node,
     stop_ray_node,
 )
@@ -118,6 +120,7 @@ class StackStatus:
             f"export RAY_ADDRESS={self.ray_address}              # ray.init()",
             f"export RAY_API_SERVER_ADDRESS={self.dashboard_url}  # ray job submit",
             f"export MLFLOW_TRACKING_URI={self.mlflow_uri}",
+            "export RAY_AUTH_MODE=disabled                  # loopback-only head without token auth",
         ])
 
 
@@ -181,6 +184,16 @@ class LocalStack:
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
 
+    def head_env(self) -> dict[str, str]:
+        """Environment of the Ray head: the local node settings plus this stack's MLflow server.
+
+        Jobs submitted with ``ray job submit`` inherit the head's environment, not the submitting shell's: with
+        ``MLFLOW_TRACKING_URI`` here they log to this stack's server without a ``--runtime-env-json``.
+        """
+        env = ray_node_env()
+        env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        return env
+
     # -- state file --------------------------------------------------------------------------------
 
     @contextmanager
@@ -243,11 +256,18 @@ class LocalStack:
             wait_for(lambda: alive_node_count(self.dashboard_url) >= 1, "Ray head", self.startup_timeout_s,
                      leader=state.ray.handle(), log_path=state.ray.log)
             return
+        ports = self.ray_ports
+        if ports.dashboard_agent_listen is None:  # pinned, so that start can wait for the job agent below
+            ports = ports.model_copy(update={"dashboard_agent_listen": find_free_port_block(1)[0]})
         spec = RayNodeSpec(role="head", temp_dir=self.ray_temp_dir, num_cpus=self.num_cpus,
-                           num_gpus=self.num_gpus, ports=self.ray_ports)
+                           num_gpus=self.num_gpus, ports=ports)
         log = self.logs_dir / "ray-head.log"
         leader = start_ray_node(spec, log, self.dashboard_url, expected_alive_nodes=1,
-                                timeout_s=self.startup_timeout_s)
+                                timeout_s=self.startup_timeout_s, env=self.head_env())
+        # The node is ALIVE before its dashboard agent, and `ray job submit` right after `start` was refused
+        # with "No available agent to submit job" on a busy machine: return once the agent answers.
+        agent = f"http://{self.host}:{ports.dashboard_agent_listen}/api/healthz"
+        wait_for(lambda: http_answers(agent), "Ray job agent", self.startup_timeout_s, leader=leader, log_path=log)
         state.ray = ServiceRecord(pid=leader.pid, create_time=leader.create_time, port=self.ray_ports.gcs, log=log)
         state.ray_dashboard_port = self.ray_ports.dashboard
         state.ray_temp_dir = self.ray_temp_dir

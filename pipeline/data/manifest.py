@@ -52,6 +52,7 @@ __all__ = [
     "manifest_hash",
     "manifest_url_for",
     "read_keys",
+    "require_samples",
     "verify_shards",
     "write_keys",
     "write_manifest",
@@ -275,6 +276,20 @@ def load_manifest(url: str, storage_options: StorageOptionsLike = None) -> Manif
         where = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
         raise ManifestError(f"manifest {location}: {where}: {err.get('msg')}") from None
     return manifest.with_location(location)
+
+
+def require_samples(manifest: Manifest, key: str) -> Manifest:
+    """``manifest`` itself when it holds samples; else a one-line ``ManifestError`` naming config ``key``.
+
+    Training on an empty dataset would start every worker only to wait forever for a first batch.
+    """
+    if manifest.total_samples == 0:
+        rejected = f", {len(manifest.rejected)} inputs rejected" if manifest.rejected else ""
+        raise ManifestError(
+            f"config key {key}: manifest {manifest.location} holds no samples ({len(manifest.shards)} shards"
+            f"{rejected}); shard a dataset with images first"
+        )
+    return manifest
 
 
 def manifest_bytes(manifest: Manifest) -> bytes:

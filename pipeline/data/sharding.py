@@ -3,12 +3,14 @@
 Shape of a run (:func:`run_shard_job`):
 
 1. list the source (sorted, unique keys), keep only new items for an incremental version, apply ``limit``;
-2. plan shards deterministically: the i-th block of ``samples_per_shard`` items becomes ``shard-%06d.tar``;
+2. plan shards deterministically: the i-th block of ``samples_per_shard`` items becomes ``shard-%06d.tar``
+   (a file list's missing images counted first: too many fail the job here);
 3. run ONE Ray task per shard (:func:`write_shard`), at most ``max_in_flight`` at a time. A task first checks
    whether its shard is already published and verifies (the ``.tar.json`` sidecar records the plan's
    fingerprint, size and sha256); if so it returns the recorded result, otherwise it writes the shard to a
    temporary name, publishes it atomically and then publishes the sidecar;
-4. write the key list (watermark) and ``manifest.json`` atomically.
+4. check the share of rejected inputs, regroup short shards into full ones (see below);
+5. write the key list (watermark) and ``manifest.json`` atomically.
 
 Everything a shard holds is a function of the config and the source bytes: tar headers carry fixed times
 and owners, member order is fixed, masks come from ``(seed, key)``. So a re-run after a crash skips the
@@ -17,7 +19,13 @@ finished shards, rewrites the others identically, and ends with byte-identical s
 
 Each sample is ``KEY.jpg`` (RGB JPEG), ``KEY.mask.png`` (8-bit gray, 255 = hole, image-sized) and ``KEY.json``
 (source path, label, size, hole ratio, mask generator + parameters + seed). Bad inputs are listed in the
-manifest with a reason and skipped; they never fail the job, so shards can hold fewer samples than planned.
+manifest with a reason and skipped. Shards still hold ``samples_per_shard`` samples each (the last excepted):
+the samples of shards left short by rejections are regrouped, by copying their members (no second decode),
+into full shards numbered after the planned ones (:func:`fill_plans`), a function of the written shards alone,
+so determinism and resume hold; the short shards are deleted once the manifest is published. A job in which
+every input, or more than ``max_rejected_fraction`` of them, is rejected fails with one line counting the
+reasons (for a file list whose images are missing: the ``--root`` that finds them) and publishes no manifest;
+missing files of a file list are caught from its listing, before any task runs.
 
 Eval sets (``eval.enabled``) come from a validation split: images are centre-cropped to ``store_size``
 squared, and each item gets a target hole-ratio bucket (round-robin over the buckets still short); its mask
@@ -29,28 +37,32 @@ when the source allows it. An eval set is identified by its manifest hash.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import posixpath
 import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal, Sequence
+from typing import IO, Annotated, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.buckets import HOLE_RATIO_BUCKETS, bucket_name
 from pipeline.config import Config
+from pipeline.paths import LocalPath, OutputPathStr
 from pipeline.fsutil import (
     StorageOptions,
     atomic_write,
     join_url,
+    open_url,
     parent_url,
     protocol_of,
     publish_bytes,
     read_bytes,
     sha256_of_url,
     size_of_url,
+    url_to_fs,
 )
 from pipeline.data.imageops import DEFAULT_MAX_PIXELS, BadImageError, encode_mask_png, prepare_image
 from pipeline.data.manifest import (
@@ -71,7 +83,7 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.data.masks import MaskSpec, describe, hole_ratio, make_mask
-from pipeline.data.sources import SourceItem, SourceReader, SourceSpec, list_source, new_items
+from pipeline.data.sources import SourceItem, SourceReader, SourceSpec, list_source, new_items, suggest_root
 
 __all__ = [
     "EvalSettings",
@@ -119,7 +131,7 @@ class ShardJobConfig(Config):
     """Everything the shard job needs; validated before any Ray resource is requested."""
 
     source: SourceSpec
-    out: str = Field(min_length=1, description="dataset folder (local path or URL) for shards and manifest")
+    out: OutputPathStr = Field(min_length=1, description="dataset folder (local path or URL) for shards and manifest")
     dataset_version: str = Field(default="1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     samples_per_shard: int = Field(default=1000, ge=1)
     masks: MaskSpec = Field(default_factory=MaskSpec)
@@ -131,11 +143,15 @@ class ShardJobConfig(Config):
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     limit: int | None = Field(default=None, ge=1, description="use only the first N items (sorted by key)")
-    parent: str | None = Field(default=None, description="manifest of the version this one extends")
+    parent: Annotated[str | None, LocalPath()] = Field(default=None, description="manifest of the version this one extends")
     incremental_by: Literal["keys", "mtime"] = "keys"
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per shard task")
     max_in_flight: int = Field(default=0, ge=0, description="shard tasks queued at once; 0 = 2 x cluster CPUs")
+    max_rejected_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="fail, publishing no manifest, when more than this share of the inputs is rejected",
+    )
     verify: Literal["sha256", "size"] = Field(
         default="sha256", description="how a re-run checks an existing shard before skipping it"
     )
@@ -166,7 +182,8 @@ class ShardJobConfig(Config):
     def recorded(self) -> dict[str, Any]:
         """The config as stored in the manifest: no secrets, no output location (a copy keeps its hash), no
         execution-only settings (the same data sharded on another cluster has the same hash)."""
-        return self.model_dump(mode="json", exclude={"out", "storage_options", "num_cpus", "max_in_flight", "verify"})
+        return self.model_dump(mode="json", exclude={"out", "storage_options", "num_cpus", "max_in_flight", "verify",
+                                                     "max_rejected_fraction"})
 
 
 def shard_name(index: int) -> str:
@@ -354,9 +371,9 @@ def _mask_for(item_key: str, target: str | None, config: ShardJobConfig, height:
     return None, None, config.eval.max_attempts
 
 
-def _existing_result(plan: ShardPlan, fingerprint: str, config: ShardJobConfig) -> ShardResult | None:
-    """The recorded result of a published shard that still verifies, else ``None`` (rewrite it)."""
-    url = join_url(config.out, plan.name)
+def _existing_result(name: str, fingerprint: str, config: ShardJobConfig) -> ShardResult | None:
+    """The recorded result of published shard ``name`` that still verifies, else ``None`` (rewrite it)."""
+    url = join_url(config.out, name)
     try:
         recorded = ShardResult.model_validate_json(read_bytes(url + ".json", config.storage_options))
         if recorded.fingerprint != fingerprint or size_of_url(url, config.storage_options) != recorded.bytes:
@@ -374,7 +391,7 @@ def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
     Memory stays flat in the shard size: samples are read, encoded and streamed into the tar one at a time.
     """
     fingerprint = plan_fingerprint(plan, config)
-    existing = _existing_result(plan, fingerprint, config)
+    existing = _existing_result(plan.name, fingerprint, config)
     if existing is not None:
         return existing
 
@@ -473,6 +490,95 @@ def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
     return result
 
 
+@dataclass(frozen=True)
+class FillPlan:
+    """A shard made of samples already written to short shards: ``sources`` is ``(shard name, keys)`` in order."""
+
+    index: int
+    sources: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for _, keys in self.sources for key in keys]
+
+
+def fill_plans(results: Sequence[ShardResult], samples_per_shard: int, first_index: int) -> list[FillPlan]:
+    """Plans that regroup the samples of short shards into full ones (the last may stay short).
+
+    Nothing to do (an empty list) when at most the final shard is short. Otherwise every short shard's samples,
+    in shard and key order, are cut into blocks of ``samples_per_shard``: a function of the written shards
+    only, so a re-run plans the same shards.
+    """
+    short = [result for result in results if result.samples < samples_per_shard]
+    if not short or (len(short) == 1 and short[0] is results[-1]):
+        return []
+    pool = [(result.name, key) for result in short for key in result.keys]
+    plans = []
+    for number, start in enumerate(range(0, len(pool), samples_per_shard)):
+        sources: list[tuple[str, list[str]]] = []
+        for name, key in pool[start : start + samples_per_shard]:
+            if not sources or sources[-1][0] != name:
+                sources.append((name, []))
+            sources[-1][1].append(key)
+        plans.append(FillPlan(first_index + number, tuple((name, tuple(keys)) for name, keys in sources)))
+    return plans
+
+
+def _fill_fingerprint(plan: FillPlan, sources: dict[str, ShardResult]) -> str:
+    payload = {"format": SHARD_FORMAT, "name": plan.name,
+               "sources": [[name, sources[name].sha256, list(keys)] for name, keys in plan.sources]}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def write_fill_shard(plan: FillPlan, sources: dict[str, ShardResult], config: ShardJobConfig) -> ShardResult:
+    """Write (or reuse) shard ``plan`` by copying its samples' members out of the short shards. A Ray task.
+
+    Samples are copied as written (no second decode or mask draw), so the result is byte-stable and cheap.
+    """
+    fingerprint = _fill_fingerprint(plan, sources)
+    existing = _existing_result(plan.name, fingerprint, config)
+    if existing is not None:
+        return existing
+    url = join_url(config.out, plan.name)
+    ratios: list[float] = []
+    bucket_counts: dict[str, int] = {}
+    with atomic_write(url, config.storage_options) as handle:
+        sink = _HashingWriter(handle)
+        archive = _TarAppender(sink)
+        for name, keys in plan.sources:
+            wanted = set(keys)
+            with open_url(join_url(config.out, name), "rb", config.storage_options) as source:
+                for member, data in _tar_members(source):
+                    if member.split(".", 1)[0] not in wanted:
+                        continue
+                    archive.add(member, data)
+                    if member.endswith(".json"):
+                        meta = json.loads(data)
+                        ratios.append(float(meta["hole_ratio"]))
+                        if "bucket" in meta:
+                            bucket_counts[meta["bucket"]] = bucket_counts.get(meta["bucket"], 0) + 1
+        archive.close()
+    result = ShardResult(
+        index=plan.index, name=plan.name, fingerprint=fingerprint, planned=len(plan.keys), samples=len(plan.keys),
+        bytes=sink.size, sha256=sink.digest.hexdigest(), keys=plan.keys, rejected=[],
+        histogram=HoleRatioHistogram.of(ratios), bucket_counts=bucket_counts,
+    )
+    publish_bytes(url + ".json", result.sidecar(), config.storage_options)
+    return result
+
+
+def _tar_members(handle: IO[bytes]):
+    """``(name, bytes)`` of each regular member of a tar stream, in order."""
+    with tarfile.open(fileobj=handle, mode="r|") as archive:
+        for member in archive:
+            if member.isfile():
+                yield member.name, archive.extractfile(member).read()
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -523,14 +629,16 @@ def _ensure_ray():
 
 
 def _run_plans(
-    plans: Sequence[ShardPlan], config: ShardJobConfig, emit: Callable[[str], None], progress: _Progress,
-    shards_total: int, shards_done_before: int,
+    plans: Sequence[ShardPlan | FillPlan], config: ShardJobConfig, emit: Callable[[str], None], progress: _Progress,
+    shards_total: int, shards_done_before: int, writer: Callable[..., ShardResult] = write_shard,
+    *extra_args: Any,
 ) -> list[ShardResult]:
-    """Run one Ray task per plan with bounded concurrency; results in plan order."""
+    """Run one Ray task ``writer(plan, *extra_args, config)`` per plan, bounded concurrency; results in plan order."""
     if not plans:
         return []
     ray = _ensure_ray()
-    task = ray.remote(write_shard).options(num_cpus=config.num_cpus, max_retries=2)
+    task = ray.remote(writer).options(num_cpus=config.num_cpus, max_retries=2)
+    extra_refs = [ray.put(arg) for arg in extra_args]
     config_ref = ray.put(config)
     limit = config.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / config.num_cpus))
     pending: dict[Any, ShardPlan] = {}
@@ -540,7 +648,7 @@ def _run_plans(
     while queue or pending:
         while queue and len(pending) < limit:
             plan = queue.pop(0)
-            pending[task.remote(plan, config_ref)] = plan
+            pending[task.remote(plan, *extra_refs, config_ref)] = plan
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             pending.pop(ref)
@@ -590,22 +698,83 @@ def run_shard_job(config: ShardJobConfig, emit: Callable[[str], None] | None = N
     first_index = len(parent.shards) if parent is not None else 0
     emit(f"source {listing.description.kind} {config.source.url}: {listing.description.items} items, "
          f"{len(items)} to shard into {config.out}")
+    # A file list's root is listed up front: images it lacks fail the job before any task runs.
+    if config.source.resolved_kind == "file_list" and config.source.stat:
+        missing = [RejectedInput(key=i.key, source=i.path, reason="missing") for i in items if i.size is None]
+        check_rejections(missing, len(items), config)
 
+    short: list[ShardResult] = []
     if config.eval.enabled:
         results, attempted = _run_eval_rounds(items, config, emit)
+        check_rejections([r for result in results for r in result.rejected], len(attempted), config)
     else:
         plans = plan_shards(items, config.samples_per_shard, first_index=first_index)
         progress = _Progress(len(items), emit)
         results = _run_plans(plans, config, emit, progress, len(plans), 0)
         attempted = items
+        check_rejections([r for result in results for r in result.rejected], len(attempted), config)
+        results, short = _fill_short_shards(results, config, emit, first_index + len(plans))
 
-    manifest = _build_manifest(config, listing.description, attempted, results, parent)
+    manifest = _build_manifest(config, listing.description, attempted, results, parent, superseded=short)
     manifest_url = write_manifest(manifest, config.out, config.storage_options)
+    _remove_shards([result.name for result in short], config)  # superseded by the fill shards
     digest = manifest_hash(manifest)
     reused = sum(r.reused for r in results)
     emit(f"manifest {manifest_url} sha256 {digest} ({manifest.total_samples} samples in "
          f"{len(manifest.shards)} shards, {len(manifest.rejected)} rejected; {reused} shards reused)")
     return ShardJobResult(manifest_url, manifest, digest, len(results) - reused, reused, results)
+
+
+def check_rejections(rejected: Sequence[RejectedInput], attempted: int, config: ShardJobConfig) -> None:
+    """Raise a one-line ``ValueError`` when every input, or more than ``max_rejected_fraction``, was rejected.
+
+    The message counts the reasons and, when images of a file list are missing, names the ``--root`` that
+    would find them. Called before the manifest is written, so a failed job publishes none.
+    """
+    if not rejected or (len(rejected) < attempted and len(rejected) <= config.max_rejected_fraction * attempted):
+        return
+    counts: dict[str, int] = {}
+    for entry in rejected:
+        counts[entry.reason] = counts.get(entry.reason, 0) + 1
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+    message = (f"{len(rejected)} of {attempted} inputs rejected ({reasons}), more than "
+               f"max_rejected_fraction={config.max_rejected_fraction:g}; no manifest published")
+    if counts.get("missing") and config.source.resolved_kind == "file_list":
+        first = next(entry for entry in rejected if entry.reason == "missing")
+        root = config.source.root or parent_url(config.source.url)
+        found = suggest_root(config.source, first.source, config.storage_options)
+        hint = f"--root {found} finds them" if found else "point --root at the folder that holds them"
+        message += f": the listed images are not under {root} (e.g. {first.source}); {hint}"
+    raise ValueError(message)
+
+
+def _fill_short_shards(
+    results: list[ShardResult], config: ShardJobConfig, emit: Callable[[str], None], first_index: int
+) -> tuple[list[ShardResult], list[ShardResult]]:
+    """``(the shards to publish, the short shards they replace)``: equal counts despite rejected inputs."""
+    plans = fill_plans(results, config.samples_per_shard, first_index)
+    if not plans:
+        return results, []
+    short = [result for result in results if result.samples < config.samples_per_shard]
+    emit(f"regrouping the {sum(r.samples for r in short)} samples of {len(short)} short shards into {len(plans)} "
+         f"shards of {config.samples_per_shard}")
+    sources = {result.name: result for result in short}
+    progress = _Progress(sum(len(plan.keys) for plan in plans), emit)
+    filled = _run_plans(plans, config, emit, progress, len(plans), 0, write_fill_shard, sources)
+    full = [result for result in results if result.samples >= config.samples_per_shard]
+    return full + filled, short
+
+
+def _remove_shards(names: Sequence[str], config: ShardJobConfig) -> None:
+    """Delete shards (and sidecars) that no manifest lists; a later re-run would write them again identically."""
+    if not names:
+        return
+    fs, _ = url_to_fs(config.out, config.storage_options)
+    for name in names:
+        for url in (join_url(config.out, name), join_url(config.out, name) + ".json"):
+            path = url_to_fs(url, config.storage_options)[1]
+            if fs.exists(path):
+                fs.rm(path)
 
 
 def _run_eval_rounds(
@@ -643,7 +812,9 @@ def _build_manifest(
     attempted: Sequence[SourceItem],
     results: Sequence[ShardResult],
     parent: Manifest | None,
+    superseded: Sequence[ShardResult] = (),
 ) -> Manifest:
+    """The manifest of ``results``; ``superseded`` short shards (regrouped into others) add only their rejects."""
     shards: list[ShardEntry] = []
     rejected: list[RejectedInput] = []
     histograms: list[HoleRatioHistogram] = []
@@ -667,6 +838,8 @@ def _build_manifest(
             dataset_version=parent.dataset_version,
             manifest_hash=manifest_hash(parent),
         )
+    for result in superseded:
+        rejected += result.rejected
     for result in results:
         # A shard whose every input was rejected is still published, but it is not worth listing.
         if result.samples:

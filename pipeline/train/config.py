@@ -9,12 +9,13 @@ Every problem is a :class:`~pipeline.config.ConfigError` whose one-line message 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.fsutil import StorageOptions
+from pipeline.paths import LocalPath, OutputPathStr, PathStr, resolve_config_paths
 
 __all__ = [
     "DataSection",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
+# Persistent and absolute once expanded (pipeline.paths): never a folder that goes away with a Ray session.
+DEFAULT_STORAGE_PATH = "~/ray_results"
 
 
 class ModelSection(Config):
@@ -42,12 +45,12 @@ class ModelSection(Config):
     """
 
     arch: Literal["rn", "lbam"]
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Annotated[dict[str, Any], LocalPath(keys=("vgg_weights",))] = Field(default_factory=dict)
     generator_options: dict[str, Any] = Field(
         default_factory=dict,
         description="keyword arguments of the generator's constructor, e.g. {per_sample_stats: true} for RN",
     )
-    init_weights: str | None = Field(
+    init_weights: Annotated[str | None, LocalPath()] = Field(
         None,
         description="generator state dict (path or fsspec URL, weights_only) to start from, e.g. the champion when "
         "fine-tuning; ignored when the run resumes from its own checkpoint",
@@ -57,8 +60,8 @@ class ModelSection(Config):
 class DataSection(Config):
     """Where the shards are: manifests written by the shard job (local path, ``file://`` or ``s3://``)."""
 
-    train_manifest: str
-    eval_manifest: str
+    train_manifest: PathStr
+    eval_manifest: PathStr
     crop_size: int = Field(256, gt=0)
     loader_workers: int = Field(2, ge=0)
     eval_batch_size: int = Field(4, gt=0)
@@ -129,10 +132,15 @@ class ScalingSection(Config):
 
 
 class RunSection(Config):
-    """Run identity and checkpoint storage. Re-submitting with the same ``name`` and ``storage_path`` resumes."""
+    """Run identity and checkpoint storage. Re-submitting with the same ``name`` and ``storage_path`` resumes.
+
+    ``storage_path`` defaults to ``~/ray_results`` (Ray's own default), a location that outlives the Ray session
+    and the job's working directory, so a re-submission finds the checkpoints; checkpoints of a run go to
+    ``<storage_path>/<name>``. A relative path is made absolute against the submitting shell's directory.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    storage_path: str = Field(min_length=1)
+    storage_path: OutputPathStr = Field(DEFAULT_STORAGE_PATH, min_length=1)
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
     checkpoints_to_keep: int = Field(2, gt=0)
@@ -250,7 +258,11 @@ def _check_recipe_options(model: ModelSection) -> None:
 
 
 def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainJobConfig:
-    """Load, validate and cross-check a training config from YAML plus ``key.path=value`` overrides."""
+    """Load, validate and cross-check a training config from YAML plus ``key.path=value`` overrides.
+
+    Relative local paths are made absolute against the current directory (:mod:`pipeline.paths`).
+    """
     config = load_config(TrainJobConfig, path, overrides)
+    resolve_config_paths(config)
     check_train_config(config)
     return config

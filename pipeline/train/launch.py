@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 
 from pipeline.config import flatten
-from pipeline.fsutil import StorageOptions, is_remote
+from pipeline.fsutil import StorageOptions, is_remote, join_url
+from pipeline.paths import resolve_config_paths
 from pipeline.train.checkpoint import load_generator_state, read_state
 from pipeline.train.config import ScalingSection, TrainJobConfig, check_train_config
 from pipeline.train.loop import WorkerPayload, train_worker
@@ -110,10 +111,10 @@ def run_info_tags(config: TrainJobConfig) -> dict[str, str]:
 
 def _data_tags(config: TrainJobConfig) -> dict[str, str]:
     """Tags identifying the training and eval data; loading the manifests also proves they are reachable."""
-    from pipeline.data.manifest import load_manifest, manifest_hash
+    from pipeline.data.manifest import load_manifest, manifest_hash, require_samples
 
-    train = load_manifest(config.data.train_manifest, config.data.storage_options)
-    evaluation = load_manifest(config.data.eval_manifest, config.data.storage_options)
+    train = require_samples(load_manifest(config.data.train_manifest, config.data.storage_options), "data.train_manifest")
+    evaluation = require_samples(load_manifest(config.data.eval_manifest, config.data.storage_options), "data.eval_manifest")
     return {
         "holefill.data.train_manifest_hash": manifest_hash(train),
         "holefill.data.dataset_version": train.dataset_version,
@@ -165,6 +166,9 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None) -> T
     """
     from ray.train import Checkpoint  # noqa: F401  (fail early when ray[train] is missing)
 
+    config = config.model_copy(deep=True)
+    for change in resolve_config_paths(config):  # workers run in other directories than this driver
+        log.info("path %s: %s -> %s", change.key, change.given, change.resolved)
     check_train_config(config)
     data_tags = _data_tags(config)
     info_tags = run_info_tags(config)
@@ -185,6 +189,7 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None) -> T
         log.info("MLflow run %s at %s", tracker.run_id, redact(tracking_uri))
 
     _ensure_ray(config.run.ray_address)
+    log.info("checkpoints of run %s: %s", config.run.name, join_url(config.run.storage_path, config.run.name))
     payload = WorkerPayload(config=config, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id if tracker else None)
     try:
         result = _trainer(config, payload).fit()
