@@ -234,13 +234,18 @@ def to_hwc_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def captioned_row(tiles: list[tuple[str, np.ndarray | torch.Tensor]], gap: int = 4, band: int = 18) -> np.ndarray:
+def captioned_row(tiles: list[tuple[str, np.ndarray | torch.Tensor]], gap: int = 4, band: int = 22) -> np.ndarray:
     """Pictures side by side, each under its caption: an HWC ``uint8`` array on a white background.
 
     ``tiles`` are ``(caption, image)`` pairs of one size (anything :func:`to_hwc_uint8` takes). Captions are drawn
     in black in a ``band``-pixel strip above each picture with PIL's built-in font (nothing is downloaded).
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=band - 6)  # scalable where PIL has FreeType
+    except (TypeError, ValueError, OSError, ImportError):
+        font = ImageFont.load_default()
 
     if not tiles:
         raise ValueError("captioned_row needs at least one picture")
@@ -255,7 +260,7 @@ def captioned_row(tiles: list[tuple[str, np.ndarray | torch.Tensor]], gap: int =
     drawn = Image.fromarray(canvas)
     pen = ImageDraw.Draw(drawn)
     for index, (caption, _) in enumerate(tiles):
-        pen.text((index * (w + gap) + 3, 3), caption, fill=(0, 0, 0))
+        pen.text((index * (w + gap) + 3, 2), caption, fill=(0, 0, 0), font=font)
     return np.asarray(drawn)
 
 

@@ -16,6 +16,7 @@ The process handling is the local stack's own (``infra/local``); nothing here re
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -183,7 +184,10 @@ def ray_head(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
     one node; the head stops any that are left at the end of the session.
     """
     home = tmp_path_factory.mktemp("ray-head-home")
-    with running_ray_head(num_cpus=4, env={"MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(home)}) as head:
+    # Caches stay where they are: a fresh ~/.cache would rebuild DeepSpeed's C++ ops in every session.
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(home), "XDG_CACHE_HOME": cache}
+    with running_ray_head(num_cpus=4, env=env) as head:
         yield head
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from local_stack import RayHead, add_worker_node, ray_head, submit_job  # noqa: F401  (ray_head is a fixture)
+from local_stack import RayHead, add_worker_node, mlflow_server, ray_head, submit_job  # noqa: F401  (fixtures)
 
 from infra.local.mlflow_server import MlflowServerSpec, mlflow_server_argv
 from infra.local.processes import ProcessHandle, ServiceStartError, launch_detached, stop_session, wait_for
@@ -182,9 +182,9 @@ def test_local_stack_runs_a_job_that_logs_to_mlflow_and_stops_cleanly(tmp_path):
         job_dir.mkdir()
         (job_dir / "smoke.py").write_text(JOB_SCRIPT)
         run_name = f"smoke-{uuid.uuid4().hex[:8]}"
+        # No MLFLOW_TRACKING_URI handed to the job: it inherits the head's, which the stack set to its server.
         status, logs = submit_job(stack.dashboard_url, "python smoke.py", job_dir,
-                                  env={"MLFLOW_TRACKING_URI": stack.mlflow_uri, "HOLEFILL_RUN_NAME": run_name},
-                                  timeout=300)
+                                  env={"HOLEFILL_RUN_NAME": run_name}, timeout=300)
         assert status == "SUCCEEDED", logs
         assert "holefill job says hello" in logs
 

@@ -157,7 +157,7 @@ def test_the_demo_picture_shows_the_input_with_its_hole_each_model_and_the_truth
 
     picture = comparison_picture(image, mask, [("RN", 4, rn), ("LBAM", 2, lbam)])
 
-    band, gap, w = 18, 4, 96
+    band, gap, w = 22, 4, 96
     assert picture.shape == (band + 64, 4 * w + 3 * gap, 3)
     tiles = [picture[band:, i * (w + gap): i * (w + gap) + w] for i in range(4)]
     assert (tiles[0][16:48, 24:72] == 255).all()  # the hole, white, in the input

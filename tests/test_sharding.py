@@ -458,3 +458,18 @@ def test_shards_are_filled_to_samples_per_shard_despite_rejections_byte_stable_a
         assert (tmp_path / "a" / entry.url).read_bytes() == (tmp_path / "b" / entry.url).read_bytes()
     rerun = run_shard_job(ShardJobConfig.model_validate({**config, "out": str(tmp_path / "a")}))
     assert rerun.manifest_hash == first.manifest_hash and rerun.shards_reused >= 2
+
+
+def test_relative_paths_are_resolved_against_the_callers_directory_not_the_workers(ray_cluster, sample, tmp_path,
+                                                                                    monkeypatch):
+    # The Ray workers were started from another directory (the module's Ray came up before this chdir).
+    (tmp_path / "places").symlink_to(Path(sample.root))
+    monkeypatch.chdir(tmp_path)
+    config = _config(sample, "shards/v1")
+    config = config.model_copy(update={"source": config.source.model_copy(
+        update={"url": "places/places365_train_standard.txt", "root": "places/data_large"})})
+
+    result = run_shard_job(config)
+
+    assert result.manifest_url == str(tmp_path / "shards" / "v1" / "manifest.json")
+    assert result.manifest.total_samples == 20 and verify_shards(result.manifest) == []

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.buckets import HOLE_RATIO_BUCKETS, bucket_name
 from pipeline.config import Config
-from pipeline.paths import LocalPath, OutputPathStr
+from pipeline.paths import LocalPath, OutputPathStr, resolve_config_paths
 from pipeline.fsutil import (
     StorageOptions,
     atomic_write,
@@ -685,6 +685,9 @@ def _relative_url(folder: str, target: str) -> str:
 def run_shard_job(config: ShardJobConfig, emit: Callable[[str], None] | None = None) -> ShardJobResult:
     """Shard ``config.source`` into ``config.out`` and publish the manifest; safe to re-run after a crash."""
     emit = emit or log.info
+    config = config.model_copy(deep=True)
+    for change in resolve_config_paths(config):  # the shard tasks run in other directories than this driver
+        emit(f"path {change.key}: {change.given} -> {change.resolved}")
     listing = list_source(config.source, config.storage_options)
     items = listing.items
     parent: Manifest | None = None
