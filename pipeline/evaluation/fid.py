@@ -47,5 +47,28 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID of two (N,D) feature sets (each N ≥ 2)."""
+    """FID of two (N,D) feature sets (each N ≥ 2).
+
+    With more samples than dimensions in both sets this is :func:`frechet_distance` of their statistics
+    (scipy's ``sqrtm``, as pytorch-fid and torch-fidelity). With fewer (a hole bucket of a few hundred images
+    against 2048-d pool3 features) the covariances are singular, where ``sqrtm`` is slow and inaccurate (scipy
+    warns); the same quantity is then computed exactly from the samples by :func:`_fid_low_rank`.
+    """
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    feature_statistics(real), feature_statistics(fake)  # shape checks
+    if min(real.shape[0], fake.shape[0]) - 1 < real.shape[1]:
+        return _fid_low_rank(real, fake)
     return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+
+
+def _fid_low_rank(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID through the samples: with centred A (n₁×D) and B (n₂×D), Σ₁Σ₂ = AᵀA BᵀB / c, c = (n₁−1)(n₂−1), has the
+    eigenvalues of (ABᵀ)(ABᵀ)ᵀ / c, so Tr((Σ₁Σ₂)^½) is the nuclear norm of ABᵀ / √c: an n₁×n₂ SVD, exact for any N."""
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sets differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+    a, b = real - real.mean(axis=0), fake - fake.mean(axis=0)
+    scale = (real.shape[0] - 1) * (fake.shape[0] - 1)
+    diff = real.mean(axis=0) - fake.mean(axis=0)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(scale)
+    trace1, trace2 = np.sum(a * a) / (real.shape[0] - 1), np.sum(b * b) / (fake.shape[0] - 1)
+    return float(diff @ diff + trace1 + trace2 - 2 * trace_sqrt)
