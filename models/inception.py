@@ -266,6 +266,7 @@ class FIDInceptionV3(nn.Module):
         return self._pool3(images).float()
 
     @torch.no_grad()
-    def logits_unbiased(self, images: torch.Tensor) -> torch.Tensor:
-        """``pool3 · fc.weightᵀ`` (B,1008): the classifier's logits without bias (Inception Score's input)."""
-        return self._pool3(images) @ self.fc.weight.T
+    def logits_unbiased(self, pool3: torch.Tensor) -> torch.Tensor:
+        """``pool3 · fc.weightᵀ`` (B,1008) of features from :meth:`forward`: the logits without bias (Inception
+        Score's input; torch-fidelity's ``logits_unbiased``)."""
+        return pool3 @ self.fc.weight.T
