@@ -77,7 +77,8 @@ def world(tmp_path_factory, mlflow_server):
 
 def _settings(world) -> dict:
     return {"crop_size": CROP, "batch_size": 3, "num_workers": 2,
-            "perceptual": {key: str(path) for key, path in world["weights"].items()}}
+            "perceptual": {"lpips_net": "vgg", "truth_feature_cache": str(world["root"] / "features"),
+                           **{key: str(path) for key, path in world["weights"].items()}}}
 
 
 @pytest.mark.e2e
@@ -136,6 +137,8 @@ def test_promotion_reuses_the_cached_champion_evaluation_and_records_table_and_p
     runs_before = client.search_runs([client.get_experiment_by_name("holefill-evaluation").experiment_id])
     outcome = promote(client, MODEL, challenger, evaluator, GateConfig(), eval_set=evaluator.manifest_hash)
 
+    # The job above kept the truths' Inception features of this eval set: the challenger only paid for its outputs.
+    assert len(list((world["root"] / "features").glob("truth-pool3-*-crop64.npz"))) == 1
     # The champion was evaluated by the job above with the same eval set and metric set: reused, not re-run.
     assert evaluator.results[(MODEL, champion)].cached and not evaluator.results[(MODEL, challenger)].cached
     runs_after = client.search_runs([client.get_experiment_by_name("holefill-evaluation").experiment_id])
@@ -150,10 +153,10 @@ def test_promotion_reuses_the_cached_champion_evaluation_and_records_table_and_p
     assert pictures == {f"pictures/{b}.png" for b in ("0.01-0.10", "0.10-0.20", "0.20-0.30", "0.30-0.40", "0.40-0.50",
                                                       "0.50-0.60")}
 
-    # Two Ray workers give what one in-process pass over the whole set gives.
+    # Two Ray workers (with cached truth features) give what one in-process pass computing everything gives.
     generator, arch = load_generator(f"models:/{MODEL}/{challenger}", world["tracking_uri"])
     alone = evaluate_slice(GeneratorSpec.of(generator, arch).build(), arch, world["eval"], settings, evaluator.weights)
-    summary, _ = merge_slices([alone], evaluator.weights.metrics, settings.samples_per_bucket)
+    summary, _, _ = merge_slices([alone], evaluator.weights.metrics, settings.samples_per_bucket)
     distributed = evaluator.results[(MODEL, challenger)].summary
     assert summary.keys() == distributed.keys()
     assert all(summary[k] == pytest.approx(distributed[k], rel=1e-5, abs=1e-6) for k in summary)

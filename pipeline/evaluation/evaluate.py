@@ -206,15 +206,18 @@ def _keep_samples(kept: dict[str, list[Sample]], limit: int, image: torch.Tensor
 
 @torch.no_grad()
 def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings: EvaluationSettings,
-                   weights: MetricWeights, rank: int = 0, world_size: int = 1) -> SlicePart:
-    """Evaluate ``generator`` on rank ``rank``'s share of ``eval_manifest`` (every sample read once over all ranks)."""
+                   weights: MetricWeights, rank: int = 0, world_size: int = 1,
+                   truth_features: Mapping[str, np.ndarray] | None = None) -> SlicePart:
+    """Evaluate ``generator`` on rank ``rank``'s share of ``eval_manifest`` (every sample read once over all ranks).
+
+    ``truth_features``: known Inception features of the truths by sample key (skips them in the network)."""
     from pipeline.data.loaders import make_eval_loader
     from pipeline.metrics import BucketedMetrics
 
     device = torch.device("cuda" if settings.use_gpu else settings.device)
     generator = generator.to(device).eval()
     inception, lpips = weights.build(device)
-    metrics, perceptual = BucketedMetrics(), PerceptualAccumulator(inception, lpips)
+    metrics, perceptual = BucketedMetrics(), PerceptualAccumulator(inception, lpips, truth_features)
     kept: dict[str, list[Sample]] = {}
     loader = make_eval_loader(eval_manifest, batch_size=settings.batch_size, crop_size=settings.crop_size,
                               rank=rank, world_size=world_size, storage_options=settings.storage_options or None)
@@ -232,16 +235,18 @@ def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings
     return SlicePart(metrics.sums(), perceptual.part, samples, seen, time.monotonic() - started)
 
 
-def merge_slices(parts: Sequence[SlicePart], metrics: Sequence[str], samples_per_bucket: int) -> tuple[dict[str, float], list[Sample]]:
-    """One summary and the kept samples (smallest keys per bucket) from every worker's part."""
+def merge_slices(parts: Sequence[SlicePart], metrics: Sequence[str],
+                 samples_per_bucket: int) -> tuple[dict[str, float], list[Sample], PerceptualPart]:
+    """One summary, the kept samples (smallest keys per bucket) and the merged per-image records of every part."""
     from pipeline.metrics import BucketedMetrics
 
     if sum(p.images for p in parts) == 0:
         raise ValueError("the eval set yielded no samples")
     summary = BucketedMetrics.from_sums([p.table for p in parts]).summary()
-    summary.update(perceptual_summary(PerceptualPart.merge([p.perceptual for p in parts]), metrics))
+    records = PerceptualPart.merge([p.perceptual for p in parts])
+    summary.update(perceptual_summary(records, metrics))
     samples = []
     for bucket in BUCKET_NAMES:
         in_bucket = sorted((s for p in parts for s in p.samples if s.bucket == bucket), key=lambda s: s.key)
         samples += in_bucket[:samples_per_bucket]
-    return summary, samples
+    return summary, samples, records

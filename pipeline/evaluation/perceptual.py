@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,15 +49,19 @@ class PerceptualSettings(Config):
     ``inception_weights`` (``pt_inception-2015-12-05-6726825d.pth``), LPIPS with ``lpips_weights`` (the v0.1 head
     file ``vgg.pth``/``alex.pth``) and ``lpips_backbone_weights`` (torchvision's ``vgg16-397923af.pth`` /
     ``alexnet-owt-7be5be79.pth``) for ``lpips_net``. A metric listed explicitly without its weights is an error,
-    unless ``allow_random_weights`` (tests only).
+    unless ``allow_random_weights`` (tests only). ``lpips_net`` defaults to AlexNet (MAT's choice, lpips' own
+    default): on CPU LPIPS-VGG costs more than the generator it judges (``bench/metrics.py``); ``vgg`` gives LaMa's.
+    ``truth_feature_cache``: a folder where the truths' Inception features are kept per eval set
+    (:mod:`pipeline.evaluation.feature_cache`), halving the Inception work of every later evaluation.
     """
 
     metrics: list[PerceptualMetric] | None = None
     allow_random_weights: bool = False
-    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_net: Literal["vgg", "alex"] = "alex"
     inception_weights: str | None = Field(None, validate_default=True)
     lpips_weights: str | None = Field(None, validate_default=True)
     lpips_backbone_weights: str | None = Field(None, validate_default=True)
+    truth_feature_cache: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("inception_weights", "lpips_weights", "lpips_backbone_weights")
@@ -183,8 +187,10 @@ class PerceptualPart:
 class PerceptualAccumulator:
     """Collects one worker's per-image features and LPIPS (the distances are computed from the merged set)."""
 
-    def __init__(self, inception: FIDInceptionV3 | None, lpips: LPIPS | None) -> None:
+    def __init__(self, inception: FIDInceptionV3 | None, lpips: LPIPS | None,
+                 truth_features: Mapping[str, np.ndarray] | None = None) -> None:
         self.inception, self.lpips = inception, lpips
+        self.truth_features = truth_features or {}
         self.part = PerceptualPart()
 
     @torch.no_grad()
@@ -196,10 +202,13 @@ class PerceptualAccumulator:
         self.part.keys.extend(keys)
         self.part.rows.extend(_row(float(r)) for r in hole_ratio.reshape(-1).tolist())
         if self.inception is not None:
-            # One pass over outputs and truths together: the network's batch is the expensive part.
-            features = self.inception(torch.cat([fake_u8, real_u8])).cpu().numpy()
-            self.part.fake.append(features[: len(keys)])
-            self.part.real.append(features[len(keys):])
+            if all(k in self.truth_features for k in keys):  # truths of this eval set seen before: outputs only
+                self.part.fake.append(self.inception(fake_u8).cpu().numpy())
+                self.part.real.append(np.stack([self.truth_features[k] for k in keys]))
+            else:  # one pass over outputs and truths together: the network's batch is the expensive part
+                features = self.inception(torch.cat([fake_u8, real_u8])).cpu().numpy()
+                self.part.fake.append(features[: len(keys)])
+                self.part.real.append(features[len(keys):])
         if self.lpips is not None:
             self.part.lpips.append(self.lpips(fake_u8.float() / 255, real_u8.float() / 255).cpu().numpy())
 

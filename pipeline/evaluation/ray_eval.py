@@ -27,6 +27,7 @@ from pipeline.evaluation.evaluate import (
     evaluate_slice,
     merge_slices,
 )
+from pipeline.evaluation.feature_cache import covers, load_truth_features, save_truth_features, truth_cache_url
 from pipeline.evaluation.perceptual import MetricWeights, load_metric_weights
 
 __all__ = ["evaluate_on_manifest", "metric_set_id"]
@@ -53,10 +54,17 @@ def _ensure_ray():
 
 
 def _evaluate_worker(spec: GeneratorSpec, eval_manifest: str, settings: EvaluationSettings, weights: MetricWeights,
-                     rank: int, world_size: int) -> SlicePart:
+                     rank: int, world_size: int, truth_features: dict | None) -> SlicePart:
     """One Ray task: rebuild the generator and evaluate rank ``rank``'s slice."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return evaluate_slice(spec.build(), spec.arch, eval_manifest, settings, weights, rank, world_size)
+    return evaluate_slice(spec.build(), spec.arch, eval_manifest, settings, weights, rank, world_size, truth_features)
+
+
+def _truth_cache(settings: EvaluationSettings, weights: MetricWeights, manifest_hash: str) -> str | None:
+    folder = settings.perceptual.truth_feature_cache
+    if folder is None or "inception" not in weights.hashes or weights.hashes["inception"] == "random":
+        return None  # random networks differ per build: nothing to keep
+    return truth_cache_url(folder, manifest_hash, weights.hashes["inception"], settings.crop_size)
 
 
 def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_ref: str, eval_manifest: str,
@@ -79,12 +87,16 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     task = ray.remote(_evaluate_worker).options(num_cpus=settings.cpus_per_worker,
                                                 num_gpus=1 if settings.use_gpu else 0, max_retries=1)
     started = time.monotonic()
-    spec_ref, weights_ref = ray.put(spec), ray.put(weights)
+    cache_url = _truth_cache(settings, weights, manifest_hash(manifest))
+    truth = load_truth_features(cache_url, settings.perceptual.storage_options or None) if cache_url else None
+    spec_ref, weights_ref, truth_ref = ray.put(spec), ray.put(weights), ray.put(truth)
     log.info("evaluating %s on %s (%d samples) with %d Ray workers; metrics %s", model_ref, manifest_hash(manifest)[:12],
              manifest.total_samples, world_size, ", ".join([*METRICS, *weights.metrics]))
-    parts = ray.get([task.remote(spec_ref, eval_manifest, settings, weights_ref, rank, world_size)
+    parts = ray.get([task.remote(spec_ref, eval_manifest, settings, weights_ref, rank, world_size, truth_ref)
                      for rank in range(world_size)])
-    summary, samples = merge_slices(parts, weights.metrics, settings.samples_per_bucket)
+    summary, samples, records = merge_slices(parts, weights.metrics, settings.samples_per_bucket)
+    if cache_url and not covers(truth, records.keys) and records.real:
+        save_truth_features(cache_url, records.keys, records.real[0], settings.perceptual.storage_options or None)
     seconds = time.monotonic() - started
     log.info("evaluated %d images in %.1f s (%.2f images/s)", int(summary["count"]), seconds,
              summary["count"] / max(seconds, 1e-9))
