@@ -78,25 +78,34 @@ class EvaluationSettings(Config):
 
 @dataclass
 class GeneratorSpec:
-    """What an evaluation worker needs to rebuild a generator: architecture, constructor kwargs, fp32 weights."""
+    """The generator an evaluation worker runs and its architecture name (travels through Ray's object store).
+
+    The module itself is shipped (its class by reference, its weights as tensors), so generators built with
+    non-default options evaluate as they are; :meth:`from_state_dict` builds one from weights + arch.
+    """
 
     arch: str
-    state_dict: dict[str, torch.Tensor]
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module
 
     @classmethod
-    def of(cls, generator: nn.Module, arch: str, **kwargs: Any) -> "GeneratorSpec":
-        """The spec of a built generator (weights copied to CPU fp32)."""
-        return cls(arch, {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                          for k, v in generator.state_dict().items()}, kwargs)
+    def of(cls, generator: nn.Module, arch: str) -> "GeneratorSpec":
+        """The spec of a built generator (an fp32 CPU copy in eval mode; the caller's module is left as is)."""
+        import copy
+
+        return cls(arch, copy.deepcopy(generator).float().cpu().eval())
+
+    @classmethod
+    def from_state_dict(cls, arch: str, state_dict: Mapping[str, torch.Tensor], **kwargs: Any) -> "GeneratorSpec":
+        """A generator of ``arch`` (built with ``kwargs``) holding ``state_dict`` (strict)."""
+        from models.registry import get_architecture
+
+        generator = get_architecture(arch).generator(**kwargs)
+        generator.load_state_dict(dict(state_dict), strict=True)
+        return cls(arch, generator.float().eval())
 
     def build(self) -> nn.Module:
         """The generator in eval mode."""
-        from models.registry import get_architecture
-
-        generator = get_architecture(self.arch).generator(**self.kwargs)
-        generator.load_state_dict(self.state_dict, strict=True)
-        return generator.float().eval()
+        return self.module.eval()
 
 
 @dataclass
