@@ -10,8 +10,11 @@ Rules (DESIGN.md, data flow 7):
 * A challenger is promoted only when the gate passes: every rule compares challenger and champion,
   evaluated in the same call on the same pinned eval set. With no champion yet, the first valid model
   (evaluated on a non-empty set, finite metrics, above the optional absolute floors) becomes champion.
-* Every decision is recorded on the challenger version: ``holefill.promotion.*`` tags and a description
-  holding the comparison table and the reasons.
+* The gate's metrics, directions and thresholds are configurable; unset, it uses FID and LPIPS when both
+  models were measured on them (PSNR alone rewards blur), PSNR/SSIM otherwise, and says which.
+* Every decision is recorded on the challenger version: ``holefill.promotion.*`` tags, a description holding
+  the gate's checks, the reasons and the champion-vs-challenger table per hole bucket, and a run with the
+  per-bucket pictures (:mod:`pipeline.lifecycle.evidence`).
 """
 
 from __future__ import annotations
