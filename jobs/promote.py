@@ -1,7 +1,7 @@
 """Promote a challenger model version to `champion` when it beats the current champion on the pinned eval set.
 
     python jobs/promote.py --model lbam --challenger 7 --eval-manifest s3://bucket/eval-v1/manifest.json
-    python jobs/promote.py --config jobs/configs/promote.yaml --set gate.rules.0.min_improvement=0.1
+    python jobs/promote.py --config jobs/configs/promote.yaml --set evaluation.perceptual.inception_weights=/w/pt_inception.pth
 
 Both models are evaluated now, on the same eval set; the decision (tags `holefill.promotion.*` and a
 description with the comparison table) is recorded on the challenger version whether it passes or not.
@@ -17,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.manifest import load_manifest, manifest_hash  # noqa: E402
 from pipeline.jobcli import Flag, run_job  # noqa: E402
-from pipeline.lifecycle.evaluations import registry_evaluator  # noqa: E402
+from pipeline.lifecycle.evaluations import RegistryEvaluator  # noqa: E402
 from pipeline.lifecycle.promotion import PromoteJobConfig, promote, resolve_version  # noqa: E402
 from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
 
@@ -38,13 +37,15 @@ def run_promotion(config: PromoteJobConfig) -> int:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # Reads the eval manifest and the metric weights first: a missing file stops the job before any evaluation.
+    evaluator = RegistryEvaluator(tracking_uri, config.eval_manifest, config.evaluation)
     version = resolve_version(client, config.registered_model, config.challenger)
-    eval_set = manifest_hash(load_manifest(config.eval_manifest, config.evaluation.storage_options or None))
-    evaluator = registry_evaluator(tracking_uri, config.eval_manifest, config.evaluation)
-    outcome = promote(client, config.registered_model, version, evaluator, config.gate, eval_set=eval_set)
+    outcome = promote(client, config.registered_model, version, evaluator, config.gate, eval_set=evaluator.manifest_hash)
     reasons = "; ".join(outcome.decision.reasons) if outcome.decision else ""
     print(f"{config.registered_model} version {version}: {outcome.action} "
           f"(champion {outcome.champion_before or 'none'} -> {outcome.champion_after or 'none'}) {reasons}")
+    if outcome.decision is not None:
+        print(f"gate: {outcome.decision.basis}")
     return 0
 
 

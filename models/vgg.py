@@ -17,7 +17,7 @@ import torch.nn as nn
 from models.convert import extract_state_dict, load_weights_file
 from models.validation import check_image
 
-__all__ = ["VGG16Features", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["VGG16Features", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_FULL_LAYOUT", "build_vgg16_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +26,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision VGG16 configuration up to pool3: conv output channels, "M" = 2x2 max pool.
 _LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M")
+# All of torchvision's ``vgg16().features`` (31 modules, ``features.0`` ... ``features.30``), as LPIPS uses it.
+VGG16_FULL_LAYOUT = (*_LAYOUT, 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def _build_features() -> nn.Sequential:
+def build_vgg16_features(layout: tuple = _LAYOUT) -> nn.Sequential:
+    """torchvision's VGG16 ``features`` layers for ``layout`` (indices, hence state-dict keys, match torchvision)."""
     layers: list[nn.Module] = []
     in_channels = 3
-    for item in _LAYOUT:
+    for item in layout:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
@@ -65,7 +68,7 @@ class VGG16Features(nn.Module):
         normalize_input: bool = False,
     ) -> None:
         super().__init__()
-        self.features = _build_features()
+        self.features = build_vgg16_features()
         self.normalize_input = normalize_input
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

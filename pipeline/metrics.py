@@ -175,6 +175,20 @@ class BucketedMetrics:
                 out[f"{metric}{suffix}"] = float(row[column]) / count
         return out
 
+    def sums(self) -> torch.Tensor:
+        """A copy of this rank's running sums (rows: buckets then "outside"; columns: metrics then count)."""
+        return self._local.clone()
+
+    @classmethod
+    def from_sums(cls, sums: Sequence[torch.Tensor]) -> "BucketedMetrics":
+        """Accumulated sums of several workers (from :meth:`sums`) added into one accumulator."""
+        merged = cls()
+        for table in sums:
+            if table.shape != merged._local.shape:
+                raise ValueError(f"bucketed sums must have shape {tuple(merged._local.shape)}, got {tuple(table.shape)}")
+            merged._local += table.to(torch.float64)
+        return merged
+
     @property
     def count(self) -> int:
         """Images accumulated (over all ranks after :meth:`all_reduce`)."""

@@ -203,7 +203,8 @@ def test_evaluate_job_prints_the_bucket_table_and_records_it_against_the_version
     champion = client.get_model_version_by_alias(MODEL, "champion")
     run = client.get_run(run_id)
     assert run.data.tags["holefill.model_version"] == champion.version and "psnr/0.50-0.60" in run.data.metrics
-    assert {a.path for a in client.list_artifacts(run_id, "eval")} == {"eval/per_bucket.json", "eval/table.txt"}
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} == {"eval/per_bucket.json", "eval/table.txt",
+                                                                       "eval/samples.npz"}
     assert any(k.endswith(".psnr") for k in client.get_model_version(MODEL, champion.version).tags)
 
 

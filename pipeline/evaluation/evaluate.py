@@ -1,62 +1,146 @@
-"""Evaluate a generator on a pinned eval set: per-bucket PSNR/SSIM/L1, a printable table, MLflow records.
+"""Evaluate a generator on its slice of a pinned eval set; merge slices into per-bucket results and a table.
 
-An evaluation reads every sample of the eval manifest exactly once (``pipeline.data.loaders.make_eval_loader``),
-inpaints it with the generator (:func:`pipeline.lifecycle.inference.inpaint_tensor`, so the numbers are of
-*composited* outputs, as in the papers' tables) and accumulates :class:`pipeline.metrics.BucketedMetrics`.
-Results are identified by the eval manifest's hash, so two numbers are only ever compared when they
-come from the same pinned set.
+One evaluation worker (:func:`evaluate_slice`) reads its rank's share of the eval manifest exactly once
+(``pipeline.data.loaders.make_eval_loader``), inpaints every sample with the generator
+(:func:`models.inpaint.inpaint_tensor`, so the numbers are of *composited* outputs, as in the papers' tables),
+and accumulates PSNR/SSIM/L1 (:class:`pipeline.metrics.BucketedMetrics`), the perceptual records
+(:mod:`pipeline.evaluation.perceptual`) and a few sample pictures per bucket. :func:`merge_slices` turns the
+workers' parts into one summary. Spreading the slices over Ray workers is :mod:`pipeline.evaluation.ray_eval`.
+Results are identified by the eval manifest's hash, so two numbers are only ever compared when they come
+from the same pinned set.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import Field
 
+from models.inception import to_uint8
 from models.inpaint import inpaint_tensor
+from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.config import Config
-from pipeline.buckets import BUCKET_NAMES
+from pipeline.evaluation.perceptual import (
+    MetricWeights,
+    PerceptualAccumulator,
+    PerceptualPart,
+    PerceptualSettings,
+    perceptual_summary,
+)
 
 __all__ = [
     "EvaluationSettings",
     "EvaluationResult",
-    "evaluate_generator",
-    "evaluate_on_manifest",
+    "GeneratorSpec",
+    "Sample",
+    "SlicePart",
+    "evaluate_slice",
     "format_table",
-    "log_evaluation",
+    "merge_slices",
+    "metric_columns",
 ]
 
 log = logging.getLogger(__name__)
 
 METRICS = ("psnr", "ssim", "l1")
-EVAL_TAG_PREFIX = "holefill.eval"
+PER_BUCKET_METRICS = ("psnr", "ssim", "l1", "fid", "lpips")
+OVERALL_ONLY_METRICS = ("p_ids", "u_ids")
 
 
 class EvaluationSettings(Config):
     """How to run an evaluation (the eval set itself is given by its manifest URL).
 
     ``crop_size`` centre-crops eval samples (as training's validation does; ``None`` keeps the stored size),
-    ``fit`` is how sizes that are not multiples of the model's rule are handled (see ``pipeline.lifecycle.inference``),
-    ``experiment`` is where evaluation runs are recorded.
+    ``fit`` is how sizes that are not multiples of the model's rule are handled (see ``models.inpaint``),
+    ``num_workers`` Ray workers share the eval set (``cpus_per_worker`` each, one GPU each with ``use_gpu``),
+    ``samples_per_bucket`` pictures are kept per hole bucket for the promotion record, ``perceptual`` chooses
+    FID / LPIPS / P-IDS-U-IDS and their weights, ``experiment`` is where evaluation runs are recorded.
     """
 
-    batch_size: int = 8
+    batch_size: int = Field(default=8, ge=1)
     crop_size: int | None = 256
     fit: Literal["pad", "crop"] = "pad"
     device: str = "cpu"
+    num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    use_gpu: bool = False
+    samples_per_bucket: int = Field(default=2, ge=0)
+    perceptual: PerceptualSettings = Field(default_factory=PerceptualSettings)
     experiment: str = "holefill-evaluation"
     storage_options: dict[str, Any] = {}
 
 
 @dataclass
+class GeneratorSpec:
+    """The generator an evaluation worker runs and its architecture name (travels through Ray's object store).
+
+    The module itself is shipped (its class by reference, its weights as tensors), so generators built with
+    non-default options evaluate as they are; :meth:`from_state_dict` builds one from weights + arch.
+    """
+
+    arch: str
+    module: nn.Module
+
+    @classmethod
+    def of(cls, generator: nn.Module, arch: str) -> "GeneratorSpec":
+        """The spec of a built generator (an fp32 CPU copy in eval mode; the caller's module is left as is)."""
+        import copy
+
+        return cls(arch, copy.deepcopy(generator).float().cpu().eval())
+
+    @classmethod
+    def from_state_dict(cls, arch: str, state_dict: Mapping[str, torch.Tensor], **kwargs: Any) -> "GeneratorSpec":
+        """A generator of ``arch`` (built with ``kwargs``) holding ``state_dict`` (strict)."""
+        from models.registry import get_architecture
+
+        generator = get_architecture(arch).generator(**kwargs)
+        generator.load_state_dict(dict(state_dict), strict=True)
+        return cls(arch, generator.float().eval())
+
+    def build(self) -> nn.Module:
+        """The generator in eval mode."""
+        return self.module.eval()
+
+
+@dataclass
+class Sample:
+    """One eval sample kept for pictures: uint8 (3,H,W) input with the hole greyed, output, truth."""
+
+    key: str
+    bucket: str
+    masked: np.ndarray
+    output: np.ndarray
+    truth: np.ndarray
+
+
+@dataclass
+class SlicePart:
+    """What one worker returns: PSNR/SSIM/L1 sums per bucket row, perceptual records, kept samples."""
+
+    table: torch.Tensor
+    perceptual: PerceptualPart
+    samples: list[Sample]
+    images: int
+    seconds: float
+
+
+@dataclass
 class EvaluationResult:
-    """Metrics of one model on one eval set: ``summary`` has ``psnr``, ``ssim``, ``l1``, ``count`` and
-    ``<metric>/<bucket>`` keys (see :class:`pipeline.metrics.BucketedMetrics`)."""
+    """Metrics of one model on one eval set.
+
+    ``summary`` has ``psnr``, ``ssim``, ``l1``, ``count`` and ``<metric>/<bucket>`` keys (see
+    :class:`pipeline.metrics.BucketedMetrics`), plus ``fid``, ``lpips`` (overall and per bucket) and ``p_ids``,
+    ``u_ids`` when computed. ``count`` / ``count/<bucket>`` is N for every number. ``weights`` maps each metric
+    network to the sha256 of its weights file (``random`` for random weights); ``metric_set`` identifies the
+    metrics, their weights and the settings that change the numbers (the evaluation cache key with the model
+    version and the eval manifest hash).
+    """
 
     model_ref: str
     arch: str
@@ -65,14 +149,23 @@ class EvaluationResult:
     summary: dict[str, float]
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, str] = field(default_factory=dict)
+    metric_set: str = ""
+    samples: list[Sample] = field(default_factory=list)
+    cached: bool = False
 
     def table(self) -> str:
         """The per-bucket table as printed by ``jobs/evaluate.py``."""
         return format_table(self.summary)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per bucket plus ``all``: bucket, count, psnr, ssim, l1 (``None`` where empty)."""
+        """One dict per bucket plus ``all``: bucket, count and every metric measured (``None`` where empty)."""
         return table_rows(self.summary)
+
+
+def metric_columns(summary: Mapping[str, float]) -> list[str]:
+    """The per-bucket metrics present in ``summary``, in table order."""
+    return [m for m in PER_BUCKET_METRICS if m in summary or any(k.startswith(f"{m}/") for k in summary)]
 
 
 def table_rows(summary: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -80,109 +173,89 @@ def table_rows(summary: Mapping[str, float]) -> list[dict[str, Any]]:
     rows = []
     for bucket, suffix in [*((b, f"/{b}") for b in BUCKET_NAMES), ("all", "")]:
         row: dict[str, Any] = {"bucket": bucket, "count": int(summary.get(f"count{suffix}", 0))}
-        for metric in METRICS:
+        for metric in metric_columns(summary):
             row[metric] = summary.get(f"{metric}{suffix}")
         rows.append(row)
     return rows
 
 
+_FORMATS = {"psnr": ("PSNR", 2), "ssim": ("SSIM", 4), "l1": ("L1", 4), "fid": ("FID", 2), "lpips": ("LPIPS", 4)}
+
+
 def format_table(summary: Mapping[str, float]) -> str:
-    """A fixed-width text table: hole-ratio bucket | images | PSNR | SSIM | L1."""
-    lines = [f"{'hole ratio':<12}{'images':>8}{'PSNR':>9}{'SSIM':>9}{'L1':>9}"]
+    """A fixed-width text table: hole-ratio bucket | images (N) | PSNR | SSIM | L1 [| FID | LPIPS], then P-IDS/U-IDS."""
+    columns = metric_columns(summary)
+    lines = [f"{'hole ratio':<12}{'images':>8}" + "".join(f"{_FORMATS[m][0]:>9}" for m in columns)]
     for row in table_rows(summary):
-        cells = [
-            f"{row[m]:>9.{p}f}" if row[m] is not None else f"{'-':>9}"
-            for m, p in (("psnr", 2), ("ssim", 4), ("l1", 4))
-        ]
+        cells = [f"{row[m]:>9.{_FORMATS[m][1]}f}" if row[m] is not None else f"{'-':>9}" for m in columns]
         lines.append(f"{row['bucket']:<12}{row['count']:>8}{''.join(cells)}")
+    if "p_ids" in summary:
+        lines.append(f"P-IDS {summary['p_ids']:.4f}  U-IDS {summary['u_ids']:.4f}  (overall, N={int(summary['count'])})")
     return "\n".join(lines)
 
 
+def _keep_samples(kept: dict[str, list[Sample]], limit: int, image: torch.Tensor, mask: torch.Tensor,
+                  output: torch.Tensor, keys: Sequence[str], ratios: torch.Tensor) -> None:
+    """Keep the ``limit`` smallest keys per bucket (a rule that does not depend on how the set was split)."""
+    if limit == 0:
+        return
+    masked = image * (1 - mask) + 0.5 * mask
+    for index, key in enumerate(keys):
+        bucket = bucket_of(float(ratios[index]))
+        if bucket is None:
+            continue
+        chosen = kept.setdefault(bucket, [])
+        if len(chosen) >= limit and key >= chosen[-1].key:
+            continue
+        chosen.append(Sample(key, bucket, to_uint8(masked[index]).cpu().numpy(), to_uint8(output[index]).cpu().numpy(),
+                             to_uint8(image[index]).cpu().numpy()))
+        chosen.sort(key=lambda s: s.key)
+        del chosen[limit:]
+
+
 @torch.no_grad()
-def evaluate_generator(generator: nn.Module, arch: str, eval_manifest: str,
-                       settings: EvaluationSettings | None = None) -> dict[str, float]:
-    """Run ``generator`` over every sample of ``eval_manifest`` once; returns the metrics summary."""
+def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings: EvaluationSettings,
+                   weights: MetricWeights, rank: int = 0, world_size: int = 1,
+                   truth_features: Mapping[str, np.ndarray] | None = None) -> SlicePart:
+    """Evaluate ``generator`` on rank ``rank``'s share of ``eval_manifest`` (every sample read once over all ranks).
+
+    ``truth_features``: known Inception features of the truths by sample key (skips them in the network)."""
     from pipeline.data.loaders import make_eval_loader
     from pipeline.metrics import BucketedMetrics
 
-    settings = settings or EvaluationSettings()
-    device = torch.device(settings.device)
+    device = torch.device("cuda" if settings.use_gpu else settings.device)
     generator = generator.to(device).eval()
-    metrics = BucketedMetrics()
+    inception, lpips = weights.build(device)
+    metrics, perceptual = BucketedMetrics(), PerceptualAccumulator(inception, lpips, truth_features)
+    kept: dict[str, list[Sample]] = {}
     loader = make_eval_loader(eval_manifest, batch_size=settings.batch_size, crop_size=settings.crop_size,
-                              storage_options=settings.storage_options or None)
+                              rank=rank, world_size=world_size, storage_options=settings.storage_options or None)
     started, seen = time.monotonic(), 0
     for batch in loader:
         image, mask = batch["image"].to(device), batch["mask"].to(device)
         output = inpaint_tensor(generator, arch, image, mask, fit=settings.fit)
         metrics.update(output, image, batch["hole_ratio"])
+        perceptual.update(output, image, batch["hole_ratio"], batch["key"])
+        _keep_samples(kept, settings.samples_per_bucket, image, mask, output, batch["key"], batch["hole_ratio"])
         seen += image.shape[0]
-        elapsed = time.monotonic() - started
-        log.info("evaluated %d images (%.1f images/s)", seen, seen / max(elapsed, 1e-9))
-    if seen == 0:
-        raise ValueError(f"eval set {eval_manifest} yielded no samples")
-    return metrics.all_reduce().summary()
+        log.info("rank %d/%d: evaluated %d images (%.2f images/s)", rank, world_size, seen,
+                 seen / max(time.monotonic() - started, 1e-9))
+    samples = [s for bucket in BUCKET_NAMES for s in kept.get(bucket, [])]
+    return SlicePart(metrics.sums(), perceptual.part, samples, seen, time.monotonic() - started)
 
 
-def evaluate_on_manifest(generator: nn.Module, arch: str, model_ref: str, eval_manifest: str,
-                         settings: EvaluationSettings | None = None) -> EvaluationResult:
-    """Evaluate ``generator`` (known to its caller as ``model_ref``) on the pinned set ``eval_manifest``."""
-    from pipeline.data.manifest import load_manifest, manifest_hash
+def merge_slices(parts: Sequence[SlicePart], metrics: Sequence[str],
+                 samples_per_bucket: int) -> tuple[dict[str, float], list[Sample], PerceptualPart]:
+    """One summary, the kept samples (smallest keys per bucket) and the merged per-image records of every part."""
+    from pipeline.metrics import BucketedMetrics
 
-    settings = settings or EvaluationSettings()
-    manifest = load_manifest(eval_manifest, settings.storage_options or None)
-    if manifest.kind != "eval":
-        raise ValueError(f"{eval_manifest} is a {manifest.kind!r} manifest; evaluation needs an 'eval' manifest")
-    started = time.monotonic()
-    summary = evaluate_generator(generator, arch, eval_manifest, settings)
-    return EvaluationResult(model_ref, arch, eval_manifest, manifest_hash(manifest), summary,
-                            time.monotonic() - started, {"dataset_version": manifest.dataset_version})
-
-
-def _finite(summary: Mapping[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-
-
-def log_evaluation(tracking_uri: str, result: EvaluationResult, model_name: str | None = None,
-                   model_version: str | None = None, experiment: str = "holefill-evaluation") -> str:
-    """Record an evaluation in MLflow; returns the evaluation run's id.
-
-    One run in ``experiment`` holds the metrics (linked to the version's logged model when known, so they
-    show on the model's page), ``eval/per_bucket.json`` (an MLflow table) and ``eval/table.txt``. When the
-    model is a registered version, its tags get ``holefill.eval.<hash12>.<metric>`` for quick comparison.
-    """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from pipeline.tracking import get_or_create_experiment, redact
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    model_id = None
-    if model_name and model_version:
-        model_id = client.get_model_version(model_name, str(model_version)).model_id
-    experiment_id = get_or_create_experiment(client, experiment)
-    tags = {
-        "holefill.model_ref": redact(result.model_ref), "holefill.arch": result.arch,
-        "holefill.eval_manifest": redact(result.eval_manifest), "holefill.eval_manifest_hash": result.eval_manifest_hash,
-    }
-    if model_name and model_version:
-        tags.update({"holefill.model_name": model_name, "holefill.model_version": str(model_version)})
-    short = result.eval_manifest_hash[:12]
-    run = client.create_run(experiment_id, run_name=f"eval-{model_name or result.arch}-{model_version or 'file'}-{short}",
-                            tags=tags)
-    stamp = int(time.time() * 1000)
-    metrics = [Metric(k, v, stamp, 0, model_id=model_id) for k, v in _finite(result.summary).items()]
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run.info.run_id, metrics=metrics[start: start + 1000])
-    rows = result.rows()
-    client.log_table(run.info.run_id, {key: [row[key] for row in rows] for key in rows[0]}, "eval/per_bucket.json")
-    client.log_text(run.info.run_id, result.table() + "\n", "eval/table.txt")
-    client.set_terminated(run.info.run_id)
-    if model_name and model_version:
-        for metric in (*METRICS, "count"):
-            if metric in result.summary:
-                client.set_model_version_tag(model_name, str(model_version), f"{EVAL_TAG_PREFIX}.{short}.{metric}",
-                                             f"{result.summary[metric]:.6g}")
-        client.set_model_version_tag(model_name, str(model_version), f"{EVAL_TAG_PREFIX}.{short}.run_id",
-                                     run.info.run_id)
-    return run.info.run_id
+    if sum(p.images for p in parts) == 0:
+        raise ValueError("the eval set yielded no samples")
+    summary = BucketedMetrics.from_sums([p.table for p in parts]).summary()
+    records = PerceptualPart.merge([p.perceptual for p in parts])
+    summary.update(perceptual_summary(records, metrics))
+    samples = []
+    for bucket in BUCKET_NAMES:
+        in_bucket = sorted((s for p in parts for s in p.samples if s.bucket == bucket), key=lambda s: s.key)
+        samples += in_bucket[:samples_per_bucket]
+    return summary, samples, records

@@ -10,8 +10,11 @@ Rules (DESIGN.md, data flow 7):
 * A challenger is promoted only when the gate passes: every rule compares challenger and champion,
   evaluated in the same call on the same pinned eval set. With no champion yet, the first valid model
   (evaluated on a non-empty set, finite metrics, above the optional absolute floors) becomes champion.
-* Every decision is recorded on the challenger version: ``holefill.promotion.*`` tags and a description
-  holding the comparison table and the reasons.
+* The gate's metrics, directions and thresholds are configurable; unset, it uses FID and LPIPS when both
+  models were measured on them (PSNR alone rewards blur), PSNR/SSIM otherwise, and says which.
+* Every decision is recorded on the challenger version: ``holefill.promotion.*`` tags, a description holding
+  the gate's checks, the reasons and the champion-vs-challenger table per hole bucket, and a run with the
+  per-bucket pictures (:mod:`pipeline.lifecycle.evidence`).
 """
 
 from __future__ import annotations
@@ -47,22 +50,24 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 CHALLENGER = "challenger"
 TAG = "holefill.promotion"
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "fid": False, "lpips": False, "p_ids": True,
+                    "u_ids": True}
 
 Evaluator = Callable[[str, str], Mapping[str, float]]
-"""``evaluator(model_name, version) -> metrics summary`` (keys ``psnr``, ``psnr/0.01-0.10``, ``count``, …)."""
+"""``evaluator(model_name, version) -> metrics summary`` (keys ``psnr``, ``psnr/0.01-0.10``, ``count``, …); one
+that also has ``samples(model_name, version) -> list[Sample]`` gets its pictures into the decision record."""
 
 
 class GateRule(Config):
     """One comparison: ``improvement(metric, scope) >= min_improvement``.
 
-    Improvement is ``challenger - champion`` for PSNR/SSIM and ``champion - challenger`` for L1, so a
-    positive number always means "better". ``scope``: ``overall``, ``each_bucket`` (every bucket both
-    models have samples in) or one bucket name such as ``0.30-0.40``. A negative ``min_improvement`` is a
-    tolerated regression.
+    Improvement is ``challenger - champion`` for higher-is-better metrics (PSNR, SSIM, P-IDS, U-IDS) and
+    ``champion - challenger`` for lower-is-better ones (L1, FID, LPIPS), so a positive number always means
+    "better". ``scope``: ``overall``, ``each_bucket`` (every bucket both models have the metric for) or one
+    bucket name such as ``0.30-0.40``. A negative ``min_improvement`` is a tolerated regression.
     """
 
-    metric: Literal["psnr", "ssim", "l1"]
+    metric: Literal["psnr", "ssim", "l1", "fid", "lpips", "p_ids", "u_ids"]
     scope: str = "overall"
     min_improvement: float = 0.0
 
@@ -74,17 +79,41 @@ class GateRule(Config):
         return scope
 
 
-class GateConfig(Config):
-    """The promotion gate: every rule must pass; ``min_values`` are absolute floors (first champion too)."""
+# PSNR alone rewards blur (a blurry fill has a lower squared error than a sharp, slightly misplaced one), so the
+# default gate uses FID and LPIPS whenever both models were measured on them (their weights are configured).
+PSNR_RULES = (
+    GateRule(metric="psnr", scope="overall", min_improvement=0.01),
+    GateRule(metric="psnr", scope="each_bucket", min_improvement=-0.5),
+    GateRule(metric="ssim", scope="overall", min_improvement=-0.005),
+)
+PERCEPTUAL_RULES = (
+    GateRule(metric="fid", scope="overall", min_improvement=0.1),
+    GateRule(metric="fid", scope="each_bucket", min_improvement=-2.0),
+    GateRule(metric="lpips", scope="overall", min_improvement=0.0),
+)
 
-    rules: list[GateRule] = Field(default_factory=lambda: [
-        GateRule(metric="psnr", scope="overall", min_improvement=0.01),
-        GateRule(metric="psnr", scope="each_bucket", min_improvement=-0.5),
-        GateRule(metric="ssim", scope="overall", min_improvement=-0.005),
-    ])
-    min_values: dict[Literal["psnr", "ssim"], float] = Field(default_factory=dict)
-    max_values: dict[Literal["l1"], float] = Field(default_factory=dict)
+
+class GateConfig(Config):
+    """The promotion gate: every rule must pass; ``min_values`` are absolute floors (first champion too).
+
+    ``rules`` unset (``null``): FID and LPIPS rules (:data:`PERCEPTUAL_RULES`) when both models have FID and
+    LPIPS, PSNR rules (:data:`PSNR_RULES`) otherwise; the decision says which.
+    """
+
+    rules: list[GateRule] | None = None
+    min_values: dict[Literal["psnr", "ssim", "p_ids", "u_ids"], float] = Field(default_factory=dict)
+    max_values: dict[Literal["l1", "fid", "lpips"], float] = Field(default_factory=dict)
     min_samples: int = Field(default=1, ge=1)
+
+    def resolve(self, champion: Mapping[str, float] | None, challenger: Mapping[str, float]) -> tuple[list[GateRule], str]:
+        """The rules to apply to this pair and a sentence saying which (for the decision record)."""
+        if self.rules is not None:
+            return list(self.rules), "configured rules: " + ", ".join(f"{r.metric} {r.scope} >= {r.min_improvement:+g}" for r in self.rules)
+        both = [challenger] + ([champion] if champion is not None else [])
+        if all("fid" in s and "lpips" in s for s in both):
+            return list(PERCEPTUAL_RULES), "default FID + LPIPS rules (their weights are configured)"
+        return list(PSNR_RULES), ("default PSNR rules: FID/LPIPS weights are not configured "
+                                  "(PSNR alone rewards blur; configure evaluation.perceptual)")
 
 
 @dataclass
@@ -107,6 +136,7 @@ class GateDecision:
     passed: bool
     reasons: list[str]
     checks: list[Check] = field(default_factory=list)
+    basis: str = ""
 
     def markdown(self) -> str:
         """The comparison as a Markdown table (MLflow renders version descriptions as Markdown)."""
@@ -146,20 +176,23 @@ def _scopes(rule: GateRule, champion: Mapping[str, float], challenger: Mapping[s
     if rule.scope == "overall":
         return ["overall"]
     if rule.scope == "each_bucket":
-        return [b for b in BUCKET_NAMES if champion.get(f"count/{b}", 0) > 0 and challenger.get(f"count/{b}", 0) > 0]
+        # Buckets both models were measured in (FID needs >= 2 images in a bucket, so it may skip some).
+        return [b for b in BUCKET_NAMES if champion.get(f"count/{b}", 0) > 0 and challenger.get(f"count/{b}", 0) > 0
+                and f"{rule.metric}/{b}" in champion and f"{rule.metric}/{b}" in challenger]
     return [rule.scope]
 
 
 def evaluate_gate(challenger: Mapping[str, float], champion: Mapping[str, float] | None,
                   gate: GateConfig) -> GateDecision:
     """Decide whether ``challenger`` may replace ``champion`` (``None``: there is no champion yet)."""
+    rules, basis = gate.resolve(champion, challenger)
     problems = _valid(challenger, gate)
     if problems:
-        return GateDecision(False, [f"challenger is not a valid model: {p}" for p in problems])
+        return GateDecision(False, [f"challenger is not a valid model: {p}" for p in problems], basis=basis)
     if champion is None:
-        return GateDecision(True, ["no champion yet: the first valid model becomes champion"])
+        return GateDecision(True, ["no champion yet: the first valid model becomes champion"], basis=basis)
     checks: list[Check] = []
-    for rule in gate.rules:
+    for rule in rules:
         for scope in _scopes(rule, champion, challenger):
             key = rule.metric if scope == "overall" else f"{rule.metric}/{scope}"
             old, new = champion.get(key), challenger.get(key)
@@ -176,8 +209,8 @@ def evaluate_gate(challenger: Mapping[str, float], champion: Mapping[str, float]
                                          if c.improvement is not None else "not measured for both models")
             for c in failed
         ]
-        return GateDecision(False, reasons, checks)
-    return GateDecision(True, [f"all {len(checks)} gate checks passed"], checks)
+        return GateDecision(False, reasons, checks, basis)
+    return GateDecision(True, [f"all {len(checks)} gate checks passed"], checks, basis)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,18 +248,40 @@ class PromotionOutcome:
         return self.action in ("promoted", "first_champion")
 
 
-def _describe(outcome: PromotionOutcome, eval_set: str) -> str:
+def _describe(outcome: PromotionOutcome, eval_set: str, evidence_run: str | None = None) -> str:
+    from pipeline.lifecycle.evidence import comparison_markdown
+
     decision = outcome.decision
     head = (f"**Promotion gate: {outcome.action.replace('_', ' ')}** "
             f"({datetime.now(timezone.utc).isoformat(timespec='seconds')}, eval set `{eval_set}`)\n\n"
             f"Compared with champion: {('version ' + outcome.champion_before) if outcome.champion_before else 'none'}\n")
+    basis = f"Gate: {decision.basis}\n" if decision and decision.basis else ""
     reasons = "\n".join(f"* {r}" for r in (decision.reasons if decision else []))
     table = decision.markdown() if decision and decision.checks else ""
-    return "\n".join(part for part in (head, reasons, table) if part)
+    metrics = ("\n**Champion vs challenger per hole bucket**\n\n" + comparison_markdown(outcome.champion_metrics,
+                                                                                          outcome.challenger_metrics)
+               if outcome.challenger_metrics else "")
+    pictures = (f"\nPictures per bucket (input | champion | challenger | truth): run `{evidence_run}`, "
+                "artifacts `pictures/`" if evidence_run else "")
+    return "\n".join(part for part in (head, basis, reasons, table, metrics, pictures) if part)
 
 
-def _record(client, outcome: PromotionOutcome, eval_set: str) -> None:
+def _record(client, outcome: PromotionOutcome, eval_set: str, evaluator: Evaluator | None = None,
+            evidence_experiment: str = "holefill-promotion") -> None:
+    from pipeline.lifecycle.evidence import bucket_pictures, comparison_markdown, log_evidence
     from pipeline.tracking import MAX_TAG_VALUE_CHARS, truncate
+
+    evidence_run = None
+    if outcome.decision is not None:
+        # Pictures come from evaluators that keep samples (the registry evaluator does); table-driven ones give none.
+        samples = getattr(evaluator, "samples", None)
+        pictures = {}
+        if samples is not None:
+            pictures = bucket_pictures(samples(outcome.model, outcome.champion_before) if outcome.champion_before else [],
+                                       samples(outcome.model, outcome.challenger))
+        evidence_run = log_evidence(client, evidence_experiment, outcome.model, outcome.challenger,
+                                    outcome.champion_before,
+                                    comparison_markdown(outcome.champion_metrics, outcome.challenger_metrics), pictures)
 
     # Tags are for searching and at-a-glance columns (one REST call each, so few); the description holds
     # the full comparison table.
@@ -235,21 +290,29 @@ def _record(client, outcome: PromotionOutcome, eval_set: str) -> None:
         f"{TAG}.compared_to": outcome.champion_before or "none",
         f"{TAG}.eval_set": eval_set,
         f"{TAG}.reasons": "; ".join(outcome.decision.reasons) if outcome.decision else "",
+        f"{TAG}.gate": outcome.decision.basis if outcome.decision else "",
     }
-    if "psnr" in outcome.challenger_metrics:
-        tags[f"{TAG}.challenger_psnr"] = f"{outcome.challenger_metrics['psnr']:.6g}"
-    if outcome.champion_metrics and "psnr" in outcome.champion_metrics:
-        tags[f"{TAG}.champion_psnr"] = f"{outcome.champion_metrics['psnr']:.6g}"
+    if evidence_run:
+        tags[f"{TAG}.evidence_run"] = evidence_run
+    for metric in ("psnr", "fid", "lpips"):
+        if metric in outcome.challenger_metrics:
+            tags[f"{TAG}.challenger_{metric}"] = f"{outcome.challenger_metrics[metric]:.6g}"
+        if outcome.champion_metrics and metric in outcome.champion_metrics:
+            tags[f"{TAG}.champion_{metric}"] = f"{outcome.champion_metrics[metric]:.6g}"
     for key, value in tags.items():
         client.set_model_version_tag(outcome.model, outcome.challenger, key, truncate(value, MAX_TAG_VALUE_CHARS))
-    client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set))
+    client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set, evidence_run))
 
 
 def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: GateConfig,
-            eval_set: str = "", champion_alias: str = CHAMPION) -> PromotionOutcome:
+            eval_set: str = "", champion_alias: str = CHAMPION,
+            evidence_experiment: str = "holefill-promotion") -> PromotionOutcome:
     """Evaluate version ``challenger`` of model ``name`` against the current champion and move the alias
     when the gate passes (``previous_champion`` keeps the old one). The decision is recorded on the
-    challenger version whatever it is. ``eval_set`` names the pinned eval set (its manifest hash) in the record.
+    challenger version whatever it is: tags, a description with the gate's checks and the per-bucket metric
+    table, and a run in ``evidence_experiment`` with the table and per-bucket pictures (when ``evaluator`` has
+    a ``samples(name, version)`` method, as :class:`pipeline.lifecycle.evaluations.RegistryEvaluator` does).
+    ``eval_set`` names the pinned eval set (its manifest hash) in the record.
     """
     challenger = str(challenger)
     client.get_model_version(name, challenger)  # a missing version fails here, before any evaluation
@@ -284,7 +347,7 @@ def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: Gate
                 client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
             client.set_registered_model_alias(name, champion_alias, challenger)
             outcome.champion_after = challenger
-    _record(client, outcome, eval_set)
+    _record(client, outcome, eval_set, evaluator, evidence_experiment)
     log.info("%s version %s: %s (%s)", name, challenger, outcome.action, "; ".join(decision.reasons))
     return outcome
 

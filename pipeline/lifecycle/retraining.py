@@ -280,8 +280,8 @@ def _previous_version(config: RetrainJobConfig) -> tuple[int, str | None]:
 
 
 def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
-    from pipeline.lifecycle.evaluations import registry_evaluator
-    from pipeline.data.manifest import load_manifest, manifest_hash, manifest_url_for
+    from pipeline.lifecycle.evaluations import RegistryEvaluator
+    from pipeline.data.manifest import load_manifest, manifest_url_for
     from pipeline.lifecycle.promotion import promote
     from pipeline.data.sharding import ShardJobConfig, run_shard_job
     from pipeline.data.sources import list_source, new_items
@@ -324,6 +324,8 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     if not load_train_config(config.train_config, overrides).mlflow.enabled:
         raise ConfigError("config key train_overrides: retraining registers a challenger, so mlflow.enabled must be true")
 
+    # The eval set and the metric weights are read now: a missing weights file stops the run before sharding.
+    evaluator = RegistryEvaluator(tracking_uri, config.eval_manifest, config.evaluation)
     log.info("retrain: %d new items -> data version %d at %s", len(fresh), number, out)
     sharded = run_shard_job(shard_config)
     champion = _champion(client, config.registered_model)  # read now: a hand-moved alias is honoured
@@ -344,10 +346,7 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     client.set_model_version_tag(config.registered_model, version, "holefill.retrain.fine_tuned_from",
                                  f"version {champion}" if champion else "none (trained from scratch)")
 
-    eval_set = manifest_hash(load_manifest(config.eval_manifest, config.storage_options))
-    outcome = promote(client, config.registered_model, version,
-                      registry_evaluator(tracking_uri, config.eval_manifest, config.evaluation), config.gate,
-                      eval_set=eval_set)
+    outcome = promote(client, config.registered_model, version, evaluator, config.gate, eval_set=evaluator.manifest_hash)
     publish_latest(config.data_root, number, sharded.manifest_url, config.storage_options)
     message = (f"retrained on data version {number} (+{len(fresh)} images): {config.registered_model} version "
                f"{version} {outcome.action}")
