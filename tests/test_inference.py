@@ -192,10 +192,10 @@ def test_small_images_and_no_strategy_take_the_whole_image_path(rn):
     from models.inpaint import CropStrategy
 
     generator = Recording(rn)
-    image, mask = _inputs(300, 451)
+    image, mask = _inputs(30, 45)
     whole = inpaint_tensor(generator, "rn", image, mask)
-    same = inpaint_tensor(generator, "rn", image, mask, strategy=CropStrategy(trigger=451))
-    assert generator.sizes == [(300, 452), (300, 452)] and torch.equal(whole, same)
+    same = inpaint_tensor(generator, "rn", image, mask, strategy=CropStrategy(trigger=45))
+    assert generator.sizes == [(32, 48), (32, 48)] and torch.equal(whole, same)
 
 
 def test_hole_windows_are_disjoint_clipped_and_grown_by_the_margin():
