@@ -325,6 +325,7 @@ def test_loading_a_registered_model_leaves_no_download_behind(mlflow_server, tmp
 
     tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-download")
     image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
+    mask[..., 4:8, 4:8] = 1
     version = log_and_register_generator(mlflow_server, tracker.run_id, get_architecture("rn").generator().eval(),
                                          image, mask, "rn-download")
     tracker.finish()
