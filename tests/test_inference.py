@@ -216,3 +216,26 @@ def test_crop_strategy_settings_are_checked():
         CropStrategy(limit=0)
     with pytest.raises(ValueError, match="CropStrategy.margin must be a non-negative integer"):
         CropStrategy(margin=-1)
+
+
+def test_inpaint_paths_and_the_job_config_use_the_high_resolution_strategy(rn, tmp_path):
+    from models.inpaint import CropStrategy
+    from pipeline.config import ConfigError, load_config
+    from pipeline.lifecycle.inference import InpaintJobConfig
+
+    pixels = _write_image(tmp_path / "photo.png", 60, 90, 4)
+    hole = np.zeros((60, 90), np.uint8)
+    hole[10:16, 70:80] = 255
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    generator = Recording(rn)
+    inpaint_paths(generator, "rn", tmp_path / "photo.png", tmp_path / "out.png", tmp_path / "hole.png",
+                  strategy=CropStrategy(margin=4, trigger=32, limit=16))
+    assert len(generator.sizes) == 1 and max(generator.sizes[0]) <= 16
+    result = np.asarray(Image.open(tmp_path / "out.png"))
+    assert np.array_equal(result[hole == 0], pixels[hole == 0])
+
+    required = ["image=a.png", "out=b.png"]
+    assert load_config(InpaintJobConfig, None, required).hires.crop_strategy() == CropStrategy()
+    assert load_config(InpaintJobConfig, None, [*required, "hires.strategy=whole"]).hires.crop_strategy() is None
+    with pytest.raises(ConfigError, match="hires.limit"):
+        load_config(InpaintJobConfig, None, [*required, "hires.limit=0"])
