@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 # Run as a script, this file's folder leads sys.path and its name would shadow nothing, but keep bench/ out anyway.
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-sys.path.insert(0, os.path.dirname(_BENCH_DIR))
+_REPO = os.path.dirname(_BENCH_DIR)
+sys.path.insert(0, _REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -124,8 +125,9 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        # Replicas import this checkout's pipeline package, whatever else the interpreter has installed.
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": _REPO}})
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app(config), name="bench", route_prefix="/inpaint")

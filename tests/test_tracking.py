@@ -314,7 +314,8 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     script = tmp_path / "load.py"
     script.write_text(_LOAD_SCRIPT)
     subprocess.run([sys.executable, str(script), mlflow_server, "models:/rn-roundtrip@champion",
-                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True, cwd=REPO, timeout=300)
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True, cwd=REPO, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's code, not another install's
     result = torch.load(tmp_path / "out.pt", weights_only=True)
     assert result["arch"] == "rn" and result["training"] is False
     torch.testing.assert_close(result["out"], expected, atol=1e-5, rtol=0)

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
@@ -156,6 +157,14 @@ def _bundle_models_package(into: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _restored_sys_path(saved: list[str]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -211,7 +220,10 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
         spec.write_text(json.dumps({"arch": arch, "generator_kwargs": dict(generator_kwargs or {}),
                                     "format": MODEL_FORMAT}))
         code = _bundle_models_package(Path(tmp))
-        with _fluent_target(tracking_uri, run.info.experiment_id):
+        # MLflow validates the input example by loading the saved model, which prepends its code folder (in
+        # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
+        saved_path = list(sys.path)
+        with _fluent_target(tracking_uri, run.info.experiment_id), _restored_sys_path(saved_path):
             info = Model.log(
                 None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(PYFUNC_MODEL_FILE),
                 code_paths=[str(code)], artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
