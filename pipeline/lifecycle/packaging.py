@@ -158,7 +158,8 @@ def _bundle_models_package(into: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _restored_sys_path(saved: list[str]) -> Iterator[None]:
+def _restored_sys_path() -> Iterator[None]:
+    saved = list(sys.path)
     try:
         yield
     finally:
@@ -222,8 +223,7 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
         code = _bundle_models_package(Path(tmp))
         # MLflow validates the input example by loading the saved model, which prepends its code folder (in
         # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
-        saved_path = list(sys.path)
-        with _fluent_target(tracking_uri, run.info.experiment_id), _restored_sys_path(saved_path):
+        with _fluent_target(tracking_uri, run.info.experiment_id), _restored_sys_path():
             info = Model.log(
                 None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(PYFUNC_MODEL_FILE),
                 code_paths=[str(code)], artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
