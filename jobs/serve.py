@@ -37,7 +37,7 @@ def serve_champion(config: ServeConfig) -> int:
 
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
     check_tracking_server(config.tracking_uri)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray.init(log_to_driver=True)  # the cluster in RAY_ADDRESS (or the one `ray job submit` ran us on), else local
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
     return 0

@@ -77,6 +77,8 @@ class HolefillInpainter(mlflow.pyfunc.PythonModel):
         strategy = self._strategy(params)
         if isinstance(model_input, dict) and not isinstance(model_input.get("image"), (bytes, str, list)):
             return self._predict_tensors(model_input, strategy)
+        if isinstance(model_input, dict) and isinstance(model_input.get("image"), (bytes, str)):
+            model_input = [model_input]  # one request given as a dict of two encoded images
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in ("image", "mask") if c not in frame.columns]
         if missing:
