@@ -31,6 +31,7 @@ import torch.nn as nn
 import yaml
 from pydantic import Field
 
+import models
 from models.codec import DEFAULT_MAX_PIXELS, encode_png
 from models.inpaint import CropStrategy
 from models.registry import architectures, get_architecture
@@ -41,13 +42,13 @@ __all__ = ["HiresConfig", "ServingDefaults", "architecture_of", "build_generator
            "log_and_register_generator", "model_format", "reregister_version"]
 
 # The model's code file is executed by MLflow, never imported here (it calls mlflow.models.set_model on import);
-# these names are the contract with it (tests/test_serving.py checks they agree).
+# these names are the contract with it (tests/test_serving_packaging.py checks they agree).
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 GENERATOR_WEIGHTS = "generator_weights"  # artifact key: state dict file (torch.save, weights_only)
 GENERATOR_SPEC = "generator_spec"  # artifact key: JSON with the architecture name and builder kwargs
-MODEL_FORMAT = "holefill-generator/2"  # /1: cloudpickled wrapper (before models from code)
-LEGACY_FORMAT = "holefill-generator/1"
-_MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
+MODEL_FORMAT = "holefill-generator/2"  # a model from code
+LEGACY_FORMAT = "holefill-generator/1"  # a cloudpickled wrapper (registered before models from code)
+_MODELS_PACKAGE = Path(models.__file__).resolve().parent  # bundled as the model's code
 
 
 class HiresConfig(Config):
