@@ -8,6 +8,9 @@ Masks are 8-bit gray PNGs the size of the image, 255 = hole. Without ``--mask`` 
 ``mask_generator`` (seeded by ``seed`` and the file name) and saved beside the output as ``<name>.mask.png``.
 Sizes that are not multiples of the model's size rule are reflect-padded (``--fit pad``) or covered by
 corner windows (``--fit crop``) and brought back to the input size; pixels outside the hole are the input's.
+Photos larger than ``hires.trigger`` (1024 px) are inpainted in windows around their holes (``hires.margin``
+pixels of context, downscaled to ``hires.limit`` when larger), the rest copied: ``--hires whole`` sends
+the whole photo through the generator instead.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ FLAGS = {
     "mask": Flag("mask", "mask PNG (255 = hole) or folder of <stem>.png / <stem>.mask.png"),
     "out": Flag("out", "output file, or folder"),
     "fit": Flag("fit", "how to meet the model's size multiple", options={"choices": ("pad", "crop")}),
+    "hires": Flag("hires.strategy", "large photos: windows around the holes, or the whole image",
+                  options={"choices": ("crop", "whole")}),
 }
 
 
@@ -41,7 +46,7 @@ def inpaint(config: InpaintJobConfig) -> int:
     generator, arch = load_model_ref(config.model, tracking_uri, config.arch)
     generator.to(config.device)
     written = inpaint_paths(generator, arch, config.image, config.out, config.mask, config.fit,
-                            config.mask_generator, config.seed)
+                            config.mask_generator, config.seed, config.hires.crop_strategy())
     for path in written:
         print(path)
     return 0

@@ -76,6 +76,12 @@ def _normalize_one_region(x: torch.Tensor, region: torch.Tensor, per_sample: boo
     filled = inside + (1 - region) * region_mean
     if per_sample:
         normalized = F.instance_norm(filled, eps=eps)
+    elif torch.onnx.is_in_onnx_export():
+        # The TorchScript ONNX exporter cannot export batch_norm over a symbolic channel count (dynamic image
+        # sizes); the same batch statistics spelled out export, and agree with batch_norm to ~1e-7.
+        mean = filled.mean(dim=dims, keepdim=True)
+        variance = (filled - mean).square().mean(dim=dims, keepdim=True)
+        normalized = (filled - mean) * torch.rsqrt(variance + eps)
     else:
         # BatchNorm2d(affine=False, track_running_stats=False): batch statistics in train and eval alike.
         normalized = F.batch_norm(filled, None, None, training=True, momentum=0.0, eps=eps)

@@ -166,3 +166,76 @@ def test_inpaint_job_writes_a_same_size_result_and_reports_bad_input(rn, tmp_pat
     bad = subprocess.run([*job, "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "small.png"),
                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "sizes must match" in bad.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# High-resolution strategy: windows around the holes
+
+
+def test_a_3000x2000_photo_with_two_small_holes_only_sends_two_bounded_windows_through_the_network(rn):
+    from models.inpaint import CropStrategy
+
+    generator = Recording(rn)
+    image = torch.rand(1, 3, 2000, 3000)
+    mask = torch.zeros(1, 1, 2000, 3000)
+    mask[..., 100:140, 200:260] = 1  # near the top-left corner
+    mask[..., 1500:1900, 2000:2900] = 1  # a larger hole: its window exceeds the limit and is downscaled
+    out = inpaint_tensor(generator, "rn", image, mask, strategy=CropStrategy(margin=64, trigger=1024, limit=128))
+    assert len(generator.sizes) == 2
+    assert all(max(size) <= 128 for size in generator.sizes)  # memory bounded by the window, not the photo
+    _assert_same_outside_hole(out, image, mask)
+    for hole in ((slice(100, 140), slice(200, 260)), (slice(1500, 1900), slice(2000, 2900))):
+        assert not torch.equal(out[..., hole[0], hole[1]], image[..., hole[0], hole[1]])
+
+
+def test_small_images_and_no_strategy_take_the_whole_image_path(rn):
+    from models.inpaint import CropStrategy
+
+    generator = Recording(rn)
+    image, mask = _inputs(30, 45)
+    whole = inpaint_tensor(generator, "rn", image, mask)
+    same = inpaint_tensor(generator, "rn", image, mask, strategy=CropStrategy(trigger=45))
+    assert generator.sizes == [(32, 48), (32, 48)] and torch.equal(whole, same)
+
+
+def test_hole_windows_are_disjoint_clipped_and_grown_by_the_margin():
+    from models.inpaint import hole_windows
+
+    mask = torch.zeros(600, 800)
+    mask[10:20, 10:20] = 1
+    mask[30:40, 30:40] = 1  # within a margin of the first: one merged window
+    mask[500:510, 700:790] = 1
+    windows = hole_windows(mask, margin=32)
+    assert windows == [(0, 0, 72, 72), (464, 664, 544, 800)]  # cell-aligned (8 px cells), clipped at the right edge
+
+
+def test_crop_strategy_settings_are_checked():
+    from models.inpaint import CropStrategy
+
+    with pytest.raises(ValueError, match="CropStrategy.limit must be a positive integer"):
+        CropStrategy(limit=0)
+    with pytest.raises(ValueError, match="CropStrategy.margin must be a non-negative integer"):
+        CropStrategy(margin=-1)
+
+
+def test_inpaint_paths_and_the_job_config_use_the_high_resolution_strategy(rn, tmp_path):
+    from models.inpaint import CropStrategy
+    from pipeline.config import ConfigError, load_config
+    from pipeline.lifecycle.inference import InpaintJobConfig
+
+    pixels = _write_image(tmp_path / "photo.png", 60, 90, 4)
+    hole = np.zeros((60, 90), np.uint8)
+    hole[10:16, 70:80] = 255
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    generator = Recording(rn)
+    inpaint_paths(generator, "rn", tmp_path / "photo.png", tmp_path / "out.png", tmp_path / "hole.png",
+                  strategy=CropStrategy(margin=4, trigger=32, limit=16))
+    assert len(generator.sizes) == 1 and max(generator.sizes[0]) <= 16
+    result = np.asarray(Image.open(tmp_path / "out.png"))
+    assert np.array_equal(result[hole == 0], pixels[hole == 0])
+
+    required = ["image=a.png", "out=b.png"]
+    assert load_config(InpaintJobConfig, None, required).hires.crop_strategy() == CropStrategy()
+    assert load_config(InpaintJobConfig, None, [*required, "hires.strategy=whole"]).hires.crop_strategy() is None
+    with pytest.raises(ConfigError, match="hires.limit"):
+        load_config(InpaintJobConfig, None, [*required, "hires.limit=0"])

@@ -314,7 +314,8 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     script = tmp_path / "load.py"
     script.write_text(_LOAD_SCRIPT)
     subprocess.run([sys.executable, str(script), mlflow_server, "models:/rn-roundtrip@champion",
-                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True, cwd=REPO, timeout=300)
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True, cwd=REPO, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's code, not another install's
     result = torch.load(tmp_path / "out.pt", weights_only=True)
     assert result["arch"] == "rn" and result["training"] is False
     torch.testing.assert_close(result["out"], expected, atol=1e-5, rtol=0)
@@ -325,6 +326,7 @@ def test_loading_a_registered_model_leaves_no_download_behind(mlflow_server, tmp
 
     tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-download")
     image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
+    mask[..., 4:8, 4:8] = 1
     version = log_and_register_generator(mlflow_server, tracker.run_id, get_architecture("rn").generator().eval(),
                                          image, mask, "rn-download")
     tracker.finish()

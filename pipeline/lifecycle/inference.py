@@ -2,7 +2,8 @@
 
 :func:`load_model_ref` turns an MLflow URI, a training checkpoint or a weights file into a generator;
 :func:`inpaint_paths` inpaints image files (any size, through :func:`models.inpaint.inpaint_tensor`) with
-masks from files or generated ones, and writes the composited results.
+masks from files or generated ones, and writes the composited results. Large photos go through windows
+around their holes (``hires``, see :class:`pipeline.lifecycle.packaging.HiresConfig`) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch.nn as nn
 
 from PIL import Image, ImageOps
 
-from models.inpaint import Fit, inpaint_tensor
+from models.inpaint import CropStrategy, Fit, inpaint_tensor
 from pipeline.config import Config
+from pipeline.lifecycle.packaging import HiresConfig
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -127,15 +129,18 @@ def save_image(image: torch.Tensor, path: str | Path) -> None:
 
 def inpaint_file(generator: nn.Module, arch: str, image_path: str | Path, out_path: str | Path,
                  mask_path: str | Path | None = None, fit: Fit = "pad", mask_spec: str = "lama_medium_256",
-                 seed: int = 0) -> Path:
-    """Inpaint one image file; without ``mask_path`` a mask is generated from (``mask_spec``, ``seed``, file stem)."""
+                 seed: int = 0, strategy: CropStrategy | None = None) -> Path:
+    """Inpaint one image file; without ``mask_path`` a mask is generated from (``mask_spec``, ``seed``, file stem).
+
+    ``strategy`` (a :class:`models.inpaint.CropStrategy`) inpaints large images window by window around the holes.
+    """
     image = load_image(image_path)
     h, w = image.shape[-2:]
     if mask_path is not None:
         mask = load_mask(mask_path, h, w)
     else:
         mask = generated_mask(h, w, Path(image_path).stem, mask_spec, seed)
-    save_image(inpaint_tensor(generator, arch, image, mask, fit=fit), out_path)
+    save_image(inpaint_tensor(generator, arch, image, mask, fit=fit, strategy=strategy), out_path)
     if mask_path is None:
         Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8), mode="L").save(
             Path(out_path).with_name(Path(out_path).stem + ".mask.png"))
@@ -149,7 +154,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 def inpaint_paths(generator: nn.Module, arch: str, image: str | Path, out: str | Path,
                   mask: str | Path | None = None, fit: Fit = "pad", mask_spec: str = "lama_medium_256",
-                  seed: int = 0) -> list[Path]:
+                  seed: int = 0, strategy: CropStrategy | None = None) -> list[Path]:
     """Inpaint a file or every image of a folder; returns the written paths.
 
     Folder mode: ``out`` is a folder; masks come from the ``mask`` folder by file stem (``<stem>.png`` or
@@ -166,13 +171,13 @@ def inpaint_paths(generator: nn.Module, arch: str, image: str | Path, out: str |
         for source in sources:
             mask_file = _mask_for(Path(mask), source.stem) if mask is not None else None
             written.append(inpaint_file(generator, arch, source, out / f"{source.stem}.png", mask_file, fit,
-                                        mask_spec, seed))
+                                        mask_spec, seed, strategy))
             log.info("inpainted %s -> %s", source, written[-1])
         return written
     if not image.is_file():
         raise ValueError(f"image {image} does not exist")
     target = out / f"{image.stem}.png" if out.is_dir() or not out.suffix else out
-    return [inpaint_file(generator, arch, image, target, mask, fit, mask_spec, seed)]
+    return [inpaint_file(generator, arch, image, target, mask, fit, mask_spec, seed, strategy)]
 
 
 def _mask_for(folder: Path, stem: str) -> Path | None:
@@ -192,6 +197,7 @@ class InpaintJobConfig(Config):
     mask: str | None = None
     out: str
     fit: Fit = "pad"
+    hires: HiresConfig = HiresConfig()  # large photos: windows around the holes (strategy: crop) or whole
     mask_generator: str = "lama_medium_256"
     seed: int = 0
     device: str = "cpu"

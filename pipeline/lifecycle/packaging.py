@@ -1,10 +1,17 @@
-"""Model packaging: a holefill generator as an MLflow model: log, register, load.
+"""Model packaging: a holefill generator as a self-contained MLflow model: log, register, load.
 
-:func:`log_and_register_generator` logs an fp32 generator as an MLflow ``pyfunc`` model whose only
-artifact is a ``weights_only`` state dict plus the architecture name, and registers it;
-:func:`load_generator` rebuilds it through :mod:`models.registry` in any process. (MLflow 3's default
-``mlflow.pytorch`` format is torch.export, which cannot trace RN's and LBAM's data-dependent code;
-pickled modules would tie the artifact to class layouts and need pickle to load.)
+:func:`log_and_register_generator` logs a generator as an MLflow **model from code**: the model's code is
+:mod:`pipeline.lifecycle.pyfunc_model` (copied into the model), the ``models/`` package is bundled beside it
+(``code_paths``), the weights are an fp32 ``weights_only`` state dict and the requirements are torch, numpy,
+pillow and mlflow, so ``mlflow models serve`` / ``build-docker`` run it anywhere, without holefill and
+without unpickling anything. Its inputs are encoded image + mask bytes (what an HTTP client sends).
+
+:func:`load_generator` rebuilds the generator in a holefill process from the model's two artifacts (state
+dict + JSON spec) without executing the model's code; it reads versions registered before this format
+(a cloudpickled ``python_model.pkl`` with the same two artifacts) the same way, so they keep loading and
+their pickle is never opened. Serving such an old version outside holefill needs it re-registered:
+:func:`reregister_version`. (MLflow 3's default ``mlflow.pytorch`` format is torch.export, which cannot
+trace RN's and LBAM's data-dependent code.)
 """
 
 from __future__ import annotations
@@ -12,54 +19,68 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
+from pydantic import Field
 
-from models.inpaint import inpaint_tensor
+import models
+from models.codec import DEFAULT_MAX_PIXELS, encode_png
+from models.inpaint import CropStrategy
 from models.registry import architectures, get_architecture
-from pipeline.tracking import mlflow_client, tag_dict, redact
+from pipeline.config import Config
+from pipeline.tracking import mlflow_client, redact, tag_dict
 
-__all__ = ["HolefillGenerator", "architecture_of", "build_generator", "load_generator", "log_and_register_generator"]
+__all__ = ["HiresConfig", "ServingDefaults", "architecture_of", "build_generator", "load_generator",
+           "log_and_register_generator", "model_format", "reregister_version"]
 
-GENERATOR_WEIGHTS = "generator_weights"  # artifact key: state dict file (torch.save, weights_only-loadable)
+# The model's code file is executed by MLflow, never imported here (it calls mlflow.models.set_model on import);
+# these names are the contract with it (tests/test_serving_packaging.py checks they agree).
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+GENERATOR_WEIGHTS = "generator_weights"  # artifact key: state dict file (torch.save, weights_only)
 GENERATOR_SPEC = "generator_spec"  # artifact key: JSON with the architecture name and builder kwargs
+MODEL_FORMAT = "holefill-generator/2"  # a model from code
+LEGACY_FORMAT = "holefill-generator/1"  # a cloudpickled wrapper (registered before models from code)
+_MODELS_PACKAGE = Path(models.__file__).resolve().parent  # bundled as the model's code
 
 
-def _mlflow_pyfunc_base():
-    import mlflow.pyfunc
+class HiresConfig(Config):
+    """How large images are inpainted (see :class:`models.inpaint.CropStrategy`).
 
-    return mlflow.pyfunc.PythonModel
-
-
-class HolefillGenerator(_mlflow_pyfunc_base()):
-    """MLflow ``pyfunc`` wrapper of a holefill generator.
-
-    Artifacts: an fp32 state dict (loaded with ``weights_only=True``) and a JSON spec (architecture name,
-    builder kwargs); the module is rebuilt through :func:`models.registry.get_architecture`, so loading needs
-    the holefill package importable. ``predict`` takes ``{"image": (B,3,H,W) float32 in [0,1],
-    "mask": (B,1,H,W) float32, 1 = hole}`` of any size and returns the composited inpainting.
+    ``strategy: crop`` inpaints a window (hole bounding box + ``margin``) around each hole of images whose
+    longer side exceeds ``trigger``, downscaling windows whose longer side exceeds ``limit``; ``whole`` sends
+    the whole image through the generator (memory grows with the photo).
     """
 
-    generator: nn.Module | None = None
-    arch: str | None = None
-    # Skip MLflow's type-hint-driven input conversion (and its warning that ``predict`` has no hints): this
-    # model declares an explicit tensor signature instead. ChatModel uses the same switch.
-    _skip_type_hint_validation = True
+    strategy: Literal["crop", "whole"] = "crop"
+    margin: int = Field(default=128, ge=0)
+    trigger: int = Field(default=1024, ge=1)
+    limit: int = Field(default=512, ge=1)
 
-    def load_context(self, context) -> None:
-        spec = json.loads(Path(context.artifacts[GENERATOR_SPEC]).read_text())
-        self.generator, self.arch = build_generator(spec, context.artifacts[GENERATOR_WEIGHTS])
+    def crop_strategy(self) -> CropStrategy | None:
+        """The :class:`models.inpaint.CropStrategy`, or ``None`` for ``strategy: whole``."""
+        if self.strategy == "whole":
+            return None
+        return CropStrategy(margin=self.margin, trigger=self.trigger, limit=self.limit)
 
-    def predict(self, context, model_input, params=None):  # noqa: D401 - MLflow's signature
-        image = torch.as_tensor(np.asarray(model_input["image"], dtype=np.float32))
-        mask = torch.as_tensor(np.asarray(model_input["mask"], dtype=np.float32))
-        with torch.no_grad():
-            return inpaint_tensor(self.generator, self.arch, image, mask).numpy()
+
+class ServingDefaults(Config):
+    """What a registered model does with HTTP requests (stored as the model's ``model_config``)."""
+
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    hires: HiresConfig = HiresConfig()
+
+    def model_config_dict(self) -> dict[str, Any]:
+        """The flat dict :mod:`pipeline.lifecycle.pyfunc_model` reads from ``context.model_config``."""
+        return {"max_pixels": self.max_pixels, "strategy": self.hires.strategy, "margin": self.hires.margin,
+                "trigger": self.hires.trigger, "limit": self.hires.limit}
 
 
 def build_generator(spec: Mapping[str, Any], weights_path: str | os.PathLike) -> tuple[nn.Module, str]:
@@ -118,56 +139,98 @@ def _fluent_target(tracking_uri: str | None, experiment_id: str | None) -> Itera
 
 
 def _pip_requirements() -> list[str]:
+    """What a fresh environment installs to run the model: the libraries its code imports, at these versions.
+
+    Pillow is asked for by major version only: the training host may run pillow-simd (same ``PIL`` package,
+    versions Pillow never published), and the model uses nothing newer than Pillow's basic codecs.
+    """
     import mlflow
+    import PIL
 
-    from importlib import metadata
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+            f"pillow>={PIL.__version__.split('.')[0]}.0", f"mlflow=={mlflow.__version__}"]
 
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        reqs.append(f"holefill=={metadata.version('holefill')}")
-    return reqs
+
+def _bundle_models_package(into: Path) -> Path:
+    """A clean copy of ``models/`` (no caches) to bundle as the model's code."""
+    target = into / "models"
+    shutil.copytree(_MODELS_PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+@contextlib.contextmanager
+def _restored_sys_path() -> Iterator[None]:
+    saved = list(sys.path)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image"), ColSpec("binary", "mask")]),
+        outputs=Schema([ColSpec("binary", "image")]),
+        params=ParamSchema([ParamSpec("strategy", "string", "crop")]),
+    )
+
+
+def _input_example(image: torch.Tensor, mask: torch.Tensor):
+    """One encoded request (PNG image, PNG mask): MLflow stores it and replays it through its serving path."""
+    import pandas as pd
+    from PIL import Image
+    import io
+
+    hole = (mask[0, 0] > 0.5).numpy().astype(np.uint8) * 255
+    buffer = io.BytesIO()
+    Image.fromarray(hole).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [encode_png(image[:1])], "mask": [buffer.getvalue()]})
 
 
 def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module, example_image: torch.Tensor,
                                example_mask: torch.Tensor, registered_model: str,
                                tags: Mapping[str, Any] | None = None, *, arch: str | None = None,
-                               generator_kwargs: Mapping[str, Any] | None = None, name: str = "generator"):
-    """Log ``model`` (as fp32) to run ``run_id`` as a pyfunc model and register it under ``registered_model``.
+                               generator_kwargs: Mapping[str, Any] | None = None, name: str = "generator",
+                               serving: ServingDefaults | None = None):
+    """Log ``model`` (as fp32) to run ``run_id`` as a model from code and register it under ``registered_model``.
 
-    The model carries a tensor signature and ``(example_image, example_mask)`` as input example (keep it
-    small: MLflow runs ``predict`` on it to validate serving). ``tags`` (redacted) go on the new model version,
-    together with ``holefill.arch``. Returns the ``ModelVersion``.
+    ``(example_image, example_mask)`` ((1,3,H,W) in [0,1], (1,1,H,W) with a hole; keep them small: MLflow runs
+    the model on them to validate serving) become the PNG input example. ``serving`` sets the pixel limit and
+    the high-resolution strategy of the served model. ``tags`` (redacted) go on the new model version, with
+    ``holefill.arch``. Returns the ``ModelVersion``.
     """
     import mlflow
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import Model
 
     arch = arch or architecture_of(model)
+    if not bool((example_mask > 0.5).any()):
+        raise ValueError("example_mask has no hole: the input example must be a request the model accepts")
     client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
-    image = example_image.detach().float().cpu()
-    mask = example_mask.detach().float().cpu()
     with torch.no_grad():
         state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
                  for k, v in model.state_dict().items()}
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image"),
-                       TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1), "mask")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-    )
     version_tags = tag_dict({**dict(tags or {}), "holefill.arch": arch})
+    example = _input_example(example_image.detach().float().cpu(), example_mask.detach().float().cpu())
     with tempfile.TemporaryDirectory(prefix="holefill-model-") as tmp:
         weights = Path(tmp) / "generator.pt"
         spec = Path(tmp) / "generator.json"
         torch.save(state, weights)
         spec.write_text(json.dumps({"arch": arch, "generator_kwargs": dict(generator_kwargs or {}),
-                                    "format": "holefill-generator/1"}))
-        with _fluent_target(tracking_uri, run.info.experiment_id):
+                                    "format": MODEL_FORMAT}))
+        code = _bundle_models_package(Path(tmp))
+        # MLflow validates the input example by loading the saved model, which prepends its code folder (in
+        # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
+        with _fluent_target(tracking_uri, run.info.experiment_id), _restored_sys_path():
             info = Model.log(
-                None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=HolefillGenerator(),
-                artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
-                signature=signature, input_example={"image": image.numpy(), "mask": mask.numpy()},
-                pip_requirements=_pip_requirements(), metadata={"holefill_arch": arch},
+                None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(PYFUNC_MODEL_FILE),
+                code_paths=[str(code)], artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
+                model_config=(serving or ServingDefaults()).model_config_dict(),
+                signature=_signature(), input_example=example, pip_requirements=_pip_requirements(),
+                metadata={"holefill_arch": arch, "holefill_format": MODEL_FORMAT},
                 registered_model_name=registered_model, tags={"holefill.arch": arch},
             )
     version = str(info.registered_model_version)
@@ -176,32 +239,85 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
     return client.get_model_version(registered_model, version)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str]:
+    """The state dict, the spec and the format of a downloaded holefill model folder (current or pickled)."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise ValueError(f"model {redact(model_uri)} has no MLmodel file")
+    pyfunc = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+    artifacts = pyfunc.get("artifacts") or {}
+    try:
+        weights = model_dir / artifacts[GENERATOR_WEIGHTS]["path"]
+        spec = model_dir / artifacts[GENERATOR_SPEC]["path"]
+    except (KeyError, TypeError):
+        raise ValueError(f"model {redact(model_uri)} is not a holefill generator "
+                         "(logged by log_and_register_generator)") from None
+    legacy = "python_model" in pyfunc and "model_code_path" not in pyfunc
+    return weights, spec, LEGACY_FORMAT if legacy else MODEL_FORMAT
+
+
+def _read_model(model_uri: str, tracking_uri: str | None) -> tuple[nn.Module, str, dict[str, Any], str]:
+    """``(generator, arch, spec, format)`` of a model URI or folder, from its weights and spec artifacts only."""
+    import mlflow.artifacts
+
+    if Path(model_uri).is_dir():
+        return _from_folder(Path(model_uri), model_uri)
+    # The download goes as soon as the module is built (45 MB for RN, 267 MB for LBAM, on every load).
+    with _fluent_target(tracking_uri, None), tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=download)
+        except Exception as exc:
+            raise ValueError(f"cannot load model {redact(model_uri)}: {_one_line(exc)}") from None
+        return _from_folder(Path(local), model_uri)
+
+
+def _from_folder(model_dir: Path, model_uri: str) -> tuple[nn.Module, str, dict[str, Any], str]:
+    weights, spec_file, fmt = _artifact_files(model_dir, model_uri)
+    try:
+        spec = json.loads(spec_file.read_text())
+        generator, arch = build_generator(spec, weights)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"model {redact(model_uri)} holds unreadable generator weights: {_one_line(exc)}") from None
+    return generator, arch, spec, fmt
+
+
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
     """Load a generator logged by :func:`log_and_register_generator`: ``(module in eval mode, arch name)``.
 
     ``model_uri`` is anything MLflow resolves (``models:/lbam@champion``, ``models:/lbam/3``, ``runs:/…``,
-    ``models:/m-…``, a local model folder). ``tracking_uri`` defaults to MLflow's configured one.
+    ``models:/m-…``, a local model folder). ``tracking_uri`` defaults to MLflow's configured one. Reads the
+    weights and spec artifacts only: neither the model's code nor (for versions registered before models from
+    code) its pickle is executed, so both formats load.
     """
-    import mlflow.pyfunc
-
-    _alias_legacy_wrapper()
-    # MLflow downloads a remote model into a fresh temporary folder that it never removes (45 MB for RN, 267 MB for
-    # LBAM, on every load: promotion, evaluation, inference); the weights are read into memory by load_context, so
-    # the download can go as soon as the model is built.
-    with _fluent_target(tracking_uri, None), tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
-        try:
-            wrapper = mlflow.pyfunc.load_model(model_uri, dst_path=download).unwrap_python_model()
-        except Exception as exc:
-            raise ValueError(f"cannot load model {redact(model_uri)}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    if not isinstance(wrapper, HolefillGenerator) or wrapper.generator is None:
-        raise ValueError(f"model {redact(model_uri)} is not a holefill generator (logged by log_and_register_generator)")
-    return wrapper.generator, str(wrapper.arch)
+    generator, arch, _, _ = _read_model(model_uri, tracking_uri)
+    return generator, arch
 
 
-def _alias_legacy_wrapper() -> None:
-    """Versions registered before packaging left run tracking pickled their wrapper as
-    ``pipeline.tracking.HolefillGenerator``; point that name at this class so they keep loading."""
-    import pipeline.tracking as legacy_home
+def model_format(model_uri: str, tracking_uri: str | None = None) -> str:
+    """:data:`MODEL_FORMAT` (model from code) or :data:`LEGACY_FORMAT` (pickled wrapper) of a holefill model."""
+    return _read_model(model_uri, tracking_uri)[3]
 
-    if not hasattr(legacy_home, "HolefillGenerator"):
-        legacy_home.HolefillGenerator = HolefillGenerator
+
+def reregister_version(tracking_uri: str, registered_model: str, version: str | int,
+                       serving: ServingDefaults | None = None):
+    """Register a new version of ``registered_model`` holding version ``version``'s weights as a model from code.
+
+    For versions registered before models from code (a pickled wrapper that loads only where holefill is
+    installed): the new version serves anywhere. It is logged to the old version's run with the old version's
+    tags plus ``holefill.reregistered_from``; aliases are not moved. Returns the new ``ModelVersion``.
+    """
+    client = mlflow_client(tracking_uri)
+    old = client.get_model_version(registered_model, str(version))
+    generator, arch, spec, _ = _read_model(f"models:/{registered_model}/{old.version}", tracking_uri)
+    size = get_architecture(arch).train_size or 64
+    image = torch.full((1, 3, size, size), 0.5)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    tags = {**{k: v for k, v in old.tags.items() if k != "holefill.arch"}, "holefill.reregistered_from": str(old.version)}
+    return log_and_register_generator(tracking_uri, old.run_id, generator, image, mask, registered_model, tags,
+                                      arch=arch, generator_kwargs=spec.get("generator_kwargs") or {}, serving=serving)

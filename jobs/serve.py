@@ -1,0 +1,53 @@
+"""Serve the champion over HTTP with Ray Serve, following the alias as it moves.
+
+    python jobs/serve.py                                   # models:/lbam@champion on http://127.0.0.1:8000/inpaint
+    python jobs/serve.py --model rn --set use_gpu=false --set port=8080
+    serve run pipeline.lifecycle.serving:app_builder config=jobs/configs/serve.yaml   # Ray's own CLI, same app
+
+Requests: ``POST /inpaint`` with JSON ``{"image": base64 PNG/JPEG, "mask": base64 PNG (255 = hole)}``; the
+answer holds the inpainted PNG (base64) and the ``model_version`` that made it. ``POST /inpaint/-/refresh``
+re-resolves the alias at once (it is re-resolved every ``refresh_interval_s`` anyway); ``GET
+/inpaint/-/version`` names the version served. Connects to the Ray cluster in ``RAY_ADDRESS`` (else starts a
+local one) and runs until interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.jobcli import Flag, run_job  # noqa: E402
+from pipeline.lifecycle.serving import ServeConfig, build_app  # noqa: E402
+from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
+
+FLAGS = {
+    "model": Flag("model", "registered model name to serve (default lbam)"),
+    "alias": Flag("alias", "alias to follow (default champion)"),
+    "port": Flag("port", "HTTP port of the Ray Serve proxy", options={"type": int}),
+}
+
+
+def serve_champion(config: ServeConfig) -> int:
+    """Start Ray Serve and the application, then block until interrupted."""
+    import ray
+    from ray import serve
+
+    config.tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
+    check_tracking_server(config.tracking_uri)
+    ray.init(log_to_driver=True)  # the cluster in RAY_ADDRESS (or the one `ray job submit` ran us on), else local
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    return run_job("serve", __doc__, ServeConfig, serve_champion, argv, FLAGS,
+                   default_config=str(Path(__file__).resolve().parent / "configs" / "serve.yaml"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

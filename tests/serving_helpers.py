@@ -1,0 +1,97 @@
+"""Helpers for the serving tests: a tiny registered RN, encoded requests, an environment without holefill."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.registry import get_architecture
+from pipeline.lifecycle.packaging import HiresConfig, ServingDefaults, log_and_register_generator
+from pipeline.tracking import RunTracker
+
+# RN with one residual block: the real architecture, quick to build, save and run on a 2-core machine.
+TINY_RN = {"residual_blocks": 1}
+
+
+def register_tiny_rn(tracking_uri: str, name: str, seed: int = 0, serving: ServingDefaults | None = None,
+                     size: int = 32):
+    """Register a randomly initialised tiny RN under ``name``; returns the ``ModelVersion``."""
+    torch.manual_seed(seed)
+    generator = get_architecture("rn").generator(**TINY_RN).eval()
+    image = torch.rand(1, 3, size, size)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4: size // 2, size // 4: size // 2] = 1
+    tracker = RunTracker.start_or_resume(tracking_uri, "serving-test", f"{name}-{seed}")
+    try:
+        return log_and_register_generator(tracking_uri, tracker.run_id, generator, image, mask, name,
+                                          arch="rn", generator_kwargs=TINY_RN, serving=serving)
+    finally:
+        tracker.finish()
+
+
+def small_windows(max_pixels: int = 1_000_000) -> ServingDefaults:
+    """Serving defaults that send even a 300x451 photo through 64-pixel windows (fast, and exercises the strategy)."""
+    return ServingDefaults(max_pixels=max_pixels, hires=HiresConfig(strategy="crop", margin=8, trigger=128, limit=64))
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A (H,W,3) uint8 picture with structure (gradients plus noise), like a small photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def hole_mask(height: int, width: int) -> np.ndarray:
+    """A (H,W) uint8 mask, 255 = hole: one rectangle off-centre."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 3: height // 2, width // 4: width // 2] = 255
+    return mask
+
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+# Installed by the editable holefill install's .pth file, it maps pipeline/models/jobs/infra to a checkout.
+_BLOCKER = textwrap.dedent('''
+    """Remove holefill from this interpreter: the editable install's finder and any checkout on sys.path."""
+    import sys
+    def _editable(hook):
+        return "__editable__" in getattr(hook, "__module__", "") or "__editable__" in getattr(hook, "__name__", "")
+    sys.meta_path[:] = [f for f in sys.meta_path if not _editable(f)]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not _editable(h)]
+    sys.path_importer_cache.clear()
+    _roots = {r for r in {ROOTS!r}}
+    sys.path[:] = [p for p in sys.path if p.rstrip("/") not in _roots]
+''')
+
+
+def environment_without_holefill(folder: Path, repo: Path) -> dict[str, str]:
+    """Environment variables for a subprocess in which ``pipeline``, ``models`` and ``holefill`` cannot be imported.
+
+    The venv's editable holefill install puts a meta-path finder in every interpreter (via a .pth file), so
+    unsetting PYTHONPATH is not enough: a ``sitecustomize`` (imported after the .pth files) removes that
+    finder and any checkout from ``sys.path``. Run the subprocess from a folder that holds no checkout.
+    """
+    roots = sorted({str(repo.resolve()), str(Path(sys.prefix).resolve().parent)})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_BLOCKER.replace("{ROOTS!r}", repr(roots)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env["PYTHONPATH"] = str(folder)
+    # As in an activated venv: `mlflow models serve` execs `uvicorn` from PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
