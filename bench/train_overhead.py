@@ -74,9 +74,11 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
     from pipeline.train.recipes import gan_step, torch_updater
     from models.registry import get_architecture
 
+    from pipeline.train.recipes import discriminator_options
+
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
-    G, D = spec.generator().to(device), spec.discriminator().to(device)
+    G, D = spec.generator().to(device), spec.discriminator(**discriminator_options(arch)).to(device)
     opt_g = recipe.generator_optimizer.build(G.parameters())
     opt_d = recipe.discriminator_optimizer.build(D.parameters())
     image, mask = _batch(batch, size, device)
@@ -85,7 +87,7 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
 
 def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_stage: int, precision: str) -> Step:
     """One GAN step of ``arch`` through holefill's DeepSpeed engines, as a training worker runs it."""
-    from pipeline.train.recipes import gan_step
+    from pipeline.train.recipes import discriminator_options, gan_step
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater
@@ -93,7 +95,8 @@ def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_sta
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
     engines = build_engines(
-        recipe, spec.generator(), spec.discriminator(), DeepSpeedSection(zero_stage=zero_stage, precision=precision),
+        recipe, spec.generator(), spec.discriminator(**discriminator_options(arch)),
+        DeepSpeedSection(zero_stage=zero_stage, precision=precision),
         micro_batch_size=batch, world_size=1, steps_per_epoch=10_000, device=device,
     )
     D = DiscriminatorCaller(engines.discriminator)
