@@ -60,3 +60,34 @@ def test_a_zero1_checkpoint_refuses_another_world_size_in_one_line_naming_the_se
     message = result["restored_from_2_workers"]
     assert isinstance(message, str) and "\n" not in message
     assert "deepspeed.zero_stage=1" in message and "scaling.num_workers=2" in message
+
+
+def test_device_batch_converts_the_loaders_uint8_batch_into_the_float_convention():
+    import torch
+
+    from pipeline.train.loop import device_batch
+
+    image = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    mask = torch.tensor([[[0, 255], [255, 0]]], dtype=torch.uint8)
+    image_f, mask_f = device_batch({"image": image, "mask": mask}, torch.device("cpu"))
+    assert image_f.dtype == mask_f.dtype == torch.float32
+    assert image_f[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.2, 1.0])
+    assert mask_f.shape == (1, 1, 2, 2) and mask_f.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_the_throughput_window_leaves_out_paused_time():
+    import time
+
+    import torch
+
+    from pipeline.train.loop import ThroughputWindow
+
+    window = ThroughputWindow(torch.device("cpu"))
+    time.sleep(0.05)
+    window.steps += 1
+    window.pause()  # e.g. validation and a checkpoint
+    time.sleep(0.3)
+    window.resume()
+    seconds, steps = window.read()
+    assert steps == 1 and 0.05 <= seconds < 0.25
+    assert window.read()[1] == 0  # a read starts a new window
