@@ -2,7 +2,7 @@
 
 Both sides run the same ``gan_step`` on the same model and batch in one process:
 
-* plain: ``torch.optim.Adam`` through ``pipeline.train.recipes.torch_updater``;
+* plain: ``torch.optim.Adam`` (fused, like the engines') through ``pipeline.train.recipes.torch_updater``;
 * holefill: the DeepSpeed engines of ``pipeline.train.engines`` (ZeRO stage, precision from the flags) on a
   one-rank process group, i.e. everything a Ray Train worker does per step except the data loader.
 
@@ -79,8 +79,9 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
     G, D = spec.generator().to(device), spec.discriminator(**discriminator_options(arch)).to(device)
-    opt_g = recipe.generator_optimizer.build(G.parameters())
-    opt_d = recipe.discriminator_optimizer.build(D.parameters())
+    # Fused Adam, as the engines use: the comparison is of the machinery, not of two Adam kernels.
+    opt_g = recipe.generator_optimizer.build(G.parameters(), fused=True)
+    opt_d = recipe.discriminator_optimizer.build(D.parameters(), fused=True)
     image, mask = _batch(batch, size, device)
     return lambda: gan_step(recipe, G, D, image, mask, torch_updater(opt_d), torch_updater(opt_g))
 

@@ -91,10 +91,10 @@ class OptimizerSettings:
         if not self.weight_decay >= 0:
             raise ValueError(f"optimizer weight_decay must be >= 0, got {self.weight_decay}")
 
-    def build(self, parameters: Iterable[nn.Parameter], lr_factor: float = 1.0) -> torch.optim.Adam:
-        """A ``torch.optim.Adam`` over ``parameters`` at ``lr · lr_factor``."""
+    def build(self, parameters: Iterable[nn.Parameter], lr_factor: float = 1.0, fused: bool | None = None) -> torch.optim.Adam:
+        """A ``torch.optim.Adam`` over ``parameters`` at ``lr · lr_factor`` (``fused``: PyTorch's fused kernel)."""
         return torch.optim.Adam(
-            parameters, lr=self.lr * lr_factor, betas=self.betas, weight_decay=self.weight_decay
+            parameters, lr=self.lr * lr_factor, betas=self.betas, weight_decay=self.weight_decay, fused=fused
         )
 
     def as_dict(self) -> dict[str, Any]:
