@@ -2,7 +2,7 @@
 
 Both sides run the same ``gan_step`` on the same model and batch in one process:
 
-* plain: ``torch.optim.Adam`` through ``pipeline.train.recipes.torch_updater``;
+* plain: ``torch.optim.Adam`` (fused, like the engines') through ``pipeline.train.recipes.torch_updater``;
 * holefill: the DeepSpeed engines of ``pipeline.train.engines`` (ZeRO stage, precision from the flags) on a
   one-rank process group, i.e. everything a Ray Train worker does per step except the data loader.
 
@@ -74,18 +74,21 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
     from pipeline.train.recipes import gan_step, torch_updater
     from models.registry import get_architecture
 
+    from pipeline.train.recipes import discriminator_options
+
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
-    G, D = spec.generator().to(device), spec.discriminator().to(device)
-    opt_g = recipe.generator_optimizer.build(G.parameters())
-    opt_d = recipe.discriminator_optimizer.build(D.parameters())
+    G, D = spec.generator().to(device), spec.discriminator(**discriminator_options(arch)).to(device)
+    # Fused Adam, as the engines use: the comparison is of the machinery, not of two Adam kernels.
+    opt_g = recipe.generator_optimizer.build(G.parameters(), fused=True)
+    opt_d = recipe.discriminator_optimizer.build(D.parameters(), fused=True)
     image, mask = _batch(batch, size, device)
     return lambda: gan_step(recipe, G, D, image, mask, torch_updater(opt_d), torch_updater(opt_g))
 
 
 def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_stage: int, precision: str) -> Step:
     """One GAN step of ``arch`` through holefill's DeepSpeed engines, as a training worker runs it."""
-    from pipeline.train.recipes import gan_step
+    from pipeline.train.recipes import discriminator_options, gan_step
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater
@@ -93,7 +96,8 @@ def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_sta
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
     engines = build_engines(
-        recipe, spec.generator(), spec.discriminator(), DeepSpeedSection(zero_stage=zero_stage, precision=precision),
+        recipe, spec.generator(), spec.discriminator(**discriminator_options(arch)),
+        DeepSpeedSection(zero_stage=zero_stage, precision=precision),
         micro_batch_size=batch, world_size=1, steps_per_epoch=10_000, device=device,
     )
     D = DiscriminatorCaller(engines.discriminator)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from models.validation import check_image, check_inpainting_inputs, check_mask
 
 __all__ = [
+    "Float32Sigmoid",
     "GaussActivation",
     "MaskUpdate",
     "ForwardAttentionConv",
@@ -341,12 +342,21 @@ def _discriminator_column() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class Float32Sigmoid(nn.Module):
+    """``nn.Sigmoid`` evaluated in float32 whatever the input dtype (identical to it on float32 input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x.float())
+
+
 class LBAMDiscriminator(nn.Module):
     """LBAM two-column discriminator (official ``DiscriminatorDoubleColumn(3)``): 22,316,417 trainable parameters.
 
     ``forward(image, mask)``: image (B,3,256,256), mask (B,1,256,256) with **1 = hole**. The global column
     sees the known pixels (``image * valid``), the local column the hole pixels (``image * (1 - valid)``);
-    their 512x4x4 maps are fused by a 4x4 conv into one sigmoid score per sample, shape (B,1).
+    their 512x4x4 maps are fused by a 4x4 conv into one sigmoid score per sample, shape (B,1), float32 (the
+    sigmoid runs in float32 under autocast: in bf16 it saturates to exactly 1.0 from a logit of 9 on, and its
+    gradient, the WGAN critic's, with it).
     BatchNorm uses batch statistics in train mode. PyTorch default initialisation, as in the official code.
     """
 
@@ -354,7 +364,7 @@ class LBAMDiscriminator(nn.Module):
         super().__init__()
         self.globalConv = _discriminator_column()
         self.localConv = _discriminator_column()
-        self.fusionLayer = nn.Sequential(nn.Conv2d(1024, 1, kernel_size=4), nn.Sigmoid())
+        self.fusionLayer = nn.Sequential(nn.Conv2d(1024, 1, kernel_size=4), Float32Sigmoid())
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Score (B,1) in (0,1) for ``image`` with holes where ``mask`` is 1."""

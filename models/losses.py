@@ -5,7 +5,8 @@ Conventions: images are (B,3,H,W) in [0,1]; ``mask`` is (B,1,H,W) with **1 = hol
 weighted ``total`` to backpropagate and its unweighted ``parts`` for logging.
 
 RN (``geekyutao/RN``, MODELS.md A4)
-    D: ``½[BCE(D(gt), 1) + BCE(D(pred), 0)]`` on the raw prediction (not the composite).
+    D: ``½[BCE(D(gt), 1) + BCE(D(pred), 0)]`` on the raw prediction (not the composite), from D's logits
+    (``BCEWithLogits`` in float32: the official sigmoid + BCE without its half-precision saturation).
     G: ``l1_weight · mean|gt − merged| / mean(mask) + gan_weight · BCE(D(pred), 1)``, where
     ``merged = pred·mask + gt·(1 − mask)``; i.e. the mean absolute error per hole pixel and channel.
 
@@ -77,16 +78,17 @@ def _check_mask_for(image: torch.Tensor, mask: torch.Tensor) -> None:
         )
 
 
-def _bce_on_probabilities(probabilities: torch.Tensor, target: float) -> torch.Tensor:
-    """Mean binary cross-entropy of sigmoid outputs against a constant target, computed in float32.
+def _bce_with_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean binary cross-entropy of ``sigmoid(logits)`` against a constant target, computed in float32.
 
-    The discriminators end in a sigmoid (as in the official code), so the loss takes probabilities.
-    ``F.binary_cross_entropy`` is refused inside CUDA autocast regions and is imprecise in half
-    precision, so it runs here with autocast disabled on a float32 copy.
+    The discriminator hands over logits, not probabilities: in bf16 ``sigmoid(9) == 1.0`` exactly, so
+    ``BCE(sigmoid(x))`` saturates to a zero (or, in fp16, NaN) gradient, while ``BCEWithLogits`` in float32
+    is the same function without that cliff. Autocast is disabled so the loss runs on a float32 copy
+    whatever the surrounding precision.
     """
-    with torch.autocast(device_type=probabilities.device.type, enabled=False):
-        p = probabilities.float()
-        return F.binary_cross_entropy(p, torch.full_like(p, target))
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.float()
+        return F.binary_cross_entropy_with_logits(x, torch.full_like(x, target))
 
 
 def composite(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -97,14 +99,15 @@ def composite(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------------- RN
 
 
-def rn_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> LossTerms:
-    """RN discriminator loss ``½[BCE(D(gt), 1) + BCE(D(pred.detach()), 0)]`` on sigmoid outputs.
+def rn_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> LossTerms:
+    """RN discriminator loss ``½[BCE(D(gt), 1) + BCE(D(pred.detach()), 0)]``, from D's logits.
 
-    ``d_real``/``d_fake`` are D's probability maps for the ground truth and the (detached) raw prediction.
-    Parts: ``real`` and ``fake`` (the two BCE terms, unweighted).
+    ``real_logits``/``fake_logits`` are D's pre-sigmoid patch maps (``RNDiscriminator(use_sigmoid=False)``) for
+    the ground truth and the (detached) raw prediction; the official sigmoid + BCE is computed as the same
+    function, ``BCEWithLogits`` in float32. Parts: ``real`` and ``fake`` (the two BCE terms, unweighted).
     """
-    real = _bce_on_probabilities(d_real, 1.0)
-    fake = _bce_on_probabilities(d_fake, 0.0)
+    real = _bce_with_logits(real_logits, 1.0)
+    fake = _bce_with_logits(fake_logits, 0.0)
     return LossTerms(total=0.5 * (real + fake), parts={"real": real, "fake": fake})
 
 
@@ -112,13 +115,13 @@ def rn_generator_loss(
     pred: torch.Tensor,
     image: torch.Tensor,
     mask: torch.Tensor,
-    d_fake: torch.Tensor,
+    fake_logits: torch.Tensor,
     l1_weight: float = 1.0,
     gan_weight: float = 0.1,
 ) -> LossTerms:
     """RN generator loss ``l1_weight·mean|gt − merged|/mean(mask) + gan_weight·BCE(D(pred), 1)``.
 
-    ``d_fake`` is the (updated) discriminator's output on the raw, non-detached ``pred``.
+    ``fake_logits`` are the (updated) discriminator's logits on the raw, non-detached ``pred``.
     ``mean(mask)`` is taken over the whole batch tensor, as in the official code; a batch without any
     hole gives an L1 term of 0 rather than the official 0/0 = NaN.
     Parts: ``l1`` (hole L1) and ``adv`` (non-saturating GAN term), unweighted.
@@ -130,7 +133,7 @@ def rn_generator_loss(
     # Outside the hole merged == gt, so the numerator only counts hole pixels; dividing by the hole
     # fraction turns the all-pixel mean into a per-hole-pixel mean. clamp_min keeps an empty mask finite.
     l1 = (image - merged).abs().float().mean() / hole_fraction.clamp_min(torch.finfo(torch.float32).tiny)
-    adv = _bce_on_probabilities(d_fake, 1.0)
+    adv = _bce_with_logits(fake_logits, 1.0)
     return LossTerms(total=l1_weight * l1 + gan_weight * adv, parts={"l1": l1, "adv": adv})
 
 
@@ -138,12 +141,18 @@ def rn_generator_loss(
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gram matrix ``f·fᵀ / (C·h·w)`` of (B,C,h,w) features, computed in float32 -> (B,C,C)."""
+    """Per-sample Gram matrix ``f·fᵀ / (C·h·w)`` of (B,C,h,w) features, computed in float32 -> (B,C,C).
+
+    Autocast is disabled here: ``bmm`` is on its low-precision list, so under bf16 autocast the ``.float()``
+    would be undone and each Gram entry, a sum over h·w products, would carry bf16's 3 significant digits
+    into LBAM's heaviest loss term (style, weight 120).
+    """
     if features.dim() != 4:
         raise ValueError(f"features must be (B,C,h,w), got shape {tuple(features.shape)}")
     b, c, h, w = features.shape
-    flat = features.float().reshape(b, c, h * w)
-    return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        flat = features.float().reshape(b, c, h * w)
+        return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
 
 
 class LBAMReconstructionLoss(nn.Module):

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from models.validation import check_inpainting_inputs
 
@@ -321,11 +322,30 @@ class RNGenerator(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class _Float32SpectralNorm(SpectralNorm):
+    """The legacy spectral-norm hook with its power iteration and ``σ`` computed in float32 under autocast.
+
+    The hook runs inside the forward, i.e. inside any autocast region, where ``mv`` is on CUDA's
+    low-precision list: the power iteration and ``σ`` would run in bf16/fp16 and the normalised weight
+    would carry their rounding. Outside autocast the computation is unchanged, op for op.
+    """
+
+    def __call__(self, module: nn.Module, inputs: object) -> None:
+        device_type = getattr(module, self.name + "_orig").device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            super().__call__(module, inputs)
+
+
 def _sn_conv(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d:
     # Legacy hook-based spectral norm on purpose: its parameter/buffer names (weight_orig/_u/_v) are the
     # official checkpoint's, and it runs one power iteration per training-mode forward like the original.
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=stride, padding=1, bias=False)
-    return nn.utils.spectral_norm(conv)
+    conv = nn.utils.spectral_norm(nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=stride, padding=1, bias=False))
+    # SpectralNorm.apply builds its hook object itself, so the float32 behaviour is given to that object; the
+    # state-dict hooks share it, and isinstance(hook, SpectralNorm) (remove_spectral_norm) still holds.
+    for hook in conv._forward_pre_hooks.values():
+        if type(hook) is SpectralNorm:
+            hook.__class__ = _Float32SpectralNorm
+    return conv
 
 
 class RNDiscriminator(nn.Module):
@@ -337,7 +357,8 @@ class RNDiscriminator(nn.Module):
     applies the official initialisation.
 
     forward(image): image (B,in_channels,H,W) -> patch map (B,1,H/8-2,W/8-2), sigmoid probabilities when
-    ``use_sigmoid`` (official), raw logits otherwise (for a ``BCEWithLogits``-style loss).
+    ``use_sigmoid`` (official; computed in float32), raw logits otherwise (training: ``BCEWithLogits``, see
+    ``models.losses.rn_discriminator_loss``). The power iteration runs in float32 under autocast.
     """
 
     def __init__(self, in_channels: int = 3, use_sigmoid: bool = True) -> None:
@@ -366,7 +387,8 @@ class RNDiscriminator(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.features(image)[-1]
-        return torch.sigmoid(logits) if self.use_sigmoid else logits
+        # The sigmoid in float32: in bf16 it reaches exactly 1.0 from a logit of 9 on (identical in fp32).
+        return torch.sigmoid(logits.float()) if self.use_sigmoid else logits
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,16 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need CUDA: skipped elsewhere with the reason (``make gpu-check`` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -284,3 +284,61 @@ def test_image_copies_only_what_exists_and_installs_holefill():
     assert re.search(r'pip install .*-e "\.', dockerfile)
     workdir = re.search(r"^WORKDIR (\S+)", dockerfile, flags=re.MULTILINE).group(1)
     assert f"{workdir.rstrip('/')}/" in DEPLOYED_ROOTS, "manifests run scripts from the image's WORKDIR"
+
+
+# -- placement: every shipped GPU job fits its cluster -------------------------------------------------------
+
+
+def _set_values(entrypoint: str) -> dict[str, str]:
+    tokens = shlex.split(entrypoint)
+    return dict(tokens[i + 1].split("=", 1) for i, t in enumerate(tokens[:-1]) if t == "--set" and "=" in tokens[i + 1])
+
+
+def _config_arg(entrypoint: str) -> Path:
+    tokens = shlex.split(entrypoint)
+    path = tokens[tokens.index("--config") + 1]
+    for root in DEPLOYED_ROOTS:
+        path = path.removeprefix(root)
+    return REPO / path
+
+
+def _training_workers(entrypoint: str) -> int:
+    """Ray Train workers (one GPU each) the job asks for: ``--set scaling.num_workers`` or its config's."""
+    overrides = _set_values(entrypoint)
+    config = yaml.safe_load(_config_arg(entrypoint).read_text())
+    if "train_config" in config:  # retrain.py: the fine-tune runs its train_config with train_overrides
+        overrides = {**dict(o.split("=", 1) for o in config.get("train_overrides", [])), **overrides}
+        config = yaml.safe_load((REPO / config["train_config"]).read_text())
+    return int(overrides.get("scaling.num_workers", config["scaling"]["num_workers"]))
+
+
+def _pod_gpus(group: dict) -> int:
+    return max(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in group["template"]["spec"]["containers"])
+
+
+def test_every_kuberay_gpu_job_fits_on_one_whole_machine_pod_and_leaves_the_head_cpu_only():
+    jobs = [(doc["spec"].get("jobTemplate", doc["spec"]), f"{path.name}") for path, doc in kuberay_docs()
+            if doc["kind"] in ("RayJob", "RayCronJob")]
+    for spec, where in jobs:
+        entry = spec["entrypoint"]
+        if "jobs/train_" not in entry and "jobs/retrain.py" not in entry:
+            continue
+        cluster = spec["rayClusterSpec"]
+        head_limits = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert "nvidia.com/gpu" not in head_limits, f"{where}: the head is CPU-only"
+        pods = [_pod_gpus(g) for g in cluster["workerGroupSpecs"] for _ in range(g["maxReplicas"]) if _pod_gpus(g)]
+        workers = _training_workers(entry)
+        assert pods and sum(pods) >= workers, f"{where}: {workers} GPU workers, GPUs {pods}"
+        # workers of one job share a machine (NVLink) unless they need more than one machine's GPUs
+        assert workers <= max(pods) or workers % max(pods) == 0, f"{where}: {workers} workers over pods of {max(pods)}"
+        if "jobs/retrain.py" in entry:
+            assert max(pods) > workers, f"{where}: no GPU left for the champion/challenger evaluation"
+
+
+def test_cluster_launcher_gpu_nodes_hold_each_shipped_training_config_on_one_machine():
+    (config,) = load_docs(REPO / "ray_cluster.yaml")
+    gpus_per_node = max(t["resources"].get("GPU", 0) for t in config["available_node_types"].values())
+    for path in sorted((REPO / "jobs" / "configs").glob("train_*.yaml")):
+        scaling = yaml.safe_load(path.read_text())["scaling"]
+        if scaling["use_gpu"]:
+            assert scaling["num_workers"] <= gpus_per_node, path.name

@@ -12,8 +12,10 @@ from pipeline.train.recipes import (
     OptimizerSettings,
     RNRecipe,
     build_recipe,
+    discriminator_options,
     frozen_parameters,
     gan_step,
+    logs_to_floats,
     recipe_names,
     torch_updater,
 )
@@ -151,7 +153,7 @@ class CountingDiscriminator(nn.Module):
 def test_rn_gan_step_updates_d_then_g_against_the_updated_d():
     torch.manual_seed(0)
     recipe, G = RNRecipe(), RNGenerator()
-    D = CountingDiscriminator(RNDiscriminator())
+    D = CountingDiscriminator(RNDiscriminator(**discriminator_options("rn")))
     image, mask = rectangle_batch(2, 32)
     update_d, update_g = plain_step_fns(recipe, G, D)
     generator_calls = []
@@ -161,7 +163,9 @@ def test_rn_gan_step_updates_d_then_g_against_the_updated_d():
     logs = gan_step(recipe, G, D, image, mask, update_d, update_g)
 
     assert set(logs) == {"d_loss", "d_real", "d_fake", "g_loss", "g_l1", "g_adv"}
-    assert all(isinstance(v, float) for v in logs.values())
+    # Logs stay on the device as detached scalars (reading them is a sync); logging steps convert them.
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+    assert set(logs_to_floats(logs)) == set(logs)
     assert len(generator_calls) == 1
     (real_w, real_trainable), (fake_w, _), (g_w, g_trainable) = D.calls
     assert torch.equal(real_w, fake_w) and real_trainable
@@ -173,7 +177,7 @@ def test_rn_gan_step_updates_d_then_g_against_the_updated_d():
 
 def test_rn_generator_learns_a_fixed_batch():
     torch.manual_seed(0)
-    recipe, G, D = RNRecipe(), RNGenerator(), RNDiscriminator()
+    recipe, G, D = RNRecipe(), RNGenerator(), RNDiscriminator(**discriminator_options("rn"))
     image, mask = rectangle_batch(2, 32)
     update_d, update_g = plain_step_fns(recipe, G, D)
     l1 = [gan_step(recipe, G, D, image, mask, update_d, update_g)["g_l1"] for _ in range(20)]

@@ -31,7 +31,7 @@ def test_official_gpu_configs_keep_the_papers_global_batch():
     [
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.precision=fp16"], "deepspeed.precision"),  # CPU config
-        (["scaling.use_gpu=true", "deepspeed.precision=fp16", "deepspeed.zero_stage=1"], "deepspeed.precision"),
+        (["scaling.use_gpu=true", "deepspeed.precision=fp16"], "deepspeed.precision"),  # refused: needs loss scaling
         (["data.crop_size=128"], "data.crop_size"),  # LBAM's D takes 256x256 only
         (["train.max_steps=0"], "train.max_steps"),
         (["scaling.num_workers=0"], "scaling.num_workers"),
@@ -75,9 +75,21 @@ def test_deepspeed_config_per_engine_carries_batch_accumulation_clipping_and_pre
     ])
     ds = deepspeed_config(config.deepspeed, micro_batch_size=2, world_size=4)
     assert ds["train_batch_size"] == 2 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 2
-    assert ds["gradient_clipping"] == 1.5 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["zero_optimization"] == {"stage": 2, "compute_grad_norm": True, "overlap_comm": False}
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_deepspeed_config_turns_off_every_per_step_sync_it_can():
+    config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.zero_stage=1"])
+    ds = deepspeed_config(config.deepspeed, micro_batch_size=2, world_size=1)
+    # The throughput timer synchronises in every forward and step unless disabled.
+    assert ds["timers"]["throughput"]["enabled"] is False and ds["wall_clock_breakdown"] is False
+    # DeepSpeed 0.19 defaults gradient_clipping to 1.0: "off" must be written out, and with it the grad norm.
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["compute_grad_norm"] is False
+    zero0 = deepspeed_config(load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml").deepspeed, 2, 1)
+    assert zero0["zero_optimization"] == {"stage": 0} and zero0["gradient_clipping"] == 0.0
 
 
 def test_rn_generator_options_reach_the_constructor_check():

@@ -53,6 +53,7 @@ __all__ = [
     "random_crop_flip",
     "resolve_shard_urls",
     "tar_members",
+    "to_float",
 ]
 
 log = logging.getLogger(__name__)
@@ -404,8 +405,11 @@ def _collate_uint8(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, to
     return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
-def _to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """uint8 (B,3,H,W) / (B,H,W) 0|255 -> float image (B,3,H,W) in [0,1], mask (B,1,H,W) 1 = hole."""
+def to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """uint8 (B,3,H,W) / (B,H,W) 0|255 -> float image (B,3,H,W) in [0,1], mask (B,1,H,W) 1 = hole.
+
+    Runs wherever the tensors are: a GPU trainer moves the uint8 batch first (4x fewer bytes over PCIe).
+    """
     out = dict(batch)
     # Convert, then scale in place: measured faster than the single mixed-dtype ``torch.div(uint8, 255.0)``.
     out["image"] = batch["image"].float().div_(255.0)
@@ -425,8 +429,9 @@ class TrainLoader:
     automatic increment on every ``iter``) moves the shard, shuffle and crop seeds to a new pass.
     """
 
-    def __init__(self, loader: wds.WebLoader, seeds: _StreamSeed, batches_per_epoch: int) -> None:
+    def __init__(self, loader: wds.WebLoader, seeds: _StreamSeed, batches_per_epoch: int, uint8: bool = False) -> None:
         self._loader = loader
+        self._uint8 = uint8
         self._seeds = seeds
         self.batches_per_epoch = batches_per_epoch
         self._started = False
@@ -444,7 +449,7 @@ class TrainLoader:
             self._seeds.epoch += 1
         self._started = True
         for batch in self._loader:
-            yield _to_float(batch)
+            yield batch if self._uint8 else to_float(batch)
 
 
 def make_train_loader(
@@ -459,13 +464,17 @@ def make_train_loader(
     world_size: int = 1,
     storage_options: StorageOptionsLike = None,
     shuffle_buffer: int = 500,
+    uint8: bool = False,
+    pin_memory: bool = False,
 ) -> TrainLoader:
     """Endless-source training loader giving exactly ``batches_per_epoch`` batches on every rank.
 
     Batches are ``{"image": (B,3,S,S) float [0,1], "mask": (B,1,S,S) float 1 = hole}`` with
     ``S = crop_size``; image and mask share one random crop and one horizontal flip. Shards are drawn
     with replacement, seeded by ``(seed, rank, loader worker, epoch)``; ``world_size`` is only checked
-    (ranks differ through ``rank``, not by splitting the shard list).
+    (ranks differ through ``rank``, not by splitting the shard list). ``uint8=True`` yields the batches
+    before :func:`to_float` (uint8 image (B,3,S,S), mask (B,S,S) 0|255), for conversion on the GPU;
+    ``pin_memory`` pins them in page-locked memory so a ``non_blocking`` copy is truly asynchronous.
     """
     for name, value in (("batch_size", batch_size), ("crop_size", crop_size), ("batches_per_epoch", batches_per_epoch)):
         if value <= 0:
@@ -490,8 +499,9 @@ def make_train_loader(
         num_workers=num_workers,
         persistent_workers=False,  # workers must be re-created each pass to pick up the new epoch seed
         prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=pin_memory,
     ).with_epoch(batches_per_epoch)
-    return TrainLoader(loader, seeds, batches_per_epoch)
+    return TrainLoader(loader, seeds, batches_per_epoch, uint8=uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,7 +548,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self._loader:
-            out = _to_float(batch)
+            out = to_float(batch)
             out["hole_ratio"] = out["mask"].mean(dim=(1, 2, 3))
             yield out
 

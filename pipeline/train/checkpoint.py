@@ -12,11 +12,15 @@ written by exactly one rank or carries the rank in its name:
   generator/state/mp_rank_00_model_states.pt  rank 0: DeepSpeed module + client state of G
   generator/state/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   every rank under ZeRO 1/2: its optimiser shard
   discriminator/...                           the same for D
-  rng/rank_<r>.pt                             every rank: Python, NumPy, torch (and CUDA) RNG states
+  rng/rank_<r>.pt                             every rank: Python, NumPy, torch RNG states and its own GPU's
 ```
 
 On restore, Ray downloads the whole merged directory to every worker, so each rank finds its own ZeRO shard
-and RNG file beside rank 0's files. ZeRO 1/2 shards are only valid for the world size that wrote them.
+and RNG file beside rank 0's files. A rank saves and restores the CUDA RNG state of its own device only: a
+node may expose a different number of GPUs to the restarted worker, and one rank must never reset another
+rank's generator. ZeRO 0 checkpoints resume on any number of workers (ranks without an RNG file of their own
+keep their fresh seeds); ZeRO 1/2 shards are only valid for the world size that wrote them, and a resume
+on another one stops with a one-line error saying which settings to use.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ __all__ = [
     "consolidated_generator_state",
     "load_generator_state",
     "restore_checkpoint",
+    "rng_state",
     "save_checkpoint",
+    "set_rng_state",
 ]
 
 CHECKPOINT_TAG = "state"
@@ -57,19 +63,25 @@ class CheckpointState:
     arch: str
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states: Python, NumPy, torch's CPU generator and, on a GPU, ``device``'s only."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`; the CUDA state goes to ``device`` (whatever its index was when saved)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+
+
+def _device(engines: Any) -> torch.device:
+    return next(engines.generator.module.parameters()).device
 
 
 def consolidated_generator_state(engine: Any) -> dict[str, torch.Tensor]:
@@ -91,7 +103,7 @@ def save_checkpoint(directory: str | Path, engines: Any, state: CheckpointState,
     engines.generator.save_checkpoint(str(directory / "generator"), tag=CHECKPOINT_TAG, save_latest=False)
     engines.discriminator.save_checkpoint(str(directory / "discriminator"), tag=CHECKPOINT_TAG, save_latest=False)
     (directory / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), directory / "rng" / f"rank_{rank}.pt")
+    torch.save(rng_state(_device(engines)), directory / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         torch.save(consolidated_generator_state(engines.generator), directory / GENERATOR_FILE)
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
@@ -113,9 +125,11 @@ def restore_checkpoint(directory: str | Path, engines: Any, *, rank: int, world_
     if state.arch != arch:
         raise ValueError(f"checkpoint {directory} holds a {state.arch} model, this run trains {arch}")
     if state.zero_stage != zero_stage or (zero_stage > 0 and state.world_size != world_size):
+        # ZeRO 1/2 optimiser shards are cut for one world size; ZeRO 0 state is whole and resumes anywhere.
+        workers = f" and scaling.num_workers={state.world_size}" if state.zero_stage > 0 else ""
         raise ValueError(
             f"checkpoint {directory} was written with ZeRO stage {state.zero_stage} by {state.world_size} workers; "
-            f"resume with deepspeed.zero_stage={state.zero_stage} and scaling.num_workers={state.world_size}"
+            f"resume with deepspeed.zero_stage={state.zero_stage}{workers} (or start a new run.name)"
         )
     for name, engine in (("generator", engines.generator), ("discriminator", engines.discriminator)):
         path, _ = engine.load_checkpoint(
@@ -126,7 +140,7 @@ def restore_checkpoint(directory: str | Path, engines: Any, *, rank: int, world_
     rng_file = directory / "rng" / f"rank_{rank}.pt"
     if rng_file.exists():
         # weights_only=False: NumPy's RNG state is a tuple holding an ndarray; the file is our own, never user data.
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=False), _device(engines))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return state

@@ -6,7 +6,8 @@ config dict built by :func:`deepspeed_config` from the same :class:`DeepSpeedSec
 
 The optimiser is always a client ``torch.optim.Adam`` built from the recipe's settings: DeepSpeed's own
 FusedAdam needs a CUDA build, and ZeRO 1/2 accept ``torch.optim.Adam`` as a supported optimiser, so CPU and
-GPU runs take the same path (``fused=True`` on CUDA). The learning-rate schedule is the recipe's
+GPU runs take the same path. It is PyTorch's fused Adam on CPU and CUDA alike: its step counters live on the
+parameters' device, where the default implementation reads a host counter with ``.item()`` every step. The learning-rate schedule is the recipe's
 ``lr_factor(epoch)`` with ``epoch = optimiser_step // steps_per_epoch`` (1-based epochs, like RN's code).
 """
 
@@ -28,22 +29,32 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def deepspeed_config(ds: DeepSpeedSection, micro_batch_size: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for one engine (both engines of a run get equal dicts)."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        # ZeRO 1/2 otherwise compute the global gradient norm every step and test it with a bool() (a device
+        # sync) even when nothing is clipped; the norm is only needed for clipping.
+        zero["compute_grad_norm"] = ds.gradient_clipping > 0
+        # Overlap the gradient reduce-scatter with the backward pass (only meaningful with > 1 rank).
+        zero["overlap_comm"] = ds.overlap_comm
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "train_batch_size": micro_batch_size * ds.gradient_accumulation_steps * world_size,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
+        # Always explicit: DeepSpeed 0.19's default is 1.0, which would clip silently when the user asked for none.
+        "gradient_clipping": ds.gradient_clipping,
         "steps_per_print": 1 << 30,  # holefill logs its own throughput; DeepSpeed's per-step prints are noise
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and calls synchronize() in every engine forward and
+        # step: the CPU could never queue work ahead of the GPU. holefill measures throughput over a window.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
-    if ds.gradient_clipping > 0:
-        config["gradient_clipping"] = ds.gradient_clipping
     if ds.precision in _DTYPES:
         # DeepSpeed's torch_autocast mode, not its bf16/fp16 model cast: parameters, buffers and optimiser
         # state stay fp32 while convolutions run in half precision. The cast mode breaks RN's spectral norm
         # (fp32 power-iteration buffers against half weights) and would leave LBAM's fp32 VGG outside the
         # engine; with fp32 masters the generator is also registered without any gather. Gradients of
-        # conv/linear weights are all-reduced in the half dtype. fp16 gets a GradScaler (ZeRO 0 only).
+        # conv/linear weights are all-reduced in the half dtype. fp16 is refused by the config check.
         config["torch_autocast"] = {"enabled": True, "dtype": str(_DTYPES[ds.precision]).replace("torch.", "")}
     return config
 
@@ -99,7 +110,7 @@ def _engine(
         lr=settings.lr * lr_scale,
         betas=tuple(settings.betas),
         weight_decay=settings.weight_decay,
-        fused=device.type == "cuda",
+        fused=True,
     )
     schedule = _epoch_schedule(lr_factor, steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(

@@ -58,14 +58,18 @@ __all__ = [
     "RNRecipe",
     "RNRecipeOptions",
     "build_recipe",
+    "discriminator_options",
     "frozen_parameters",
     "gan_step",
+    "logs_to_floats",
     "recipe_names",
     "torch_updater",
 ]
 
 Updater = Callable[[torch.Tensor], None]
-Logs = dict[str, float]
+# Detached 0-dim tensors on the training device: turning them into Python numbers is a host-device sync, so
+# the step returns tensors and only logging steps read them (:func:`logs_to_floats`).
+Logs = dict[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ optimisers
@@ -87,10 +91,10 @@ class OptimizerSettings:
         if not self.weight_decay >= 0:
             raise ValueError(f"optimizer weight_decay must be >= 0, got {self.weight_decay}")
 
-    def build(self, parameters: Iterable[nn.Parameter], lr_factor: float = 1.0) -> torch.optim.Adam:
-        """A ``torch.optim.Adam`` over ``parameters`` at ``lr · lr_factor``."""
+    def build(self, parameters: Iterable[nn.Parameter], lr_factor: float = 1.0, fused: bool | None = None) -> torch.optim.Adam:
+        """A ``torch.optim.Adam`` over ``parameters`` at ``lr · lr_factor`` (``fused``: PyTorch's fused kernel)."""
         return torch.optim.Adam(
-            parameters, lr=self.lr * lr_factor, betas=self.betas, weight_decay=self.weight_decay
+            parameters, lr=self.lr * lr_factor, betas=self.betas, weight_decay=self.weight_decay, fused=fused
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,8 +122,12 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _as_floats(values: Mapping[str, torch.Tensor]) -> Logs:
-    """Detached scalar tensors -> floats with one device synchronisation instead of one per value."""
+def _detached(values: Mapping[str, torch.Tensor]) -> Logs:
+    return {name: value.detach().float().reshape(()) for name, value in values.items()}
+
+
+def logs_to_floats(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar log tensors -> Python floats with one host read (one device sync) instead of one per value."""
     if not values:
         return {}
     stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
@@ -150,7 +158,8 @@ def gan_step(
 
     ``G`` runs once. ``update_d``/``update_g`` backpropagate and step (see module docstring). While the
     G loss is built and ``update_g`` runs, D's parameters are frozen, so D receives no gradient from it.
-    Returns the merged logs as floats: ``d_loss``, ``g_loss`` and the recipe's named parts.
+    Returns the merged logs as detached scalar tensors on the step's device (no host read; see
+    :func:`logs_to_floats`): ``d_loss``, ``g_loss`` and the recipe's named parts.
     """
     pred = recipe.generate(G, image, mask)
     d_loss, d_logs = recipe.discriminator_loss(D, image, mask, pred.detach())
@@ -167,11 +176,13 @@ def gan_step(
 class GanRecipe(ABC):
     """How one architecture trains: optimiser settings, LR schedule, generation and the two losses.
 
-    Losses return ``(loss, logs)``: the tensor to backpropagate and float logs, among them ``d_loss`` or
-    ``g_loss`` and the unweighted parts prefixed ``d_``/``g_``.
+    Losses return ``(loss, logs)``: the tensor to backpropagate and detached scalar logs, among them ``d_loss``
+    or ``g_loss`` and the unweighted parts prefixed ``d_``/``g_``. ``discriminator_options`` are the keyword
+    arguments the recipe's losses need the architecture's discriminator built with.
     """
 
     name: ClassVar[str]
+    discriminator_options: ClassVar[Mapping[str, Any]] = {}
     generator_optimizer: OptimizerSettings
     discriminator_optimizer: OptimizerSettings
 
@@ -221,10 +232,12 @@ class RNRecipe(GanRecipe):
     The LR schedule multiplies both rates by ``0.8^(epoch − 2)`` from epoch 3 on (epochs 1–2 at base),
     which is the official "after epoch e, lr = base·0.8^(e−1)" rule stated per training epoch.
     D sees the raw prediction, not the composite; real and fake pass through D separately (each forward
-    runs one spectral-norm power iteration, as in the official step).
+    runs one spectral-norm power iteration, as in the official step). D outputs logits and the BCE terms take
+    them (``BCEWithLogits`` in float32: the official sigmoid + BCE without its half-precision saturation).
     """
 
     name = "rn"
+    discriminator_options = {"use_sigmoid": False}
 
     def __init__(self, l1_weight: float = 1.0, gan_weight: float = 0.1) -> None:
         options = _validated(RNRecipeOptions, "rn", {"l1_weight": l1_weight, "gan_weight": gan_weight})
@@ -239,13 +252,13 @@ class RNRecipe(GanRecipe):
 
     def discriminator_loss(self, D, image, mask, pred_detached):
         terms = rn_discriminator_loss(D(image), D(pred_detached))
-        return terms.total, _as_floats(terms.log_values("d_"))
+        return terms.total, _detached(terms.log_values("d_"))
 
     def generator_loss(self, D, image, mask, pred):
         terms = rn_generator_loss(
             pred, image, mask, D(pred), l1_weight=self.l1_weight, gan_weight=self.gan_weight
         )
-        return terms.total, _as_floats(terms.log_values("g_"))
+        return terms.total, _detached(terms.log_values("g_"))
 
 
 class LBAMRecipe(GanRecipe):
@@ -295,7 +308,7 @@ class LBAMRecipe(GanRecipe):
     def discriminator_loss(self, D, image, mask, pred_detached):
         penalty = gradient_penalty(D, image, pred_detached, mask, weight=self.gp_weight)
         terms = wgan_discriminator_loss(D(image, mask), D(pred_detached, mask), penalty, self.adversarial)
-        return terms.total, _as_floats(terms.log_values("d_"))
+        return terms.total, _detached(terms.log_values("d_"))
 
     def generator_loss(self, D, image, mask, pred):
         reconstruction = self.reconstruction(pred, image, mask)
@@ -303,7 +316,7 @@ class LBAMRecipe(GanRecipe):
         total = reconstruction.total + self.adversarial_weight * adv
         logs = {"g_loss": total.detach(), "g_reconstruction": reconstruction.total.detach(), "g_adv": adv.detach()}
         logs.update({f"g_{name}": value.detach() for name, value in reconstruction.parts.items()})
-        return total, _as_floats(logs)
+        return total, _detached(logs)
 
 
 # ------------------------------------------------------------------------------------ options/registry
@@ -356,6 +369,14 @@ def _build_lbam(options: LBAMRecipeOptions) -> LBAMRecipe:
 
 
 _BUILDERS: dict[str, Callable[[Any], GanRecipe]] = {"rn": _build_rn, "lbam": _build_lbam}
+
+
+def discriminator_options(arch: str) -> dict[str, Any]:
+    """Keyword arguments for ``get_architecture(arch).discriminator`` that ``arch``'s recipe trains with."""
+    recipe_type = {"rn": RNRecipe, "lbam": LBAMRecipe}.get(arch)
+    if recipe_type is None:
+        raise ValueError(f"unknown recipe architecture {arch!r}; known: {', '.join(recipe_names())}")
+    return dict(recipe_type.discriminator_options)
 
 
 def recipe_names() -> list[str]:

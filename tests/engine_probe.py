@@ -1,0 +1,126 @@
+"""Run holefill's real training step on DeepSpeed engines in a one-rank process group; print JSON results.
+
+Also the building blocks of the GPU tests (``tests/gpu``) and ``bench/gpu_check.py`` (``device=cuda``).
+
+Run as a subprocess by the tests (a DeepSpeed process group must not leak into the pytest process):
+
+    python tests/engine_probe.py PORT syncs:rn:0:fp32 syncs:lbam:0:bf16 ...  host reads per non-logging step
+    python tests/engine_probe.py PORT resume:rn:0:fp32 ...                   save -> restore -> next-step losses
+
+Each case is ``mode:arch:zero_stage:precision``. The step is ``pipeline.train.loop.optimiser_step`` with the
+engines, discriminator caller and updaters of ``train_worker``, fed uint8 batches like the loader's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+SIZES = {"rn": (32, 2), "lbam": (256, 1)}  # crop, micro-batch: the smallest each model trains on
+
+
+def uint8_batches(arch: str, seed: int = 0, batch: int | None = None, size: int | None = None, pin: bool = False):
+    """Endless loader-like batches: uint8 image (B,3,S,S), uint8 0|255 mask (B,S,S) (pinned when ``pin``)."""
+    size, batch = size or SIZES[arch][0], batch or SIZES[arch][1]
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        image = torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8)
+        mask = (torch.rand(batch, size, size, generator=generator) > 0.7).to(torch.uint8) * 255
+        yield {"image": image.pin_memory(), "mask": mask.pin_memory()} if pin else {"image": image, "mask": mask}
+
+
+def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: torch.device = torch.device("cpu"), batch: int | None = None):
+    """Recipe, engines and the step's callables, built as ``train_worker`` builds them."""
+    from models.registry import get_architecture
+    from pipeline.train.config import DeepSpeedSection
+    from pipeline.train.engines import DiscriminatorCaller, build_engines, step_updater
+    from pipeline.train.recipes import build_recipe, discriminator_options
+
+    spec = get_architecture(arch)
+    torch.manual_seed(seed)
+    generator, discriminator = spec.generator(), spec.discriminator(**discriminator_options(arch))
+    recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {}))
+    engines = build_engines(
+        recipe, generator, discriminator, DeepSpeedSection(zero_stage=zero_stage, precision=precision),
+        micro_batch_size=batch or SIZES[arch][1], world_size=dist.get_world_size(), steps_per_epoch=10_000, device=device,
+    )
+    recipe.to(device)
+    D = DiscriminatorCaller(engines.discriminator)
+    return recipe, engines, (engines.generator, D, step_updater(engines.discriminator), step_updater(engines.generator))
+
+
+def step(recipe, parts, batches, precision: str, device: torch.device = torch.device("cpu")):
+    """One ``optimiser_step`` (no accumulation); returns its ``train/*`` loss tensors."""
+    from pipeline.train.loop import optimiser_step
+
+    G, D, update_d, update_g = parts
+    return optimiser_step(recipe, G, D, update_d, update_g, batches, device, precision, 1)[0]
+
+
+def syncs(arch: str, zero_stage: int, precision: str, steps: int = 2) -> dict:
+    from pipeline.train.host_sync import count_host_reads
+
+    recipe, _, parts = build(arch, zero_stage, precision)
+    batches = uint8_batches(arch)
+    step(recipe, parts, batches, precision)  # first step: DeepSpeed's one-off set-up
+    with count_host_reads() as count:
+        for _ in range(steps):
+            step(recipe, parts, batches, precision)
+    return {"per_step": count.total / steps, "sites": count.report()}
+
+
+def resume(arch: str, zero_stage: int, precision: str, device: torch.device = torch.device("cpu")) -> dict:
+    """Train 2 steps, checkpoint, train a 3rd; a fresh set of engines restored from the checkpoint (and a
+    checkpoint relabelled as written by 2 workers) must give the same 3rd-step losses."""
+    from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
+    from pipeline.train.recipes import logs_to_floats
+
+    recipe, engines, parts = build(arch, zero_stage, precision, seed=0, device=device)
+    batches = uint8_batches(arch, seed=1)
+    for _ in range(2):
+        step(recipe, parts, batches, precision, device)
+    results = {}
+    with tempfile.TemporaryDirectory() as directory:
+        state = CheckpointState(step=2, world_size=1, zero_stage=zero_stage, precision=precision, arch=arch)
+        save_checkpoint(directory, engines, state, rank=0)
+        next_batch = next(batches)
+        results["original"] = logs_to_floats(step(recipe, parts, iter([next_batch]), precision, device))
+        for label, written_by in (("restored", 1), ("restored_from_2_workers", 2)):
+            state_file = Path(directory) / "state.json"
+            tree = json.loads(state_file.read_text())
+            state_file.write_text(json.dumps({**tree, "world_size": written_by}))
+            recipe2, engines2, parts2 = build(arch, zero_stage, precision, seed=123, device=device)  # other weights
+            try:
+                restore_checkpoint(directory, engines2, rank=0, world_size=1, zero_stage=zero_stage, arch=arch)
+            except ValueError as exc:
+                results[label] = str(exc)
+                continue
+            results[label] = logs_to_floats(step(recipe2, parts2, iter([next_batch]), precision, device))
+    return results
+
+
+def main() -> None:
+    port, *cases = sys.argv[1:]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from pipeline.train.engines import init_distributed
+
+    init_distributed(False)
+    out = {}
+    for case in cases:
+        mode, arch, stage, precision = case.split(":")
+        out[case] = {"syncs": syncs, "resume": resume}[mode](arch, int(stage), precision)
+    print("RESULT " + json.dumps(out))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
