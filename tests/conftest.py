@@ -41,3 +41,7 @@ def pytest_collection_modifyitems(config, items):
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+# Session fixtures as plugins: one MLflow server / Ray head / registered tiny model for every module that uses them
+# without importing them (a fixture imported into a module is a new fixture there, started again per module).
+pytest_plugins = ["local_stack", "serving_helpers"]

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -34,6 +35,24 @@ def register_tiny_rn(tracking_uri: str, name: str, seed: int = 0, serving: Servi
                                           arch="rn", generator_kwargs=TINY_RN, serving=serving)
     finally:
         tracker.finish()
+
+
+TINY_CHAMPION = "tiny-rn"
+TINY_MAX_PIXELS = 200_000
+
+
+@pytest.fixture(scope="session")
+def tiny_champion(mlflow_server) -> str:
+    """``models:/tiny-rn@champion`` (its version): one tiny RN registered once per session (200 000-pixel limit, 64-px windows).
+
+    Shared by the serving, packaging and export tests, which only read it (the Ray Serve test moves the alias
+    of a model of its own).
+    """
+    from mlflow import MlflowClient
+
+    version = register_tiny_rn(mlflow_server, TINY_CHAMPION, serving=small_windows(max_pixels=TINY_MAX_PIXELS))
+    MlflowClient(mlflow_server).set_registered_model_alias(TINY_CHAMPION, "champion", version.version)
+    return version.version
 
 
 def small_windows(max_pixels: int = 1_000_000) -> ServingDefaults:

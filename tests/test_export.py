@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from local_stack import mlflow_server  # noqa: F401  (fixture)
 from models.registry import get_architecture
 from pipeline.lifecycle.exporting import CompositedGenerator, export_generator, verification_sizes, verify_export
-from serving_helpers import TINY_RN, register_tiny_rn
+from serving_helpers import TINY_CHAMPION, TINY_RN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,20 +49,20 @@ def test_an_export_that_does_not_match_is_refused_naming_the_size(rn, tmp_path):
 
 
 @pytest.mark.e2e
-def test_export_job_pins_the_alias_writes_verifies_and_logs_the_file_on_the_version(mlflow_server, tmp_path):
+def test_export_job_pins_the_alias_writes_verifies_and_logs_the_file_on_the_version(mlflow_server, tiny_champion,
+                                                                                   tmp_path):
     from mlflow import MlflowClient
 
-    version = register_tiny_rn(mlflow_server, "export-rn").version
+    name, version = TINY_CHAMPION, tiny_champion
     client = MlflowClient(mlflow_server)
-    client.set_registered_model_alias("export-rn", "champion", version)
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "export.py"), "models:/export-rn@champion",
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "export.py"), f"models:/{name}@champion",
                            "--format", "onnx", "--set", f"tracking_uri={mlflow_server}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / f"export-rn-v{version}.onnx").is_file()
-    tags = client.get_model_version("export-rn", version).tags
-    run_id = client.get_model_version("export-rn", version).run_id
-    assert tags["holefill.export.onnx"] == f"runs:/{run_id}/exports/v{version}/export-rn-v{version}.onnx"
+    assert (tmp_path / f"{name}-v{version}.onnx").is_file()
+    tags = client.get_model_version(name, version).tags
+    run_id = client.get_model_version(name, version).run_id
+    assert tags["holefill.export.onnx"] == f"runs:/{run_id}/exports/v{version}/{name}-v{version}.onnx"
     assert float(tags["holefill.export.onnx.max_abs_diff"]) <= 1e-4
     assert [a.path for a in client.list_artifacts(run_id, f"exports/v{version}")] == \
-        [f"exports/v{version}/export-rn-v{version}.onnx"]
+        [f"exports/v{version}/{name}-v{version}.onnx"]

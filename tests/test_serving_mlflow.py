@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from local_stack import mlflow_server  # noqa: F401  (fixture)
-from serving_helpers import decode, encode, environment_without_holefill, hole_mask, photo, register_tiny_rn, small_windows
+from serving_helpers import TINY_CHAMPION, TINY_MAX_PIXELS, decode, encode, environment_without_holefill, hole_mask, photo
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -48,18 +47,14 @@ def _request(image: bytes, mask: bytes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served_champion(mlflow_server, tmp_path_factory):
-    """`mlflow models serve -m models:/serve-rn@champion` in an interpreter where holefill cannot be imported."""
-    from mlflow import MlflowClient
-
-    version = register_tiny_rn(mlflow_server, "serve-rn", serving=small_windows(max_pixels=400 * 500))
-    MlflowClient(mlflow_server).set_registered_model_alias("serve-rn", "champion", version.version)
+def served_champion(mlflow_server, tiny_champion, tmp_path_factory):
+    """`mlflow models serve -m models:/tiny-rn@champion` in an interpreter where holefill cannot be imported."""
     cwd = tmp_path_factory.mktemp("no-holefill")
     env = environment_without_holefill(cwd / "site", REPO)
     env.update(MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="2")
     port = _free_port()
     log = open(cwd / "serve.log", "wb")
-    proc = subprocess.Popen([str(MLFLOW), "models", "serve", "-m", "models:/serve-rn@champion", "--env-manager",
+    proc = subprocess.Popen([str(MLFLOW), "models", "serve", "-m", f"models:/{TINY_CHAMPION}@champion", "--env-manager",
                              "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -109,7 +104,7 @@ def test_post_a_300x451_photo_and_mask_returns_a_same_size_png_unchanged_outside
     ("not an image", "image is not a readable image"),
     ("mask size", "mask is 20x10, image is 451x300: sizes must match"),
     ("empty mask", "mask has no hole"),
-    ("too large", "image is 500x500 = 250000 pixels, over the limit of 200000"),
+    ("too large", f"image is 500x500 = 250000 pixels, over the limit of {TINY_MAX_PIXELS}"),
     ("strategy", "param strategy must be one of crop, whole, got 'stretch'"),
 ])
 def test_bad_requests_get_http_400_with_a_one_line_reason(served_champion, case, reason):

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from local_stack import mlflow_server  # noqa: F401  (fixture)
 from models.registry import get_architecture
 from pipeline.lifecycle.packaging import (
     GENERATOR_SPEC,
@@ -27,20 +26,14 @@ from pipeline.lifecycle.packaging import (
     reregister_version,
 )
 from pipeline.tracking import RunTracker
-from serving_helpers import TINY_RN, decode, encode, hole_mask, photo, register_tiny_rn, small_windows
-
-
-@pytest.fixture(scope="module")
-def registered(mlflow_server):
-    version = register_tiny_rn(mlflow_server, "pack-rn", serving=small_windows())
-    return mlflow_server, version
+from serving_helpers import TINY_CHAMPION, TINY_RN, decode, encode, hole_mask, photo
 
 
 @pytest.mark.e2e
-def test_registered_artifacts_hold_no_pickle_and_no_holefill_requirement(registered, tmp_path, monkeypatch):
-    tracking_uri, version = registered
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    local = mlflow.artifacts.download_artifacts(f"models:/pack-rn/{version.version}", dst_path=str(tmp_path))
+def test_registered_artifacts_hold_no_pickle_and_no_holefill_requirement(mlflow_server, tiny_champion, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    local = mlflow.artifacts.download_artifacts(f"models:/{TINY_CHAMPION}/{tiny_champion}", dst_path=str(tmp_path))
     files = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".pkl", ".pickle"))]
     assert "pyfunc_model.py" in files and "code/models/inpaint.py" in files and "code/models/codec.py" in files
@@ -60,10 +53,9 @@ def test_model_code_file_and_packaging_agree_on_artifact_names():
 
 
 @pytest.mark.e2e
-def test_pyfunc_takes_encoded_images_in_a_frame_and_tensors_in_process(registered, monkeypatch):
-    tracking_uri, version = registered
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/pack-rn/{version.version}")
+def test_pyfunc_takes_encoded_images_in_a_frame_and_tensors_in_process(mlflow_server, tiny_champion, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{TINY_CHAMPION}/{tiny_champion}")
     pixels, hole = photo(40, 50), hole_mask(40, 50)
     out = model.predict(pd.DataFrame({"image": [encode(pixels, "JPEG")], "mask": [encode(hole)]}))
     result = decode(out["image"][0])

@@ -13,10 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 import torch.nn as nn
 
-from local_stack import mlflow_server, ray_head  # noqa: F401  (fixtures)
 from models.registry import get_architecture
 from pipeline.lifecycle.packaging import HiresConfig
 from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeConfig, build_app

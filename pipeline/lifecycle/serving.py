@@ -26,8 +26,8 @@ import base64
 import binascii
 import json
 import logging
-import threading
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
