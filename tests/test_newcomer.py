@@ -167,3 +167,19 @@ def test_the_demo_picture_shows_the_input_with_its_hole_each_model_and_the_truth
     captions = [picture[:band, i * (w + gap): i * (w + gap) + w] for i in range(4)]
     assert all((caption < 128).any() for caption in captions)  # every tile says what it is
     assert not np.array_equal(captions[1], captions[2])  # "RN after 4 steps" vs "LBAM after 2 steps"
+
+
+def test_artifacts_of_a_local_store_live_beside_it_not_in_the_current_directory(tmp_path, monkeypatch):
+    from pipeline.tracking import get_or_create_experiment, mlflow_client
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = mlflow_client(uri)
+    run = client.create_run(get_or_create_experiment(client, "holefill demo"))
+    client.log_text(run.info.run_id, "hello", "note.txt")
+
+    assert (tmp_path / "store" / "mlartifacts" / "holefill_demo" / run.info.run_id / "artifacts" / "note.txt").is_file()
+    assert not (elsewhere / "mlruns").exists()
