@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import local_stack  # noqa: F401  (puts infra/ on sys.path)
 from pipeline.config import Config
 from pipeline.jobcli import run_job
-from pipeline.paths import PathStr, ray_working_dir_copy, resolve_local
+from pipeline.paths import PathStr, ray_working_dir_copy, resolve_config_paths
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import TrainJobConfig
 
@@ -70,8 +69,10 @@ def test_urls_and_absolute_paths_are_never_rewritten(tmp_path):
         where: PathStr
 
     for value in ("models:/lbam@champion", "s3://b/k", "file:///x", "/abs/x"):
-        assert resolve_local(value, tmp_path) == value
-    assert resolve_local("a/../b", tmp_path) == str(tmp_path / "b")
+        probe = Probe(where=value)
+        assert resolve_config_paths(probe, tmp_path) == [] and probe.where == value
+    probe = Probe(where="a/../b")
+    assert [c.resolved for c in resolve_config_paths(probe, tmp_path)] == [probe.where] == [str(tmp_path / "b")]
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
