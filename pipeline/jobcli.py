@@ -3,9 +3,9 @@
 A job declares its shortcut flags as :class:`Flag` records (flag -> config key) and hands its work to
 :func:`run_job`, which parses the arguments, sets up job logging, loads and validates the typed config
 (shortcut flags first, ``--set`` last, so ``--set`` wins), makes its relative local paths absolute against the
-caller's working directory (:mod:`pipeline.paths`; Ray workers run elsewhere) and logs them, runs the work and turns every ``ValueError``
-(``ConfigError`` included) into ``<job>: <one line>`` on stderr and exit status 2. The work returns the
-job's exit status.
+caller's working directory (:mod:`pipeline.paths`; Ray workers run elsewhere) and logs them, runs the work
+and turns every ``ValueError`` (``ConfigError`` included) into ``<job>: <one line>`` on stderr and exit
+status 2. The work returns the job's exit status.
 """
 
 from __future__ import annotations

@@ -583,7 +583,20 @@ class RunTracker:
                 self._overflowing = False
 
 
+def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifact folder of a new experiment in a SQLite store: ``<store folder>/mlartifacts/<experiment>``.
+
+    MLflow's own default for a database store is ``./mlruns`` of whatever directory the process runs in, which
+    scatters artifacts (models included) away from their store. ``None`` for servers: they decide.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = Path(tracking_uri[len("sqlite:///"):]).resolve().parent
+    return (folder / "mlartifacts" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment)).as_uri()
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created (artifacts beside a SQLite store) when missing."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -592,7 +605,8 @@ def get_or_create_experiment(client, name: str) -> str:
             raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(
+            name, artifact_location=local_artifact_location(str(getattr(client, "tracking_uri", "")), name))
     except MlflowException:
         # Another process created it between our lookup and create.
         experiment = client.get_experiment_by_name(name)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import local_stack  # noqa: F401  (puts infra/ on sys.path)
 from pipeline.config import Config
 from pipeline.jobcli import run_job
-from pipeline.paths import PathStr, ray_working_dir_copy, resolve_local
+from pipeline.paths import PathStr, ray_working_dir_copy, resolve_config_paths
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train.config import TrainJobConfig
 
@@ -70,8 +69,10 @@ def test_urls_and_absolute_paths_are_never_rewritten(tmp_path):
         where: PathStr
 
     for value in ("models:/lbam@champion", "s3://b/k", "file:///x", "/abs/x"):
-        assert resolve_local(value, tmp_path) == value
-    assert resolve_local("a/../b", tmp_path) == str(tmp_path / "b")
+        probe = Probe(where=value)
+        assert resolve_config_paths(probe, tmp_path) == [] and probe.where == value
+    probe = Probe(where="a/../b")
+    assert [c.resolved for c in resolve_config_paths(probe, tmp_path)] == [probe.where] == [str(tmp_path / "b")]
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
@@ -167,3 +168,19 @@ def test_the_demo_picture_shows_the_input_with_its_hole_each_model_and_the_truth
     captions = [picture[:band, i * (w + gap): i * (w + gap) + w] for i in range(4)]
     assert all((caption < 128).any() for caption in captions)  # every tile says what it is
     assert not np.array_equal(captions[1], captions[2])  # "RN after 4 steps" vs "LBAM after 2 steps"
+
+
+def test_artifacts_of_a_local_store_live_beside_it_not_in_the_current_directory(tmp_path, monkeypatch):
+    from pipeline.tracking import get_or_create_experiment, mlflow_client
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = mlflow_client(uri)
+    run = client.create_run(get_or_create_experiment(client, "holefill demo"))
+    client.log_text(run.info.run_id, "hello", "note.txt")
+
+    assert (tmp_path / "store" / "mlartifacts" / "holefill_demo" / run.info.run_id / "artifacts" / "note.txt").is_file()
+    assert not (elsewhere / "mlruns").exists()
