@@ -107,7 +107,6 @@ def measure(arch: str, batch: int, size: int, precision: str, device: torch.devi
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     torch.backends.cudnn.benchmark = False
-    del engines, parts, recipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Row(label or f"{arch} {precision}", batch, steps * batch / seconds,

@@ -48,6 +48,7 @@ from typing import IO, Annotated, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.raycluster import ensure_ray
 from pipeline.buckets import HOLE_RATIO_BUCKETS, bucket_name
 from pipeline.config import Config
 from pipeline.paths import LocalPath, OutputPathStr, resolve_config_paths
@@ -619,15 +620,6 @@ class _Progress:
         )
 
 
-def _ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        # Connects to RAY_ADDRESS when set (ray's own convention), else starts an embedded local Ray.
-        ray.init(log_to_driver=True)
-    return ray
-
-
 def _run_plans(
     plans: Sequence[ShardPlan | FillPlan], config: ShardJobConfig, emit: Callable[[str], None], progress: _Progress,
     shards_total: int, shards_done_before: int, writer: Callable[..., ShardResult] = write_shard,
@@ -636,7 +628,7 @@ def _run_plans(
     """Run one Ray task ``writer(plan, *extra_args, config)`` per plan, bounded concurrency; results in plan order."""
     if not plans:
         return []
-    ray = _ensure_ray()
+    ray = ensure_ray()
     task = ray.remote(writer).options(num_cpus=config.num_cpus, max_retries=2)
     extra_refs = [ray.put(arg) for arg in extra_args]
     config_ref = ray.put(config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from models.inception import FIDInceptionV3, to_uint8
 from models.lpips import LPIPS
+from pipeline.paths import LocalPath
 from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.config import Config
 
@@ -58,10 +59,10 @@ class PerceptualSettings(Config):
     metrics: list[PerceptualMetric] | None = None
     allow_random_weights: bool = False
     lpips_net: Literal["vgg", "alex"] = "alex"
-    inception_weights: str | None = Field(None, validate_default=True)
-    lpips_weights: str | None = Field(None, validate_default=True)
-    lpips_backbone_weights: str | None = Field(None, validate_default=True)
-    truth_feature_cache: str | None = None
+    inception_weights: Annotated[str | None, LocalPath()] = Field(None, validate_default=True)
+    lpips_weights: Annotated[str | None, LocalPath()] = Field(None, validate_default=True)
+    lpips_backbone_weights: Annotated[str | None, LocalPath()] = Field(None, validate_default=True)
+    truth_feature_cache: Annotated[str | None, LocalPath(output=True)] = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("inception_weights", "lpips_weights", "lpips_backbone_weights")

@@ -18,6 +18,8 @@ import time
 
 import torch.nn as nn
 
+from pipeline.joblog import LOG_FORMAT
+from pipeline.raycluster import ensure_ray
 from pipeline.evaluation.evaluate import (
     METRICS,
     EvaluationResult,
@@ -44,19 +46,10 @@ def metric_set_id(settings: EvaluationSettings, weights: MetricWeights) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        # Connects to RAY_ADDRESS when set (ray's own convention, e.g. under `ray job submit`), else starts a local Ray.
-        ray.init(log_to_driver=True)
-    return ray
-
-
 def _evaluate_worker(spec: GeneratorSpec, eval_manifest: str, settings: EvaluationSettings, weights: MetricWeights,
                      rank: int, world_size: int, truth_features: dict | None) -> SlicePart:
     """One Ray task: rebuild the generator and evaluate rank ``rank``'s slice."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     return evaluate_slice(spec.build(), spec.arch, eval_manifest, settings, weights, rank, world_size, truth_features)
 
 
@@ -83,7 +76,7 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     spec = generator if isinstance(generator, GeneratorSpec) else GeneratorSpec.of(generator, arch)
     # A worker without a shard would only cost a process: never start more workers than shards.
     world_size = max(1, min(settings.num_workers, len(manifest.shards)))
-    ray = _ensure_ray()
+    ray = ensure_ray()
     task = ray.remote(_evaluate_worker).options(num_cpus=settings.cpus_per_worker,
                                                 num_gpus=1 if settings.use_gpu else 0, max_retries=1)
     started = time.monotonic()

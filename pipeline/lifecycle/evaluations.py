@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.paths import PathStr
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import EvaluationResult, EvaluationSettings, GeneratorSpec, Sample
 from pipeline.evaluation.perceptual import MetricWeights, load_metric_weights
@@ -58,8 +59,8 @@ class EvaluateJobConfig(Config):
     metric set instead of evaluating again.
     """
 
-    model: str = "models:/lbam@champion"
-    eval_manifest: str
+    model: PathStr = "models:/lbam@champion"
+    eval_manifest: PathStr
     arch: str | None = None
     tracking_uri: str | None = None
     log_to_mlflow: bool = True

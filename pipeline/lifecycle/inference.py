@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch.nn as nn
 from PIL import Image, ImageOps
 
 from models.inpaint import CropStrategy, Fit, inpaint_tensor
+from pipeline.paths import LocalPath, OutputPathStr, PathStr
 from pipeline.config import Config
 from pipeline.lifecycle.packaging import HiresConfig
 
@@ -191,11 +193,11 @@ def _mask_for(folder: Path, stem: str) -> Path | None:
 class InpaintJobConfig(Config):
     """``jobs/inpaint.py``: the model, the inputs and how to fit sizes."""
 
-    model: str = DEFAULT_MODEL
+    model: PathStr = DEFAULT_MODEL
     arch: str | None = None
-    image: str
-    mask: str | None = None
-    out: str
+    image: PathStr
+    mask: Annotated[str | None, LocalPath()] = None
+    out: OutputPathStr
     fit: Fit = "pad"
     hires: HiresConfig = HiresConfig()  # large photos: windows around the holes (strategy: crop) or whole
     mask_generator: str = "lama_medium_256"

@@ -27,6 +27,7 @@ from typing import Callable, Literal, Mapping
 
 from pydantic import Field, field_validator
 
+from pipeline.paths import PathStr
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import EvaluationSettings
@@ -357,7 +358,7 @@ class PromoteJobConfig(Config):
 
     registered_model: str
     challenger: str = "latest"
-    eval_manifest: str
+    eval_manifest: PathStr
     tracking_uri: str | None = None
     gate: GateConfig = GateConfig()
     evaluation: EvaluationSettings = EvaluationSettings()

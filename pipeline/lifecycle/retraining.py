@@ -26,10 +26,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 from pydantic import Field, ValidationError
 
+from pipeline.paths import LocalPath, OutputPathStr, PathStr
 from pipeline.config import Config, ConfigError
 from pipeline.evaluation.evaluate import EvaluationSettings
 from pipeline.fsutil import StorageOptions, is_remote, join_url, publish_bytes, url_to_fs
@@ -54,14 +55,14 @@ class RetrainJobConfig(Config):
     """``jobs/retrain.py`` (see ``jobs/configs/retrain.yaml``)."""
 
     source: SourceSpec
-    data_root: str = Field(min_length=1, description="folder of the data versions v0001, v0002, ... and LATEST.json")
-    base_manifest: str | None = Field(None, description="version to extend when data_root has no LATEST.json yet")
+    data_root: OutputPathStr = Field(min_length=1, description="folder of the data versions v0001, v0002, ... and LATEST.json")
+    base_manifest: Annotated[str | None, LocalPath()] = Field(None, description="version to extend when data_root has no LATEST.json yet")
     shard: dict[str, Any] = Field(default_factory=dict, description="extra ShardJobConfig keys (samples_per_shard, masks, seed, ...)")
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
     min_new_items: int = Field(default=1, ge=1)
-    train_config: str = Field(min_length=1, description="training YAML (jobs/configs/train_*.yaml)")
+    train_config: PathStr = Field(min_length=1, description="training YAML (jobs/configs/train_*.yaml)")
     train_overrides: list[str] = Field(default_factory=list)
-    eval_manifest: str = Field(min_length=1)
+    eval_manifest: PathStr = Field(min_length=1)
     registered_model: str = Field(min_length=1)
     tracking_uri: str | None = None
     gate: GateConfig = Field(default_factory=GateConfig)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from pipeline.raycluster import ensure_ray
 from pipeline.config import flatten
 from pipeline.fsutil import StorageOptions, is_remote, join_url
 from pipeline.paths import resolve_config_paths
@@ -123,14 +124,6 @@ def _data_tags(config: TrainJobConfig) -> dict[str, str]:
     }
 
 
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # address None: Ray itself honours RAY_ADDRESS (set by `ray job submit`), else starts a local instance.
-        ray.init(address=address, log_to_driver=True)
-
-
 def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -188,7 +181,7 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None) -> T
         tracker.log_params(redact(flatten(config)))
         log.info("MLflow run %s at %s", tracker.run_id, redact(tracking_uri))
 
-    _ensure_ray(config.run.ray_address)
+    ensure_ray(config.run.ray_address)
     log.info("checkpoints of run %s: %s", config.run.name, join_url(config.run.storage_path, config.run.name))
     payload = WorkerPayload(config=config, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id if tracker else None)
     try:
