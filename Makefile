@@ -26,15 +26,12 @@ install: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/models.py
 
-$(STAMP): pyproject.toml infra/install_pillow_simd.sh Makefile
+$(STAMP): pyproject.toml infra/install_pillow_simd.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[test]"
 	bash infra/install_pillow_simd.sh $(PY)
-	# DeepSpeed JIT-builds its CPU shared-memory op at the first init_distributed, under a file lock that a worker
-	# killed mid-build would leave behind (every later run then waits forever): build it once here instead.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 # The GPU proof: every `gpu`-marked test, then the throughput / MFU table (bench/gpu_check.py). Needs a CUDA

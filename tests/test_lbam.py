@@ -315,6 +315,8 @@ import os, sys, torch, torch.nn as nn
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
 from models.lbam import ForwardAttention, ReverseMaskConv
+from pipeline.train.engines import skip_cpu_shm_op
+skip_cpu_shm_op()
 
 class Layers(nn.Module):
     def __init__(self):

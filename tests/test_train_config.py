@@ -113,3 +113,14 @@ def test_cpu_workers_get_one_malloc_arena_unless_the_user_sets_it_and_gpu_worker
 def test_lr_scale_must_be_positive():
     with pytest.raises(ConfigError, match="train.lr_scale"):
         load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["train.lr_scale=0"])
+
+
+def test_cpu_workers_never_build_deepspeeds_shared_memory_op():
+    # Building it is a ~30 s JIT compile under a file lock that a killed worker leaves behind for ever;
+    # training all-reduces through gloo and never uses it.
+    from deepspeed.comm.torch import build_shm_op
+
+    from pipeline.train.engines import skip_cpu_shm_op
+
+    skip_cpu_shm_op()
+    assert build_shm_op() is None

@@ -67,7 +67,23 @@ def init_distributed(use_gpu: bool) -> None:
     """
     import deepspeed
 
+    if not use_gpu:
+        skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
+
+
+def skip_cpu_shm_op() -> None:
+    """Tell DeepSpeed not to build its CPU shared-memory all-reduce op in this process.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles that op (~30 s) at every process start whose build
+    environment differs from the last, under a file lock that a worker killed mid-build leaves behind, after
+    which every later run waits on it forever. The op only serves ``inference_all_reduce``; training
+    all-reduces through gloo and never touches it.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 @dataclass
