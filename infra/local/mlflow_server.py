@@ -8,6 +8,7 @@ log through ``http://`` exactly as they will against the production server.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -78,7 +79,10 @@ def mlflow_server_argv(spec: MlflowServerSpec) -> list[str]:
 def start_mlflow_server(spec: MlflowServerSpec, log_path: Path, timeout_s: float = 120.0) -> ProcessHandle:
     """Start the server and return once ``/health`` answers; stop it again and raise if it does not."""
     spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    leader = launch_detached(mlflow_server_argv(spec), log_path)
+    # MLflow 3 servers also start a job runner with a dozen huey consumer processes (~2 GB) for its GenAI
+    # jobs; holefill runs none of them, and a test session or laptop running a few servers runs out of memory.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    leader = launch_detached(mlflow_server_argv(spec), log_path, env=env)
     try:
         wait_for(lambda: http_answers(f"{spec.tracking_uri}/health"), "MLflow server", timeout_s,
                  leader=leader, log_path=log_path)
