@@ -101,6 +101,9 @@ class DeepSpeedSection(Config):
     overlap_comm: bool = Field(
         False, description="ZeRO 1/2: overlap the gradient reduce-scatter with backward (multi-GPU; measure first)"
     )
+    allow_slow_cpu_bf16: bool = Field(
+        False, description="run bf16 on CPU workers even where the CPU has no native bf16 (~100-240x slower than fp32)"
+    )
 
     @field_validator("zero_stage")
     @classmethod
@@ -224,6 +227,7 @@ def check_train_config(config: TrainJobConfig) -> None:
         # step, and LBAM's gradient penalty differentiates unscaled fp16 critic scores. bf16 has fp32's range,
         # no scaler, and the same tensor-core speed on A100/H100/H200.
         raise _fail("deepspeed.precision", "fp16 is not supported (needs loss scaling, unsafe for the gradient penalty); use bf16")
+    _check_cpu_bf16(ds, scaling)
 
     from models.registry import get_architecture
 
@@ -243,6 +247,23 @@ def check_train_config(config: TrainJobConfig) -> None:
         raise _fail("train.ckpt_every", f"{train.ckpt_every} exceeds train.max_steps={train.max_steps}; no checkpoint would be written before the end")
     _check_recipe_options(config.model)
     _check_generator_options(config.model)
+
+
+def _check_cpu_bf16(ds: DeepSpeedSection, scaling: ScalingSection) -> None:
+    """bf16 on CPU workers whose CPU lacks native bf16 would run ~240x slower than fp32: refuse before any
+    manifest is read or Ray resource requested. The driver's CPU stands for its CPU workers (one machine, or a
+    homogeneous CPU cluster); GPU workers compute bf16 on the GPU and are never refused."""
+    if ds.precision != "bf16" or scaling.use_gpu or ds.allow_slow_cpu_bf16:
+        return
+    from pipeline.cpu_precision import SLOWDOWN_ORDER, cpu_bf16_support
+
+    cpu = cpu_bf16_support()
+    if not cpu.native:
+        raise _fail(
+            "deepspeed.precision",
+            f"bf16 on this CPU (capability {cpu.capability}, no AVX512_BF16/AMX) runs convolutions {SLOWDOWN_ORDER} "
+            "slower than fp32; set deepspeed.precision=fp32 (or deepspeed.allow_slow_cpu_bf16=true to run it anyway)",
+        )
 
 
 def _check_generator_options(model: ModelSection) -> None:
