@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.manifest import ManifestError  # noqa: E402
-from pipeline.data.sharding import ShardJobConfig, run_shard_job  # noqa: E402
+from pipeline.data.sharding import ShardJobConfig, ShardJobError, run_shard_job  # noqa: E402
 from pipeline.jobcli import Flag, run_job  # noqa: E402
 
 FLAGS = {
@@ -43,7 +43,7 @@ def shard(config: ShardJobConfig) -> int:
     """Run the shard job; print the manifest URL and hash. A failed run (not bad config) exits 1."""
     try:
         result = run_shard_job(config)
-    except (ManifestError, FileNotFoundError, ValueError) as exc:
+    except (ManifestError, FileNotFoundError, ValueError, ShardJobError) as exc:
         print(f"shard_places2: {exc}", file=sys.stderr)
         return 1
     print(f"manifest: {result.manifest_url}")

@@ -13,24 +13,38 @@ moves it into place. What "atomic" means differs per backend:
   so a reader never sees a partial object. The move is a server-side copy followed by a delete of the
   temporary key; a crash between the two leaves a stray ``.tmp-*`` object and the complete final object.
   Readers of holefill data follow the manifest, never listings, so stray temporaries are harmless.
+
+Reads that fail for a passing reason (throttling, 5xx, timeouts, connection resets, truncated bodies) are
+not the data's fault. They are retried in three layers: botocore's own retries of each S3 request
+(``StorageOptions.retry_mode``, ``adaptive`` by default: exponential backoff with jitter plus client-side
+rate limiting after throttling), s3fs's retries of throttling and payload errors around them, and
+:func:`with_retries` around a whole read (exponential backoff with full jitter, :class:`ReadRetry`). When
+those run out, :class:`TransientReadError` names the object and the error: the caller fails, it never
+mistakes the object for a bad input. :func:`is_transient` is the one rule for which errors are passing ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import posixpath
+import random
+import time
 import uuid
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Literal, Mapping, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs as _fsspec_url_to_fs
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from pipeline.config import Config
 
 __all__ = [
+    "ReadRetry",
     "StorageOptions",
+    "TransientReadError",
     "atomic_write",
     "exists",
     "is_remote",
@@ -43,7 +57,12 @@ __all__ = [
     "sha256_of_url",
     "size_of_url",
     "url_to_fs",
+    "with_retries",
+    "is_transient",
 ]
+
+log = logging.getLogger("holefill.storage")
+T = TypeVar("T")
 
 TEMP_MARKER = ".tmp-"
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
@@ -61,6 +80,10 @@ class StorageOptions(Config):
     secret: SecretStr | None = None
     region: str | None = None
     anon: bool = False
+    retry_mode: Literal["adaptive", "standard", "legacy"] = Field(
+        default="adaptive", description="botocore retry mode of every S3 request (adaptive: backoff + rate limiting)"
+    )
+    max_attempts: int = Field(default=8, ge=1, le=50, description="botocore attempts per S3 request")
 
     def for_s3fs(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem`` (the only place the secret is revealed)."""
@@ -78,7 +101,104 @@ class StorageOptions(Config):
             client_kwargs["region_name"] = self.region
         if client_kwargs:
             options["client_kwargs"] = client_kwargs
+        options["config_kwargs"] = {"retries": {"mode": self.retry_mode, "max_attempts": self.max_attempts}}
         return options
+
+
+class ReadRetry(Config):
+    """Retries of a whole read that failed for a passing reason, after the storage client's own retries.
+
+    Attempt ``n`` (1-based) that fails waits a uniformly random time in ``[0, min(max_backoff_s, backoff_s *
+    2**(n-1))]`` ("full jitter": many readers hitting one throttled bucket spread out instead of retrying in step).
+    """
+
+    attempts: int = Field(default=5, ge=1, le=100, description="tries of one read before the job fails")
+    backoff_s: float = Field(default=1.0, ge=0.0, description="first backoff ceiling in seconds (doubles per try)")
+    max_backoff_s: float = Field(default=30.0, ge=0.0, description="largest backoff ceiling in seconds")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return (rng or random).uniform(0.0, ceiling)
+
+
+class TransientReadError(OSError):
+    """A read that kept failing for a passing reason (throttling, 5xx, reset, timeout) after every retry.
+
+    Not a bad input: a job that meets it publishes nothing and a re-run resumes. ``str()`` is one line.
+    """
+
+    def __init__(self, url: str, cause: BaseException, attempts: int) -> None:
+        first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+        self.url, self.cause, self.attempts = url, f"{type(cause).__name__}: {first_line}".rstrip(": "), attempts
+        super().__init__(f"reading {url} failed {attempts} times ({self.cause})")
+
+    def __reduce__(self):  # crosses process boundaries (Ray tasks) intact
+        return (_rebuild_transient, (self.url, self.cause, self.attempts))
+
+
+def _rebuild_transient(url: str, cause: str, attempts: int) -> "TransientReadError":
+    error = TransientReadError.__new__(TransientReadError)
+    error.url, error.cause, error.attempts = url, cause, attempts
+    OSError.__init__(error, f"reading {url} failed {attempts} times ({cause})")
+    return error
+
+
+# errno values of OSErrors that say something about the object, not about the connection to it.
+_PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EINVAL,
+                               errno.ENAMETOOLONG})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` from a read is a passing failure worth retrying, not a fact about the object.
+
+    Passing: timeouts, connection errors and resets, 5xx/throttling answers (s3fs raises them as ``OSError``
+    with ``EBUSY``/``EREMOTEIO``), truncated bodies (``EOFError``, aiohttp payload errors, botocore streaming
+    errors). Permanent: a missing object, a directory, access denied, invalid arguments, and everything that is
+    not an I/O error (a decode failure is the data's fault). ``TransientReadError`` itself is not retried again.
+    """
+    if isinstance(exc, TransientReadError):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, EOFError)):
+        return True
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS
+    module = type(exc).__module__.split(".", 1)[0]
+    if module == "aiohttp":  # ClientPayloadError, ServerDisconnectedError, ClientConnectionError ...
+        return True
+    if module == "botocore":
+        name = type(exc).__name__
+        return name in {"ResponseStreamingError", "IncompleteReadError", "ReadTimeoutError", "ConnectTimeoutError",
+                        "EndpointConnectionError", "ConnectionClosedError", "HTTPClientError"}
+    return False
+
+
+def with_retries(read: Callable[[], T], url: str, policy: ReadRetry | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+    """``read()``, retried with backoff and jitter while it fails transiently (:func:`is_transient`).
+
+    Permanent errors propagate unchanged at once. When ``policy.attempts`` tries all failed transiently, raises
+    :class:`TransientReadError` naming ``url``. Each retry is logged as a warning (or passed to ``on_retry``).
+    """
+    policy = policy or ReadRetry()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return read()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts:
+                raise TransientReadError(url, exc, attempt) from exc
+            delay = policy.delay(attempt)
+            if on_retry is not None:
+                on_retry(attempt, exc, delay)
+            else:
+                log.warning("reading %s failed (%s: %s); retry %d/%d in %.1f s", url, type(exc).__name__,
+                            (str(exc).splitlines() or [""])[0][:200], attempt, policy.attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
 
 
 StorageOptionsLike = StorageOptions | Mapping[str, Any] | None

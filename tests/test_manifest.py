@@ -190,6 +190,7 @@ def test_parent_url_keeps_the_protocol():
 def test_storage_options_reach_s3_only_and_never_print_the_secret():
     options = StorageOptions(endpoint_url="http://127.0.0.1:9", key="id", secret="hunter2")
     assert "hunter2" not in repr(options) and "hunter2" not in options.model_dump_json()
-    assert options.for_s3fs() == {"key": "id", "secret": "hunter2", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    assert options.for_s3fs() == {"key": "id", "secret": "hunter2", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                                  "config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 8}}}
     fs, path = url_to_fs("/tmp/x", options)  # a local path gets no S3 credentials
     assert fs.protocol[0] in ("file", "local") and path == "/tmp/x"

@@ -26,7 +26,6 @@ from pipeline.buckets import BUCKET_NAMES, HOLE_RATIO_BUCKETS, bucket_of
 from pipeline.fsutil import (
     StorageOptionsLike,
     join_url,
-    open_url,
     parent_url,
     publish_bytes,
     read_bytes,
@@ -50,6 +49,7 @@ __all__ = [
     "keys_digest",
     "load_manifest",
     "manifest_hash",
+    "manifest_keys",
     "manifest_url_for",
     "read_keys",
     "require_samples",
@@ -186,6 +186,11 @@ class Manifest(_Record):
     )
     watermark: Watermark
     parent: ParentRef | None = None
+    plan_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="what the run that wrote this version was asked to do (config, inputs, parent): a re-run with "
+        "the same fingerprint resumes this version in place, any other run writes beside it",
+    )
 
     # Where the manifest was read from / written to; shard URLs resolve against its folder. Not serialised.
     _location: str | None = PrivateAttr(default=None)
@@ -323,10 +328,28 @@ def write_keys(keys: Iterable[str], url: str, storage_options: StorageOptionsLik
     return keys_digest(ordered)
 
 
-def read_keys(url: str, storage_options: StorageOptionsLike = None) -> set[str]:
-    """The key set written by :func:`write_keys`."""
-    with open_url(url, "rb", storage_options) as handle:
-        return set(gzip.decompress(handle.read()).decode().split())
+def read_keys(url: str, storage_options: StorageOptionsLike = None, *, expected_sha256: str | None = None) -> set[str]:
+    """The key set written by :func:`write_keys`; with ``expected_sha256``, checked against that digest.
+
+    A list whose digest differs (rewritten by another run, damaged, cut short) raises a one-line
+    :class:`ManifestError` naming the file: an incremental run must never trust a key list its manifest does not.
+    """
+    try:
+        keys = set(gzip.decompress(read_bytes(url, storage_options)).decode().split())
+    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
+        raise ManifestError(f"key list {url} is unreadable ({exc})") from None
+    if expected_sha256 is not None and keys_digest(keys) != expected_sha256:
+        raise ManifestError(f"key list {url} does not match its manifest's keys_sha256 ({len(keys)} keys, "
+                            f"sha256 {keys_digest(keys)[:12]}… != {expected_sha256[:12]}…)")
+    return keys
+
+
+def manifest_keys(manifest: Manifest, storage_options: StorageOptionsLike = None) -> set[str]:
+    """Every key the watermark of ``manifest`` lists, read from its key file and verified against it."""
+    url = manifest.keys_url()
+    if url is None:
+        raise ManifestError(f"manifest {manifest.location} has no key list (watermark.keys_file)")
+    return read_keys(url, storage_options, expected_sha256=manifest.watermark.keys_sha256)
 
 
 def verify_shards(

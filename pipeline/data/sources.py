@@ -32,7 +32,7 @@ from pydantic import Field
 from pipeline.config import Config
 from pipeline.paths import LocalPath, PathStr
 from pipeline.fsutil import StorageOptionsLike, join_url, publish_bytes, read_bytes, url_to_fs
-from pipeline.data.manifest import Manifest, SourceDescription, read_keys
+from pipeline.data.manifest import Manifest, SourceDescription, manifest_keys
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -407,7 +407,8 @@ def suggest_root(spec: SourceSpec, missing_path: str, storage_options: StorageOp
 class SourceReader:
     """Reads the bytes of items; keeps tar archives open so a shard's members stream in one pass.
 
-    Use as a context manager inside one task. Raises ``FileNotFoundError`` for a missing file.
+    Use as a context manager inside one task. Raises ``FileNotFoundError`` for a missing file and whatever the
+    storage raised for a failed read (the caller decides what is transient: :func:`pipeline.fsutil.is_transient`).
     """
 
     def __init__(self, storage_options: StorageOptionsLike = None):
@@ -422,10 +423,16 @@ class SourceReader:
         handle = self._archives.get(item.url)
         if handle is None:
             handle = self._archives[item.url] = fs.open(path, "rb", block_size=_TAR_READ_BLOCK)
-        handle.seek(item.offset)
-        data = handle.read(item.size or 0)
-        if len(data) != (item.size or 0):
-            raise EOFError(f"{item.url}: member {item.path} ends early ({len(data)} of {item.size} bytes)")
+        try:
+            handle.seek(item.offset)
+            data = handle.read(item.size or 0)
+            if len(data) != (item.size or 0):
+                raise EOFError(f"{item.url}: member {item.path} ends early ({len(data)} of {item.size} bytes)")
+        except BaseException:
+            # A failed read may leave the handle's buffer in any state: the next read (a retry) opens afresh.
+            self._archives.pop(item.url, None)
+            handle.close()
+            raise
         return data
 
     def close(self) -> None:
@@ -456,10 +463,9 @@ def new_items(
     if previous is None:
         return list(items)
     if by == "keys":
-        keys_url = previous.keys_url()
-        if keys_url is None:
+        if previous.keys_url() is None:
             raise ValueError("previous manifest has no key list; use by='mtime'")
-        seen = read_keys(keys_url, storage_options)
+        seen = manifest_keys(previous, storage_options)
         return [item for item in items if item.key not in seen]
     if by == "mtime":
         watermark = previous.watermark.max_mtime

@@ -1,0 +1,110 @@
+"""The shard job's configuration: what to shard, where, how, and how hard to retry (validated up front).
+
+Everything here is checked before any Ray resource is requested; a bad value is a one-line error naming
+the key. :meth:`ShardJobConfig.recorded` is the part stored in the manifest (no secrets, no output location,
+no execution-only settings), so a dataset's identity does not depend on where or how fast it was sharded.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.buckets import HOLE_RATIO_BUCKETS
+from pipeline.config import Config
+from pipeline.fsutil import ReadRetry, StorageOptions
+from pipeline.paths import LocalPath, OutputPathStr
+from pipeline.data.imageops import DEFAULT_MAX_PIXELS
+from pipeline.data.masks import MaskSpec
+from pipeline.data.sources import SourceSpec
+
+__all__ = ["EXECUTION_ONLY", "EvalSettings", "ShardJobConfig"]
+
+# Settings that change how a run goes, never what it writes: left out of the manifest and its hash.
+EXECUTION_ONLY = frozenset({"out", "storage_options", "num_cpus", "max_in_flight", "verify", "max_rejected_fraction",
+                            "read_retry", "task_retries"})
+
+
+class EvalSettings(Config):
+    """Pinned evaluation set: ``per_bucket`` samples in each hole-ratio bucket."""
+
+    enabled: bool = False
+    per_bucket: int = Field(default=100, ge=1)
+    buckets: tuple[tuple[float, float], ...] = HOLE_RATIO_BUCKETS
+    max_attempts: int = Field(default=500, ge=1, description="mask draws per item before it is given up")
+
+    @field_validator("buckets")
+    @classmethod
+    def _valid_buckets(cls, buckets: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        if not buckets:
+            raise ValueError("at least one bucket is needed")
+        for lo, hi in buckets:
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"bucket ({lo}, {hi}] must satisfy 0 <= lo < hi <= 1")
+        return buckets
+
+
+class ShardJobConfig(Config):
+    """Everything the shard job needs; validated before any Ray resource is requested."""
+
+    source: SourceSpec
+    out: OutputPathStr = Field(min_length=1, description="dataset folder (local path or URL) for shards and manifest")
+    dataset_version: str = Field(default="1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    samples_per_shard: int = Field(default=1000, ge=1)
+    masks: MaskSpec = Field(default_factory=MaskSpec)
+    seed: int = Field(default=0, ge=0)
+    store_size: int = Field(default=256, ge=32, le=8192)
+    center_crop: bool = False
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    jpeg_subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:4:4"
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard")
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    limit: int | None = Field(default=None, ge=1, description="use only the first N items (sorted by key)")
+    parent: Annotated[str | None, LocalPath()] = Field(default=None, description="manifest of the version this one extends")
+    incremental_by: Literal["keys", "mtime"] = "keys"
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per shard task")
+    max_in_flight: int = Field(default=0, ge=0, description="shard tasks queued at once; 0 = 2 x cluster CPUs")
+    max_rejected_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="fail, publishing no manifest, when more than this share of the inputs is rejected",
+    )
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256", description="how a re-run checks an existing shard before skipping it"
+    )
+    read_retry: ReadRetry = Field(
+        default_factory=ReadRetry, description="retries of a read that failed transiently (after the S3 client's own)"
+    )
+    task_retries: int = Field(
+        default=2, ge=0, description="Ray retries of a shard task whose reads kept failing or whose worker died"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_sets_are_cropped(cls, data: Any) -> Any:
+        # Eval images are centre-cropped squares; make that the default in eval mode, and refuse an
+        # explicit contradiction instead of silently writing a different set.
+        if isinstance(data, dict):
+            evaluation = data.get("eval")
+            if isinstance(evaluation, dict):
+                enabled = evaluation.get("enabled", False)
+            else:
+                enabled = getattr(evaluation, "enabled", False)
+            if enabled:
+                if data.get("center_crop") is False:
+                    raise ValueError("eval sets are centre-cropped: center_crop cannot be false with eval.enabled")
+                data = {**data, "center_crop": True}
+        return data
+
+    @model_validator(mode="after")
+    def _eval_has_no_parent(self) -> "ShardJobConfig":
+        if self.eval.enabled and self.parent is not None:
+            raise ValueError("eval sets are pinned: parent (incremental versions) applies to training sets only")
+        return self
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as stored in the manifest: no secrets, no output location (a copy keeps its hash), no
+        execution-only settings (the same data sharded on another cluster has the same hash)."""
+        return self.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
+
