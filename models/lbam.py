@@ -1,7 +1,7 @@
 """LBAM: Learnable Bidirectional Attention Maps (Xie et al., ICCV 2019), in holefill's conventions.
 
 This is the model of the current official PyTorch code (``Vious/LBAM_Pytorch``, no BatchNorm in the
-generator, output ``(tanh(y) + 1) / 2``): see ``reference/MODELS.md`` A9 and A11. Module and attribute
+generator, output ``(tanh(y) + 1) / 2``). Module and attribute
 names (``ec1.conv.maskConv``, ``reverseConv1.reverseMaskConv``, ``globalConv.3`` ...) are chosen so the
 state dict carries exactly the official keys: converting an official checkpoint is a checked identity.
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.registry import Architecture, register_architecture
 from models.validation import check_image, check_inpainting_inputs, check_mask
 
 __all__ = [
@@ -245,23 +246,32 @@ class LBAMGenerator(nn.Module):
     ``forward(image, mask)``: image (B,3,H,W) in [0,1], mask (B,1,H,W) with **1 = hole**, H and W
     multiples of 128. Returns the raw output (B,3,H,W) in [0,1], before compositing with the known
     pixels. Train and eval modes compute the same thing (there is no normalisation layer).
+
+    ``width`` scales every layer's channel count (1.0, the default, is the official network; e.g. 0.125 gives a
+    network ~64x cheaper for CPU tests and CPU-sized learning runs). Depth and wiring stay the same.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, width: float = 1.0) -> None:
         super().__init__()
+        encoder = _scaled(_ENCODER_CHANNELS, width)
+        reverse = encoder[: len(_REVERSE_CHANNELS)]
+        # dc_k's output meets reverse map k from the inside out; its input is the innermost encoder output, then
+        # the previous decoder output concatenated with its skip.
+        outs = tuple(reversed(reverse))
+        decoder = tuple(zip((encoder[-1],) + tuple(2 * c for c in outs[:-1]), outs))
         in_channels = 4
-        for index, out_channels in enumerate(_ENCODER_CHANNELS, start=1):
+        for index, out_channels in enumerate(encoder, start=1):
             # ec1's mask conv sees the 3-channel mask; later ones see the previous layer's updated mask.
             mask_channels = 3 if index == 1 else in_channels
             self.add_module(f"ec{index}", ForwardAttention(in_channels, out_channels, mask_channels))
             in_channels = out_channels
         in_channels = 3
-        for index, out_channels in enumerate(_REVERSE_CHANNELS, start=1):
+        for index, out_channels in enumerate(reverse, start=1):
             self.add_module(f"reverseConv{index}", ReverseMaskConv(in_channels, out_channels))
             in_channels = out_channels
-        for index, (deconv_in, deconv_out) in enumerate(_DECODER_CHANNELS, start=1):
+        for index, (deconv_in, deconv_out) in enumerate(decoder, start=1):
             self.add_module(f"dc{index}", ReverseAttention(deconv_in, deconv_out))
-        self.dc7 = _up_conv(2 * _DECODER_CHANNELS[-1][1], 3)
+        self.dc7 = _up_conv(2 * decoder[-1][1], 3)
         self.reset_parameters()
 
     def _layers(self, prefix: str, count: int) -> list[nn.Module]:
@@ -326,14 +336,32 @@ def _reset_gauss(activation: GaussActivation, values: tuple[float, float, float,
         parameter.fill_(value)
 
 
-def _discriminator_column() -> nn.Sequential:
-    """One column of the LBAM discriminator: 3 -> 64 -> 128 -> 256 -> 512 -> 512 -> 512, each k4 s2 p1.
+_DISCRIMINATOR_CHANNELS = (64, 128, 256, 512, 512, 512)
+# Each column halves the input until the fusion conv's 4x4 map.
+_FUSION_MAP = 4
+
+
+def _scaled(channels: tuple[int, ...], width: float) -> tuple[int, ...]:
+    if not 0 < width <= 1:
+        raise ValueError(f"width must be in (0, 1], got {width}")
+    return tuple(max(1, round(c * width)) for c in channels)
+
+
+def _column_channels(input_size: int, width: float) -> tuple[int, ...]:
+    depth = (input_size // _FUSION_MAP).bit_length() - 1
+    return _scaled(_DISCRIMINATOR_CHANNELS[:depth], width)
+
+
+def _discriminator_column(input_size: int, width: float) -> nn.Sequential:
+    """One column of the LBAM discriminator: 3 -> 64 -> 128 -> 256 -> 512 -> 512 -> 512, each k4 s2 p1 (at 256
+    px and full width; a smaller ``input_size`` keeps the first log2(input_size / 4) layers).
 
     Kept as a flat ``nn.Sequential`` because official checkpoints address layers by index
     (``globalConv.0`` conv, ``.2`` conv, ``.3`` BN, ...).
     """
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE)]
-    for in_channels, out_channels in ((64, 128), (128, 256), (256, 512), (512, 512), (512, 512)):
+    channels = _column_channels(input_size, width)
+    layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE)]
+    for in_channels, out_channels in zip(channels, channels[1:]):
         layers += [
             nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1),
             nn.BatchNorm2d(out_channels),
@@ -358,21 +386,28 @@ class LBAMDiscriminator(nn.Module):
     sigmoid runs in float32 under autocast: in bf16 it saturates to exactly 1.0 from a logit of 9 on, and its
     gradient, the WGAN critic's, with it).
     BatchNorm uses batch statistics in train mode. PyTorch default initialisation, as in the official code.
+
+    ``input_size`` (a power of two from 16 to 256) and ``width`` (channel scale) give smaller discriminators for
+    smaller crops and CPU runs; the defaults are the official network.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, input_size: int = DISCRIMINATOR_SIZE, width: float = 1.0) -> None:
         super().__init__()
-        self.globalConv = _discriminator_column()
-        self.localConv = _discriminator_column()
-        self.fusionLayer = nn.Sequential(nn.Conv2d(1024, 1, kernel_size=4), Float32Sigmoid())
+        if input_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"input_size must be a power of two from 16 to {DISCRIMINATOR_SIZE}, got {input_size}")
+        self.input_size = input_size
+        self.globalConv = _discriminator_column(input_size, width)
+        self.localConv = _discriminator_column(input_size, width)
+        features = 2 * _column_channels(input_size, width)[-1]
+        self.fusionLayer = nn.Sequential(nn.Conv2d(features, 1, kernel_size=4), Float32Sigmoid())
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Score (B,1) in (0,1) for ``image`` with holes where ``mask`` is 1."""
         check_image(image, size_multiple=1)
         height, width = image.shape[-2:]
-        if (height, width) != (DISCRIMINATOR_SIZE, DISCRIMINATOR_SIZE):
+        if (height, width) != (self.input_size, self.input_size):
             raise ValueError(
-                f"LBAM discriminator input must be {DISCRIMINATOR_SIZE}x{DISCRIMINATOR_SIZE} "
+                f"LBAM discriminator input must be {self.input_size}x{self.input_size} "
                 f"(its fusion conv needs a 4x4 map), got {height}x{width}"
             )
         check_mask(mask, image)
@@ -438,3 +473,9 @@ def convert_official_discriminator(state_dict: Mapping[str, torch.Tensor]) -> di
     return _check_official(
         state_dict, _expected_shapes(LBAMDiscriminator), "LBAM discriminator (DiscriminatorDoubleColumn)"
     )
+
+
+register_architecture(Architecture(
+    "lbam", LBAMGenerator, LBAMDiscriminator, size_multiple=SIZE_MULTIPLE, train_size=DISCRIMINATOR_SIZE,
+    official_converters={"generator": convert_official_generator, "discriminator": convert_official_discriminator},
+))

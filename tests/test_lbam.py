@@ -361,3 +361,30 @@ def test_attention_layers_train_under_deepspeed_zero2():
     # Every learnable tensor moved, the Gaussian scalars included.
     assert "ec1.conv.activationFuncG_A.mu" in changed and "reverseConv1.activationFuncG_A.a" in changed
     assert "ec1.conv.maskConv.weight" in changed and "reverseConv1.reverseMaskConv.weight" in changed
+
+
+@pytest.mark.parametrize("width", [0.5, 1 / 16])
+def test_a_narrower_generator_keeps_the_wiring_and_scales_every_layer(width):
+    narrow = LBAMGenerator(width=width)
+    official = dict(LBAMGenerator().state_dict().items())
+    assert narrow.state_dict().keys() == official.keys()
+    assert narrow.ec1.conv.conv.out_channels == round(64 * width)
+    image, mask = torch.rand(2, 3, 128, 128), (torch.rand(2, 1, 128, 128) > 0.6).float()
+    out = narrow(image, mask)
+    assert out.shape == image.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_a_smaller_discriminator_scores_its_own_crop_size_and_refuses_others(size):
+    D = LBAMDiscriminator(input_size=size, width=0.25)
+    image, mask = torch.rand(2, 3, size, size), torch.zeros(2, 1, size, size)
+    assert D(image, mask).shape == (2, 1)
+    with pytest.raises(ValueError, match=f"must be {size}x{size}"):
+        D(torch.rand(1, 3, 2 * size, 2 * size), torch.zeros(1, 1, 2 * size, 2 * size))
+
+
+def test_scaled_networks_refuse_widths_and_sizes_they_cannot_build():
+    with pytest.raises(ValueError, match="width must be in"):
+        LBAMGenerator(width=0)
+    with pytest.raises(ValueError, match="power of two"):
+        LBAMDiscriminator(input_size=96)
