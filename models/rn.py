@@ -5,8 +5,11 @@ exactly, so official checkpoints load through an identity conversion that is che
 numerics match it layer for layer (verified against ``tests/data/official_pattern_A.pt``). Its quirks are
 kept on purpose and documented where they live:
 
-* statistics are pooled over the whole batch ("BN-style" RN, official issue #12), so an image's output
-  depends on its batch-mates; ``per_sample=True`` is the opt-in instance-style alternative;
+* in training, statistics are pooled over the whole batch ("BN-style" RN, official issue #12), so an image's
+  output depends on its batch-mates; ``per_sample=True`` is the opt-in instance-style alternative. At
+  inference (eval mode) every RN layer uses per-sample statistics, whatever it was built with: an answer
+  depends only on its own input (serving, evaluation and export batch requests), and for a batch of one this
+  *is* the official computation, so official numerics are kept exactly where the official code ran them;
 * the effective epsilon of the normaliser is ``eps * N / S_r``, not ``eps``;
 * RN-B adds both region betas at every pixel (only the gammas are region-specific);
 * the decoder's RN-L layers always use the threshold 0.8, whatever the residual blocks use;
@@ -26,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.spectral_norm import SpectralNorm
 
+from models.registry import Architecture, register_architecture
 from models.validation import check_inpainting_inputs
 
 __all__ = [
@@ -136,7 +140,8 @@ class RNB(nn.Module):
     Normalises the hole region and the valid region separately, then applies a per-channel affine
     transform whose gammas are region-specific. Official quirk kept: both betas are added at every pixel.
     Parameters ``foreground_gamma``, ``foreground_beta`` (hole region), ``background_gamma``,
-    ``background_beta`` (valid region), each (C,), start at 0 so the layer starts as plain RN.
+    ``background_beta`` (valid region), each (C,), start at 0 so the layer starts as plain RN. Statistics:
+    per sample in eval mode (inference), pooled over the batch in training unless ``per_sample``.
 
     forward(x, mask):
         x: features (B,C,h,w). mask: the full-resolution (B,1,H,W) mask, 1 = hole. It is resized to
@@ -160,7 +165,7 @@ class RNB(nn.Module):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"RNB mask must be (B,1,H,W) with B={x.shape[0]} (1 = hole), got shape {shape}")
         hole = F.interpolate(mask.to(x.dtype), size=x.shape[-2:], mode="nearest")
-        normalized = region_normalize(x, hole, per_sample=self.per_sample)
+        normalized = region_normalize(x, hole, per_sample=self.per_sample or not self.training)
         foreground = normalized * hole * (1 + _per_channel(self.foreground_gamma)) + _per_channel(self.foreground_beta)
         background = normalized * (1 - hole) * (1 + _per_channel(self.background_gamma)) + _per_channel(
             self.background_beta
@@ -200,7 +205,8 @@ class RNL(nn.Module):
     The sub-module ``sa`` (:class:`SelfAwareAffine`) maps the features to a spatial response ``s``;
     pixels with ``s >= threshold`` (detached, not differentiable) form one region, the rest the other;
     :func:`region_normalize` normalises each, and ``y = n * (1 + gamma) + beta`` applies the spatial
-    affine. Gradients reach ``sa.conv1`` only through ``gamma``/``beta``.
+    affine. Gradients reach ``sa.conv1`` only through ``gamma``/``beta``. Statistics: per sample in eval mode
+    (inference), pooled over the batch in training unless ``per_sample``.
 
     forward(x): x (B,C,h,w) -> (B,C,h,w).
     """
@@ -223,7 +229,7 @@ class RNL(nn.Module):
         importance, gamma, beta = self.sa(x)
         region = (importance.detach() >= self.threshold).to(x.dtype)
         # A (B,1,h,w) label gives the same per-channel statistics as the official expanded (B,C,h,w) one.
-        normalized = region_normalize(x, region, per_sample=self.per_sample)
+        normalized = region_normalize(x, region, per_sample=self.per_sample or not self.training)
         return normalized * (1 + gamma) + beta
 
     def extra_repr(self) -> str:
@@ -263,7 +269,9 @@ class RNGenerator(nn.Module):
 
     Encoder (conv7 + RN-B, two stride-2 conv4 + RN-B), ``residual_blocks`` dilated residual blocks with
     RN-L at ``threshold``, and a PixelShuffle decoder with RN-L fixed at :data:`DECODER_THRESHOLD`
-    (official behaviour). ``per_sample_stats=True`` switches every RN layer to per-sample statistics.
+    (official behaviour). In eval mode every RN layer normalises each image with its own statistics (an
+    image's output is what the official model gives it in a batch of one, whatever it is batched with);
+    in training they pool over the batch as the official code does, or per sample with ``per_sample_stats=True``.
     The constructor applies the official initialisation (:func:`init_rn_weights`).
 
     forward(image, mask):
@@ -483,3 +491,9 @@ def convert_official_discriminator(state_dict: Mapping[str, torch.Tensor]) -> di
     Raises ``ValueError`` naming missing, unexpected or mis-shaped keys.
     """
     return _convert_identity(state_dict, "discriminator")
+
+
+register_architecture(Architecture(
+    "rn", RNGenerator, RNDiscriminator, size_multiple=SIZE_MULTIPLE, train_size=None,
+    official_converters={"generator": convert_official_generator, "discriminator": convert_official_discriminator},
+))

@@ -71,18 +71,38 @@ def test_state_dict_keys_and_shapes_are_the_official_ones(part, generator, discr
     assert ours == official
 
 
-def test_generator_output_is_a_raw_prediction_in_unit_range_identical_in_train_and_eval(generator):
-    image = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
-    mask = binary_map(2, 1, 32, 48)
+def test_generator_output_is_a_raw_prediction_in_unit_range_identical_in_train_and_eval_for_one_image(generator):
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    mask = binary_map(1, 1, 32, 48)
     with torch.no_grad():
         generator.train()
         train_out = generator(image, mask)
         generator.eval()
         eval_out = generator(image, mask)
-    assert train_out.shape == (2, 3, 32, 48)
+    assert train_out.shape == (1, 3, 32, 48)
     assert float(train_out.min()) >= 0.0 and float(train_out.max()) <= 1.0
-    # No running statistics anywhere: train and eval mode compute the same function.
+    # No running statistics anywhere: for a batch of one, train and eval mode compute the same function.
     assert torch.equal(train_out, eval_out)
+
+
+def test_in_eval_mode_each_image_gets_its_official_batch_of_one_output_whatever_its_batch_mates():
+    torch.manual_seed(4)
+    # Official statistics (pooled over the batch in training); constant biases so the outputs do not saturate.
+    model = init_rn_weights(RNGenerator(residual_blocks=1), bias_std=0.0)
+    # 64 px: bit-exactness also needs the convolution kernels to be batch-size invariant, which oneDNN's are at
+    # these shapes (at 8x8 features its 3x3 256->512 kernel differs by ~1e-6 between batches of 1 and 3).
+    image = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    image[1], image[2] = 1.0, 0.0  # a white and a black batch-mate
+    mask = binary_map(3, 1, 64, 64, seed=6)
+    with torch.no_grad():
+        model.train()  # the official computation: batch statistics, here of one image each
+        alone = torch.cat([model(image[i:i + 1], mask[i:i + 1]) for i in range(3)])
+        pooled = model(image, mask)
+        model.eval()
+        batched = model(image, mask)
+    assert torch.equal(batched, alone)
+    # Training keeps the official pooled statistics: there the batch-mates change the first image's output.
+    assert (pooled[:1] - alone[:1]).abs().max() > 0.05
 
 
 def test_generator_fills_holes_with_white_and_ignores_hole_content(generator):
@@ -134,6 +154,9 @@ def test_pattern_weights_reproduce_the_official_outputs():
         d_out = D(reference["image"])
     assert (g_out - reference["rn_G_out"]).abs().max() < 1e-4
     assert (d_out - reference["rn_D_out"]).abs().max() < 1e-4
+    G.eval()  # inference (per-sample statistics) on the official batch of one: the very same numbers
+    with torch.no_grad():
+        assert torch.equal(G(reference["image"], reference["hole_mask"].float()), g_out)
 
 
 # ------------------------------------------------------------------------------------- region normaliser
