@@ -44,4 +44,4 @@ def _seed_everything():
 
 # Session fixtures as plugins: one MLflow server / Ray head / registered tiny model for every module that uses them
 # without importing them (a fixture imported into a module is a new fixture there, started again per module).
-pytest_plugins = ["local_stack", "serving_helpers"]
+pytest_plugins = ["local_stack", "serving_helpers", "suite_log"]

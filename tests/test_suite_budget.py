@@ -1,0 +1,51 @@
+"""The suite's own budget: a test that hangs where Python cannot interrupt it still fails, in time, saying where.
+
+The hang that matters is a Ray wait: ``ray.get`` blocks the main thread in Ray's C++ core, where the
+signal-based timeout never runs. The suite uses pytest-timeout's thread method (``pyproject.toml``), which
+dumps every thread's stack and ends the session. ``test_hanging_example`` is that hang, skipped unless
+``HOLEFILL_SHOW_HANG=1``; the test below runs it in a child pytest and checks it is stopped with a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+HANG_BUDGET_S = 45  # room for Ray to start on a busy 2-core machine, then the wait that never ends
+
+
+@pytest.mark.skipif(os.environ.get("HOLEFILL_SHOW_HANG") != "1",
+                    reason="example of a hang in ray.get; HOLEFILL_SHOW_HANG=1 runs it (its timeout ends the session)")
+@pytest.mark.timeout(HANG_BUDGET_S)
+def test_hanging_example():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote
+    def never_finishes():
+        time.sleep(3600)
+
+    ray.get(never_finishes.remote())  # blocks in Ray's C++ wait
+
+
+def test_a_test_hanging_in_ray_get_fails_within_its_budget_with_a_traceback(tmp_path):
+    env = {**os.environ, "HOLEFILL_SHOW_HANG": "1", "HOLEFILL_SUITE_LOG": str(tmp_path / "suite.tsv")}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_hanging_example"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=240,
+    )
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    # The traceback names the test's own line (normally the ray.get; ray.init on a machine too busy to start Ray).
+    assert "Timeout" in output and "in test_hanging_example" in output, output[-3000:]
+    # Ray's start-up is inside the budget; the child ends soon after the budget, not an hour later.
+    assert elapsed < HANG_BUDGET_S + 120, elapsed
+    assert "start\t" in (tmp_path / "suite.tsv").read_text()
