@@ -16,9 +16,9 @@ import pytest
 import torch.nn as nn
 
 from models.registry import get_architecture
-from pipeline.lifecycle.packaging import HiresConfig
+from pipeline.lifecycle.packaging import MODEL_FORMAT, HiresConfig, LoadedModel, ServingDefaults
 from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeConfig, build_app
-from serving_helpers import TINY_RN, decode, encode, hole_mask, photo, register_tiny_rn
+from serving_helpers import TINY_RN, decode, encode, hole_mask, photo, register_tiny_rn, small_windows
 
 MODEL = "ray-rn"
 
@@ -44,16 +44,16 @@ def served(ray_head, mlflow_server):
     from mlflow import MlflowClient
     from ray import serve
 
-    first = register_tiny_rn(mlflow_server, MODEL, seed=1).version
-    second = register_tiny_rn(mlflow_server, MODEL, seed=2).version
+    # The versions' own serving defaults (200 000 pixels, 64-px windows) are what the app applies.
+    first = register_tiny_rn(mlflow_server, MODEL, seed=1, serving=small_windows(200_000)).version
+    second = register_tiny_rn(mlflow_server, MODEL, seed=2, serving=small_windows(200_000)).version
     client = MlflowClient(mlflow_server)
     client.set_registered_model_alias(MODEL, "champion", first)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = ServeConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=2, max_batch_size=4,
-                         batch_wait_timeout_s=0.5, num_cpus=0.5, max_pixels=200_000, port=port,
-                         hires=HiresConfig(strategy="crop", margin=8, trigger=128, limit=64))
+                         batch_wait_timeout_s=0.5, num_cpus=0.5, port=port)
     ray.init(address=ray_head.address, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -74,7 +74,8 @@ def test_served_version_follows_the_alias_on_the_admin_call_and_on_its_own(serve
     assert result.shape == (300, 451, 3) and np.array_equal(result[hole == 0], pixels[hole == 0])
 
     client.set_registered_model_alias(MODEL, "champion", second)  # a promotion in the MLflow UI
-    assert _call(f"{url}/-/refresh", {}) == (200, {"model": MODEL, "model_version": second})
+    status, body = _call(f"{url}/-/refresh", {})
+    assert status == 200 and (body["model"], body["model_version"]) == (MODEL, second)
     assert _call(url, _request(pixels, hole))[1]["model_version"] == second
 
     client.set_registered_model_alias(MODEL, "champion", first)  # no admin call: the periodic refresh sees it
@@ -109,26 +110,84 @@ def test_bad_requests_get_http_400_with_a_one_line_reason(served, payload, reaso
 
 
 class Recording(nn.Module):
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, poison: float | None = None):
         super().__init__()
-        self.inner, self.batches = inner, []
+        self.inner, self.batches, self.poison = inner, [], poison
 
     def forward(self, image, mask):
         self.batches.append(tuple(image.shape))
+        # A request that breaks the generator: its (unique) top-left pixel value makes the whole call fail.
+        if self.poison is not None and bool((image[:, 0, 0, 0] == self.poison).any()):
+            raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
         return self.inner(image, mask)
+
+
+def _inpainter(generator: nn.Module, config: ServeConfig | None = None, serving: ServingDefaults | None = None,
+               version: str = "3") -> AliasFollowingInpainter:
+    loaded = LoadedModel(generator, "rn", {"arch": "rn"}, MODEL_FORMAT, serving or ServingDefaults())
+    return AliasFollowingInpainter(config or ServeConfig(model="m"), loader=lambda uri, _: loaded,
+                                   resolver=lambda: version)
 
 
 def test_a_batch_runs_same_size_requests_in_one_generator_call_and_large_ones_in_windows():
     generator = Recording(get_architecture("rn").generator(**TINY_RN).eval())
-    config = ServeConfig(model="m", hires=HiresConfig(strategy="crop", margin=8, trigger=100, limit=64))
-    inpainter = AliasFollowingInpainter(config, loader=lambda uri, _: (generator, "rn"), resolver=lambda: "3")
+    serving = ServingDefaults(hires=HiresConfig(strategy="crop", margin=8, trigger=100, limit=64))
+    inpainter = _inpainter(generator, serving=serving)
     small = [inpainter.decode(_request(photo(40, 48, seed), hole_mask(40, 48))) for seed in range(3)]
     large = inpainter.decode(_request(photo(120, 160), hole_mask(120, 160)))
     answers = inpainter.run_batch([small[0], large, small[1], small[2]])
-    assert [version for _, version in answers] == ["3"] * 4
+    assert [(a.status, a.version) for a in answers] == [(200, "3")] * 4
     assert generator.batches[0] == (3, 3, 40, 48) and len(generator.batches) == 2  # one call for the three
     assert max(generator.batches[1][-2:]) <= 64  # the large one went through a downscaled window
-    assert decode(answers[1][0]).shape == (120, 160, 3)
+    assert decode(answers[1].png).shape == (120, 160, 3)
+
+
+def test_one_failing_request_fails_alone_and_its_batch_mates_get_their_own_answers():
+    generator = Recording(get_architecture("rn").generator(**TINY_RN).eval(), poison=1.0)
+    inpainter = _inpainter(generator)
+    pixels = [photo(40, 48, seed) for seed in range(3)]
+    pixels[1][0, 0] = 255  # this one breaks the generator
+    items = [inpainter.decode(_request(p, hole_mask(40, 48))) for p in pixels]
+    alone = [inpainter.run_batch([item])[0] for item in items]
+    answers = inpainter.run_batch(items)
+    assert [a.status for a in answers] == [200, 500, 200]
+    assert answers[1].error == "internal error: CUDA out of memory (simulated)" and answers[1].png is None
+    assert answers[0].png == alone[0].png and answers[2].png == alone[2].png
+    # A bad input is the client's: 400 with the one-line reason, the others still answered.
+    windowed = _inpainter(Recording(get_architecture("rn").generator(**TINY_RN).eval()),
+                          serving=ServingDefaults(hires=HiresConfig(margin=8, trigger=32, limit=64)))
+    bad = windowed.decode(_request(photo(40, 48), hole_mask(40, 48)))
+    bad = type(bad)(bad.image, bad.mask, "sideways")  # got past decode somehow: still refused alone
+    answers = windowed.run_batch([bad, windowed.decode(_request(photo(40, 48), hole_mask(40, 48)))])
+    assert (answers[0].status, answers[0].error) == (400, "strategy must be crop or whole, got 'sideways'")
+    assert answers[1].status == 200
+
+
+def test_a_request_asking_for_crop_gets_windows_under_a_whole_default():
+    generator = Recording(get_architecture("rn").generator(**TINY_RN).eval())
+    serving = ServingDefaults(hires=HiresConfig(strategy="whole", margin=8, trigger=100, limit=64))
+    inpainter = _inpainter(generator, serving=serving)
+    request = _request(photo(120, 160), hole_mask(120, 160))
+    inpainter.run_batch([inpainter.decode(request)])  # the default: the whole photo
+    assert generator.batches == [(1, 3, 120, 160)]
+    inpainter.run_batch([inpainter.decode({**request, "strategy": "crop"})])
+    assert len(generator.batches) == 2 and max(generator.batches[1][-2:]) <= 64  # a downscaled window
+
+
+def test_serving_applies_the_versions_own_limits_unless_the_config_overrides_them():
+    generator = get_architecture("rn").generator(**TINY_RN).eval()
+    inpainter = _inpainter(generator, serving=ServingDefaults(max_pixels=1000))
+    with pytest.raises(ValueError, match="over the limit of 1000"):
+        inpainter.decode(_request(photo(40, 48), hole_mask(40, 48)))
+    overriding = _inpainter(generator, ServeConfig(model="m", max_pixels=5000), ServingDefaults(max_pixels=1000))
+    assert overriding.current.serving.max_pixels == 5000
+    assert overriding.decode(_request(photo(40, 48), hole_mask(40, 48))).image.shape == (1, 3, 40, 48)
+
+
+def test_a_replica_takes_two_batches_and_the_admin_calls_at_once():
+    # Ray Serve's default (5 requests per replica) would cap every batch at 5, whatever max_batch_size says.
+    assert ServeConfig(max_batch_size=8).ongoing_requests() == 18
+    assert ServeConfig(max_batch_size=8, max_ongoing_requests=9).ongoing_requests() == 9
 
 
 def test_the_alias_is_followed_by_refresh_and_a_failing_registry_keeps_the_current_version():
@@ -137,7 +196,8 @@ def test_the_alias_is_followed_by_refresh_and_a_failing_registry_keeps_the_curre
 
     def loader(uri, _):
         loads.append(uri)
-        return get_architecture("rn").generator(**TINY_RN).eval(), "rn"
+        return LoadedModel(get_architecture("rn").generator(**TINY_RN).eval(), "rn", {}, MODEL_FORMAT,
+                           ServingDefaults())
 
     inpainter = AliasFollowingInpainter(ServeConfig(model="m"), loader=loader, resolver=lambda: next(versions))
     assert inpainter.refresh() == "1" and loads == ["models:/m/1"]  # unchanged: not loaded again

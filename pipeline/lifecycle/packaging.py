@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
@@ -38,8 +39,8 @@ from models.registry import architectures, get_architecture
 from pipeline.config import Config
 from pipeline.tracking import mlflow_client, redact, tag_dict
 
-__all__ = ["HiresConfig", "ServingDefaults", "architecture_of", "build_generator", "load_generator",
-           "log_and_register_generator", "model_format", "reregister_version"]
+__all__ = ["HiresConfig", "LoadedModel", "ServingDefaults", "architecture_of", "build_generator", "load_generator",
+           "load_model", "log_and_register_generator", "model_format", "reregister_version"]
 
 # The model's code file is executed by MLflow, never imported here (it calls mlflow.models.set_model on import);
 # these names are the contract with it (tests/test_serving_packaging.py checks they agree).
@@ -66,9 +67,15 @@ class HiresConfig(Config):
 
     def crop_strategy(self) -> CropStrategy | None:
         """The :class:`models.inpaint.CropStrategy`, or ``None`` for ``strategy: whole``."""
-        if self.strategy == "whole":
-            return None
-        return CropStrategy(margin=self.margin, trigger=self.trigger, limit=self.limit)
+        return self.strategy_for(self.strategy)
+
+    def strategy_for(self, name: str | None) -> CropStrategy | None:
+        """The windows for a request asking for ``name`` (``crop`` / ``whole``; ``None``: this default), or ``None``
+        when the whole image goes through. A request's own choice wins over the default, either way."""
+        name = name or self.strategy
+        if name not in ("crop", "whole"):
+            raise ValueError(f"strategy must be crop or whole, got {name!r}")
+        return CropStrategy(margin=self.margin, trigger=self.trigger, limit=self.limit) if name == "crop" else None
 
 
 class ServingDefaults(Config):
@@ -81,6 +88,14 @@ class ServingDefaults(Config):
         """The flat dict :mod:`pipeline.lifecycle.pyfunc_model` reads from ``context.model_config``."""
         return {"max_pixels": self.max_pixels, "strategy": self.hires.strategy, "margin": self.hires.margin,
                 "trigger": self.hires.trigger, "limit": self.hires.limit}
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any] | None) -> "ServingDefaults":
+        """The inverse of :meth:`model_config_dict` (a version without a ``model_config``: the defaults)."""
+        config = dict(config or {})
+        hires = {k: config[k] for k in ("strategy", "margin", "trigger", "limit") if k in config}
+        return cls(**({"max_pixels": int(config["max_pixels"])} if "max_pixels" in config else {}),
+                   hires=HiresConfig(**hires))
 
 
 def build_generator(spec: Mapping[str, Any], weights_path: str | os.PathLike) -> tuple[nn.Module, str]:
@@ -244,8 +259,20 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str]:
-    """The state dict, the spec and the format of a downloaded holefill model folder (current or pickled)."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered generator rebuilt in a holefill process: the module (eval mode), its architecture, its spec
+    and format, and the serving defaults it was registered with (what the pyfunc model applies to requests)."""
+
+    generator: nn.Module
+    arch: str
+    spec: dict[str, Any]
+    format: str
+    serving: ServingDefaults
+
+
+def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str, ServingDefaults]:
+    """The state dict, the spec, the format and the serving defaults of a downloaded holefill model folder."""
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
         raise ValueError(f"model {redact(model_uri)} has no MLmodel file")
@@ -258,11 +285,15 @@ def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str]:
         raise ValueError(f"model {redact(model_uri)} is not a holefill generator "
                          "(logged by log_and_register_generator)") from None
     legacy = "python_model" in pyfunc and "model_code_path" not in pyfunc
-    return weights, spec, LEGACY_FORMAT if legacy else MODEL_FORMAT
+    try:
+        serving = ServingDefaults.from_model_config(pyfunc.get("config"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model {redact(model_uri)} has unreadable serving defaults: {_one_line(exc)}") from None
+    return weights, spec, LEGACY_FORMAT if legacy else MODEL_FORMAT, serving
 
 
-def _read_model(model_uri: str, tracking_uri: str | None) -> tuple[nn.Module, str, dict[str, Any], str]:
-    """``(generator, arch, spec, format)`` of a model URI or folder, from its weights and spec artifacts only."""
+def _read_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
+    """The generator, spec, format and serving defaults of a model URI or folder (weights and spec artifacts only)."""
     import mlflow.artifacts
 
     if Path(model_uri).is_dir():
@@ -276,14 +307,14 @@ def _read_model(model_uri: str, tracking_uri: str | None) -> tuple[nn.Module, st
         return _from_folder(Path(local), model_uri)
 
 
-def _from_folder(model_dir: Path, model_uri: str) -> tuple[nn.Module, str, dict[str, Any], str]:
-    weights, spec_file, fmt = _artifact_files(model_dir, model_uri)
+def _from_folder(model_dir: Path, model_uri: str) -> LoadedModel:
+    weights, spec_file, fmt, serving = _artifact_files(model_dir, model_uri)
     try:
         spec = json.loads(spec_file.read_text())
         generator, arch = build_generator(spec, weights)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise ValueError(f"model {redact(model_uri)} holds unreadable generator weights: {_one_line(exc)}") from None
-    return generator, arch, spec, fmt
+    return LoadedModel(generator, arch, spec, fmt, serving)
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
@@ -294,13 +325,18 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.
     weights and spec artifacts only: neither the model's code nor (for versions registered before models from
     code) its pickle is executed, so both formats load.
     """
-    generator, arch, _, _ = _read_model(model_uri, tracking_uri)
-    return generator, arch
+    loaded = _read_model(model_uri, tracking_uri)
+    return loaded.generator, loaded.arch
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Like :func:`load_generator`, with the model's spec, format and serving defaults (what serving applies)."""
+    return _read_model(model_uri, tracking_uri)
 
 
 def model_format(model_uri: str, tracking_uri: str | None = None) -> str:
     """:data:`MODEL_FORMAT` (model from code) or :data:`LEGACY_FORMAT` (pickled wrapper) of a holefill model."""
-    return _read_model(model_uri, tracking_uri)[3]
+    return _read_model(model_uri, tracking_uri).format
 
 
 def reregister_version(tracking_uri: str, registered_model: str, version: str | int,
@@ -309,15 +345,18 @@ def reregister_version(tracking_uri: str, registered_model: str, version: str | 
 
     For versions registered before models from code (a pickled wrapper that loads only where holefill is
     installed): the new version serves anywhere. It is logged to the old version's run with the old version's
-    tags plus ``holefill.reregistered_from``; aliases are not moved. Returns the new ``ModelVersion``.
+    tags plus ``holefill.reregistered_from``; aliases are not moved. ``serving`` defaults to the old version's own
+    serving defaults. Returns the new ``ModelVersion``.
     """
     client = mlflow_client(tracking_uri)
     old = client.get_model_version(registered_model, str(version))
-    generator, arch, spec, _ = _read_model(f"models:/{registered_model}/{old.version}", tracking_uri)
+    loaded = _read_model(f"models:/{registered_model}/{old.version}", tracking_uri)
+    generator, arch, spec = loaded.generator, loaded.arch, loaded.spec
     size = get_architecture(arch).train_size or 64
     image = torch.full((1, 3, size, size), 0.5)
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
     tags = {**{k: v for k, v in old.tags.items() if k != "holefill.arch"}, "holefill.reregistered_from": str(old.version)}
     return log_and_register_generator(tracking_uri, old.run_id, generator, image, mask, registered_model, tags,
-                                      arch=arch, generator_kwargs=spec.get("generator_kwargs") or {}, serving=serving)
+                                      arch=arch, generator_kwargs=spec.get("generator_kwargs") or {},
+                                      serving=serving or loaded.serving)

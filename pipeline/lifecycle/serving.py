@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -37,19 +37,29 @@ from pydantic import Field
 from ray import serve
 from starlette.responses import Response
 
-from models.codec import DEFAULT_MAX_PIXELS, decode_request, encode_png
-from models.inpaint import inpaint_tensor
+from models.codec import decode_request, encode_png
+from models.inpaint import CropStrategy, inpaint_tensor
 from pipeline.config import Config
-from pipeline.lifecycle.packaging import HiresConfig, load_generator
+from pipeline.lifecycle.packaging import HiresConfig, LoadedModel, ServingDefaults, load_model
 from pipeline.tracking import mlflow_client, redact
 
-__all__ = ["AliasFollowingInpainter", "InpaintingDeployment", "ServeConfig", "ServedModel", "build_app", "use_gpu"]
+__all__ = ["AliasFollowingInpainter", "Answer", "InpaintRequest", "InpaintingDeployment", "ServeConfig", "ServedModel",
+           "build_app", "use_gpu"]
 
 log = logging.getLogger("holefill.serve")
 
 
+# /-/version and /-/refresh take request slots too: keep two free beside a running and a filling batch.
+ADMIN_SLOTS = 2
+
+
 class ServeConfig(Config):
-    """``jobs/serve.py``: which model to follow, how to batch, where to run, what to accept."""
+    """``jobs/serve.py``: which model to follow, how to batch, where to run.
+
+    What a request may be (``max_pixels``) and how large photos are inpainted (``hires``) are the served
+    version's own serving defaults, set when it was registered (the same ones the pyfunc model applies); set
+    them here only to override every version's.
+    """
 
     model: str = "lbam"  # registered model name
     alias: str = "champion"
@@ -57,35 +67,79 @@ class ServeConfig(Config):
     refresh_interval_s: float = Field(default=30.0, gt=0)
     max_batch_size: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_ongoing_requests: int | None = Field(default=None, ge=1)  # per replica; default 2 x batch + 2 admin calls
     num_replicas: int = Field(default=1, ge=1)
     use_gpu: Literal["auto"] | bool = "auto"
     num_cpus: float = Field(default=1.0, ge=0)
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    hires: HiresConfig = HiresConfig()
+    max_pixels: int | None = Field(default=None, ge=1)  # None: the served version's own
+    hires: HiresConfig | None = None  # None: the served version's own
     app_name: str = "holefill"
     route_prefix: str = "/inpaint"
     host: str = "127.0.0.1"  # HTTP proxy address (0.0.0.0 to serve other hosts)
     port: int = Field(default=8000, ge=0, le=65535)
 
+    def ongoing_requests(self) -> int:
+        """Requests a replica takes at once: a batch being inpainted, the next one filling, and the admin calls
+        (Ray Serve's default of 5 would cap every batch at 5, whatever ``max_batch_size`` says)."""
+        return self.max_ongoing_requests or 2 * self.max_batch_size + ADMIN_SLOTS
+
+    def serving_for(self, own: ServingDefaults) -> ServingDefaults:
+        """A version's own serving defaults with this config's overrides applied."""
+        update: dict[str, Any] = {}
+        if self.max_pixels is not None:
+            update["max_pixels"] = self.max_pixels
+        if self.hires is not None:
+            update["hires"] = self.hires
+        return own.model_copy(update=update)
+
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One loaded model version: what a batch runs on, and what its answers name."""
+    """One loaded model version: what a batch runs on, what its answers name, and how it treats requests."""
 
     version: str
     generator: nn.Module
     arch: str
+    serving: ServingDefaults = field(default_factory=ServingDefaults)
+
+
+@dataclass(frozen=True)
+class InpaintRequest:
+    """A decoded request: (1,3,H,W) image, (1,1,H,W) mask, and the strategy asked for (``None``: the model's)."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    strategy: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one request gets: the PNG and the version that made it, or an HTTP status with a one-line reason."""
+
+    version: str
+    png: bytes | None = None
+    status: int = 200
+    error: str | None = None
+
+
+def _failure(version: str, exc: BaseException) -> Answer:
+    """Bad input is the client's (400); anything else is ours (500), logged with its traceback."""
+    if isinstance(exc, ValueError):
+        return Answer(version, status=400, error=_one_line(exc))
+    log.error("inpainting failed with version %s", version, exc_info=exc)
+    return Answer(version, status=500, error=f"internal error: {_one_line(exc)}")
 
 
 class AliasFollowingInpainter:
     """The generator behind ``models:/<model>@<alias>``, re-resolved on demand and swapped atomically.
 
-    ``loader(uri, tracking_uri) -> (generator, arch)`` and ``resolver() -> version`` default to the MLflow
-    registry. A batch takes :attr:`current` once, so every image of a batch (and its answer) uses one version.
+    ``loader(uri, tracking_uri) -> LoadedModel`` (generator, arch and the version's serving defaults) and
+    ``resolver() -> version`` default to the MLflow registry. A batch takes :attr:`current` once, so every
+    image of a batch (and its answer) uses one version.
     """
 
     def __init__(self, config: ServeConfig, device: str | torch.device = "cpu",
-                 loader: Callable[[str, str | None], tuple[nn.Module, str]] = load_generator,
+                 loader: Callable[[str, str | None], LoadedModel] = load_model,
                  resolver: Callable[[], str] | None = None) -> None:
         self.config, self.device, self._loader = config, torch.device(device), loader
         self._resolver = resolver or self._registry_version
@@ -101,9 +155,10 @@ class AliasFollowingInpainter:
         return str(self._resolver())
 
     def _load(self, version: str) -> ServedModel:
-        generator, arch = self._loader(f"models:/{self.config.model}/{version}", self.config.tracking_uri)
-        log.info("serving %s version %s (%s) on %s", self.config.model, version, arch, self.device)
-        return ServedModel(version, generator.to(self.device).eval(), arch)
+        loaded = self._loader(f"models:/{self.config.model}/{version}", self.config.tracking_uri)
+        log.info("serving %s version %s (%s) on %s", self.config.model, version, loaded.arch, self.device)
+        return ServedModel(version, loaded.generator.to(self.device).eval(), loaded.arch,
+                           self.config.serving_for(loaded.serving))
 
     def refresh(self) -> str:
         """Re-resolve the alias; load and swap in the version it names if that changed. Returns the served version."""
@@ -122,12 +177,14 @@ class AliasFollowingInpainter:
                 log.warning("alias refresh of %s@%s failed, still serving version %s: %s", self.config.model,
                             self.config.alias, self.current.version, redact(_one_line(exc)))
 
-    def decode(self, payload: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """A JSON request body -> ``(image, mask, strategy)``; ``ValueError`` with a one-line reason when it is bad."""
+    def decode(self, payload: Any) -> InpaintRequest:
+        """A JSON request body (parsed) -> :class:`InpaintRequest`; ``ValueError`` with a one-line reason when bad.
+
+        The pixel limit is the served version's (:attr:`ServedModel.serving`)."""
         if not isinstance(payload, dict):
             raise ValueError("request body must be a JSON object with base64 fields image and mask")
-        strategy = payload.get("strategy") or self.config.hires.strategy
-        if strategy not in ("crop", "whole"):
+        strategy = payload.get("strategy")
+        if strategy is not None and strategy not in ("crop", "whole"):
             raise ValueError(f"strategy must be crop or whole, got {strategy!r}")
         fields = {}
         for name in ("image", "mask"):
@@ -138,32 +195,62 @@ class AliasFollowingInpainter:
                 fields[name] = base64.b64decode(value, validate=False)
             except (binascii.Error, ValueError):
                 raise ValueError(f"request field {name} is not base64") from None
-        image, mask = decode_request(fields["image"], fields["mask"], self.config.max_pixels)
-        return image, mask, strategy
+        image, mask = decode_request(fields["image"], fields["mask"], self.current.serving.max_pixels)
+        return InpaintRequest(image, mask, strategy)
 
-    def run_batch(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> list[tuple[bytes, str]]:
-        """Inpaint decoded requests with one model version: ``[(PNG bytes, version)]`` in order.
+    def parse(self, body: bytes) -> InpaintRequest:
+        """Raw HTTP body bytes -> :class:`InpaintRequest` (JSON, base64 and image decoding; run it off the event loop)."""
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"request body is not JSON: {_one_line(exc)}") from None
+        return self.decode(payload)
 
-        Requests of the same size and strategy that go through whole share one generator call (a batch on the
-        device); windowed ones run per image (their windows differ).
+    def run_batch(self, items: list[InpaintRequest]) -> list[Answer]:
+        """Inpaint decoded requests with one model version: one :class:`Answer` per request, in order.
+
+        Requests of the same size that go through whole share one generator call (a batch on the device);
+        windowed ones (``crop``, the request's choice or else the version's default, on photos over the trigger)
+        run per image. A failing call is retried request by request, so a request's failure stays its own: a
+        bad input answers 400 and an internal error 500, each with a one-line reason; the others get their images.
         """
         served = self.current
-        crop = self.config.hires.crop_strategy()
-        results: list[bytes | None] = [None] * len(items)
-        groups: dict[tuple, list[int]] = {}
-        for index, (image, _, strategy) in enumerate(items):
-            windowed = strategy == "crop" and crop is not None and max(image.shape[-2:]) > crop.trigger
-            key = ("window", index) if windowed else ("whole", tuple(image.shape[-2:]))
-            groups.setdefault(key, []).append(index)
+        answers: list[Answer | None] = [None] * len(items)
+        groups: dict[tuple, tuple[CropStrategy | None, list[int]]] = {}
+        for index, item in enumerate(items):
+            try:
+                windows = served.serving.hires.strategy_for(item.strategy)
+            except ValueError as exc:
+                answers[index] = _failure(served.version, exc)
+                continue
+            if windows is not None and max(item.image.shape[-2:]) > windows.trigger:
+                groups[("window", index)] = (windows, [index])
+            else:
+                groups.setdefault(("whole", tuple(item.image.shape[-2:])), (None, []))[1].append(index)
+        for windows, indices in groups.values():
+            try:
+                pngs = self._inpaint(served, [items[i] for i in indices], windows)
+            except Exception as exc:
+                if len(indices) == 1:
+                    answers[indices[0]] = _failure(served.version, exc)
+                    continue
+                pngs = [None] * len(indices)
+                for row, i in enumerate(indices):  # one request's failure stays its own
+                    try:
+                        pngs[row] = self._inpaint(served, [items[i]], windows)[0]
+                    except Exception as single:
+                        answers[i] = _failure(served.version, single)
+            for i, png in zip(indices, pngs):
+                if png is not None:
+                    answers[i] = Answer(served.version, png)
+        return answers  # type: ignore[return-value]  (every slot is filled above)
+
+    @staticmethod
+    def _inpaint(served: ServedModel, items: list[InpaintRequest], windows: CropStrategy | None) -> list[bytes]:
         with torch.no_grad():
-            for (kind, _), indices in groups.items():
-                image = torch.cat([items[i][0] for i in indices])
-                mask = torch.cat([items[i][1] for i in indices])
-                out = inpaint_tensor(served.generator, served.arch, image, mask,
-                                     strategy=crop if kind == "window" else None)
-                for row, i in enumerate(indices):
-                    results[i] = encode_png(out[row:row + 1])
-        return [(png, served.version) for png in results]
+            out = inpaint_tensor(served.generator, served.arch, torch.cat([item.image for item in items]),
+                                 torch.cat([item.mask for item in items]), strategy=windows)
+        return [encode_png(out[row:row + 1]) for row in range(len(items))]
 
 
 def use_gpu(setting: Literal["auto"] | bool) -> bool:
@@ -186,13 +273,34 @@ def _json(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body), status_code=status, media_type="application/json")
 
 
+def _replica() -> str:
+    """This replica's id (what an admin answer speaks for), or ``local`` outside Ray Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a replica (tests call the class directly)
+        return "local"
+
+
+def _response(answer: Answer, item: InpaintRequest, model: str) -> Response:
+    if answer.status != 200:
+        return _json({"error": answer.error, "model": model, "model_version": answer.version}, answer.status)
+    return _json({"image": base64.b64encode(answer.png).decode("ascii"), "model": model,
+                  "model_version": answer.version, "width": int(item.image.shape[-1]),
+                  "height": int(item.image.shape[-2])})
+
+
 @serve.deployment(name="inpainter")
 class InpaintingDeployment:
-    """HTTP front of :class:`AliasFollowingInpainter` with dynamic batching (see the module docstring)."""
+    """HTTP front of :class:`AliasFollowingInpainter` with dynamic batching (see the module docstring).
+
+    The event loop only moves bytes: JSON, base64 and image decoding, PNG encoding and the response body are
+    made in worker threads, so a large payload never stalls the batching task.
+    """
 
     def __init__(self, config: dict) -> None:
         self.config = ServeConfig.model_validate(config)
         self.model = AliasFollowingInpainter(self.config, "cuda" if torch.cuda.is_available() else "cpu")
+        self.replica = _replica()
         self._infer.set_max_batch_size(self.config.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._stop = threading.Event()
@@ -202,38 +310,43 @@ class InpaintingDeployment:
         self._stop.set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # the configured values are set per replica
-    async def _infer(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> list[tuple[bytes, str]]:
+    async def _infer(self, items: list[InpaintRequest]) -> list[Answer]:
         # The generator runs in a worker thread so the replica keeps accepting (and decoding) requests meanwhile.
         return await asyncio.to_thread(self.model.run_batch, items)
+
+    def _version(self, version: str | None = None) -> dict:
+        return {"model": self.config.model, "model_version": version or self.model.current.version,
+                "replica": self.replica}
 
     async def __call__(self, request):
         path = request.url.path.rstrip("/")
         if path.endswith("/-/version"):
-            return _json({"model": self.config.model, "model_version": self.model.current.version})
+            return _json(self._version())
         if path.endswith("/-/refresh"):
+            if request.method != "POST":
+                return _json({"error": "POST to refresh"}, 405)
             try:
                 version = await asyncio.to_thread(self.model.refresh)
             except Exception as exc:
-                return _json({"error": f"refresh failed: {_one_line(exc)}", "model_version": self.model.current.version},
-                             503)
-            return _json({"model": self.config.model, "model_version": version})
+                return _json({"error": f"refresh failed: {_one_line(exc)}", **self._version()}, 503)
+            return _json(self._version(version))
         if request.method != "POST":
             return _json({"error": "POST a JSON object {image, mask} (base64 PNG/JPEG)"}, 405)
+        body = await request.body()
         try:
-            payload = json.loads(await request.body())
-            image, mask, strategy = await asyncio.to_thread(self.model.decode, payload)
-        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+            item = await asyncio.to_thread(self.model.parse, body)
+        except ValueError as exc:
             return _json({"error": _one_line(exc)}, 400)
-        png, version = await self._infer((image, mask, strategy))
-        return _json({"image": base64.b64encode(png).decode("ascii"), "model": self.config.model,
-                      "model_version": version, "width": int(image.shape[-1]), "height": int(image.shape[-2])})
+        answer = await self._infer(item)
+        return await asyncio.to_thread(_response, answer, item, self.config.model)
 
 
 def build_app(config: ServeConfig):
     """The Ray Serve application for ``config`` (``serve.run(build_app(config))``); GPUs per :func:`use_gpu`."""
     gpu = use_gpu(config.use_gpu)
     options = {"num_cpus": config.num_cpus, "num_gpus": 1 if gpu else 0}
-    return InpaintingDeployment.options(num_replicas=config.num_replicas, ray_actor_options=options).bind(
+    return InpaintingDeployment.options(num_replicas=config.num_replicas, ray_actor_options=options,
+                                        max_ongoing_requests=config.ongoing_requests()).bind(
         config.model_dump(mode="json"))
 
 
