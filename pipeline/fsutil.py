@@ -229,9 +229,22 @@ def url_to_fs(url: str, storage_options: StorageOptionsLike = None) -> tuple[fss
     return _fsspec_url_to_fs(str(url), **_options_for(str(url), storage_options))
 
 
+def _fresh(url: str, storage_options: StorageOptionsLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path with any cached listing of ``path`` dropped.
+
+    Filesystem instances are cached per process (a Ray worker keeps one across tasks), and object stores cache
+    folder listings: a file another process wrote since would look missing, or keep its old size, which reads
+    as an empty or truncated file. Every size, existence check and read asks the store itself.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if is_remote(url):
+        fs.invalidate_cache(path)
+    return fs, path
+
+
 def open_url(url: str, mode: str = "rb", storage_options: StorageOptionsLike = None, **kwargs: Any) -> IO:
     """Open ``url`` like :func:`open` (binary or text mode); extra kwargs go to the filesystem's ``open``."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fresh(url, storage_options)
     if "w" in mode and not is_remote(url):
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
     return fs.open(path, mode, **kwargs)
@@ -239,7 +252,7 @@ def open_url(url: str, mode: str = "rb", storage_options: StorageOptionsLike = N
 
 def read_bytes(url: str, storage_options: StorageOptionsLike = None) -> bytes:
     """The whole content of ``url``."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fresh(url, storage_options)
     return fs.cat_file(path)
 
 
@@ -279,13 +292,13 @@ def parent_url(url: str) -> str:
 
 def exists(url: str, storage_options: StorageOptionsLike = None) -> bool:
     """True when ``url`` names an existing file or folder."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fresh(url, storage_options)
     return fs.exists(path)
 
 
 def size_of_url(url: str, storage_options: StorageOptionsLike = None) -> int:
     """Size of the file at ``url`` in bytes."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fresh(url, storage_options)
     return int(fs.size(path))
 
 
