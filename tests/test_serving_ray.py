@@ -52,8 +52,10 @@ def served(ray_head, mlflow_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ServeConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=2, max_batch_size=4,
-                         batch_wait_timeout_s=0.5, num_cpus=0.5, port=port)
+    # Two replicas: the admin refresh reaches both whichever the proxy picks. The periodic one is slow enough
+    # (20 s) that only the broadcast can explain the second replica catching up at once.
+    config = ServeConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=20, max_batch_size=4,
+                         batch_wait_timeout_s=0.5, num_cpus=0.5, num_replicas=2, port=port)
     ray.init(address=ray_head.address, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -76,12 +78,17 @@ def test_served_version_follows_the_alias_on_the_admin_call_and_on_its_own(serve
     client.set_registered_model_alias(MODEL, "champion", second)  # a promotion in the MLflow UI
     status, body = _call(f"{url}/-/refresh", {})
     assert status == 200 and (body["model"], body["model_version"]) == (MODEL, second)
-    assert _call(url, _request(pixels, hole))[1]["model_version"] == second
+    assert len(body["replicas"]) == 2 and set(body["replicas"].values()) == {second}  # every replica, not one
+    for _ in range(6):  # whichever replica the proxy picks
+        assert _call(url, _request(pixels, hole))[1]["model_version"] == second
+        version = _call(f"{url}/-/version")[1]
+        assert version["model_version"] == second and version["replica"] in body["replicas"]
+    assert _call(f"{url}/-/refresh")[0] == 405  # refresh is POST only
 
     client.set_registered_model_alias(MODEL, "champion", first)  # no admin call: the periodic refresh sees it
-    deadline = time.monotonic() + 60
-    while _call(f"{url}/-/version")[1]["model_version"] != first:
-        assert time.monotonic() < deadline, "the served version did not follow the alias within 60 s"
+    deadline = time.monotonic() + 90
+    while set(_call(f"{url}/-/version")[1]["replicas"].values()) != {first}:
+        assert time.monotonic() < deadline, "the replicas did not follow the alias within 90 s"
         time.sleep(0.5)
     assert _call(url, _request(pixels, hole))[1]["model_version"] == first
 

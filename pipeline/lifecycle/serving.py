@@ -5,8 +5,16 @@ One deployment, :class:`InpaintingDeployment`, answers over HTTP:
 * ``POST <route>`` with JSON ``{"image": base64 PNG/JPEG, "mask": base64 gray PNG (255 = hole),
   "strategy": "crop" | "whole" (optional)}`` → ``{"image": base64 PNG, "model": name, "model_version": "7",
   "width": W, "height": H}``; a bad request gets HTTP 400 ``{"error": one line}``;
-* ``GET <route>/-/version`` → the model version being served;
-* ``POST <route>/-/refresh`` → re-resolve the alias now (the admin call) and answer the version now served.
+* ``GET <route>/-/version`` → the version this replica serves (``replica`` names it) and, in ``replicas``, the
+  version of every live replica;
+* ``POST <route>/-/refresh`` → re-resolve the alias now on every replica (the admin call; :class:`RefreshBroadcast`
+  carries it to the replicas the proxy did not pick) and answer once all serve the version it names (503 naming
+  the replicas that do not).
+
+A request's failure is its own: a bad input gets HTTP 400 and an internal error HTTP 500, each with a one-line
+``error``; the requests batched with it get their images. ``strategy`` in a request wins over the served version's
+default; the pixel limit and the window sizes are the version's own serving defaults (those the pyfunc model
+applies), unless the serve config overrides them.
 
 Requests that arrive together are batched (``@serve.batch``, same-size images in one generator call); every
 answer names the model version that produced it. A background thread re-resolves the alias every
@@ -28,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -43,8 +52,8 @@ from pipeline.config import Config
 from pipeline.lifecycle.packaging import HiresConfig, LoadedModel, ServingDefaults, load_model
 from pipeline.tracking import mlflow_client, redact
 
-__all__ = ["AliasFollowingInpainter", "Answer", "InpaintRequest", "InpaintingDeployment", "ServeConfig", "ServedModel",
-           "build_app", "use_gpu"]
+__all__ = ["AliasFollowingInpainter", "Answer", "InpaintRequest", "InpaintingDeployment", "RefreshBroadcast",
+           "ServeConfig", "ServedModel", "build_app", "use_gpu"]
 
 log = logging.getLogger("holefill.serve")
 
@@ -289,6 +298,41 @@ def _response(answer: Answer, item: InpaintRequest, model: str) -> Response:
                   "height": int(item.image.shape[-2])})
 
 
+# Replicas report to the broadcast this often; one silent for LIVE_S is taken as gone.
+REPORT_INTERVAL_S = 0.5
+LIVE_S = 10.0
+REFRESH_WAIT_S = 120.0  # how long an admin refresh waits for every replica to have loaded the new version
+
+
+@serve.deployment(name="refresh-broadcast", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class RefreshBroadcast:
+    """How an admin refresh reaches every replica (the proxy hands it to one of them).
+
+    A refresh bumps :attr:`generation`; every inpainter replica reports ``(generation seen, version served)``
+    every :data:`REPORT_INTERVAL_S` and refreshes when it is behind, so the replica that took the admin call
+    can wait until all have, and answer for all of them.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._reports: dict[str, tuple[int, str, float]] = {}
+
+    def bump(self) -> int:
+        """Ask every replica to refresh; returns the generation they must reach."""
+        self.generation += 1
+        return self.generation
+
+    def report(self, replica: str, generation: int, version: str) -> int:
+        """A replica's state; returns the generation it should be at."""
+        self._reports[replica] = (generation, version, time.monotonic())
+        return self.generation
+
+    def replicas(self) -> dict[str, tuple[int, str]]:
+        """``{replica: (generation, version)}`` of the replicas heard from in the last :data:`LIVE_S` seconds."""
+        now = time.monotonic()
+        return {r: (g, v) for r, (g, v, seen) in self._reports.items() if now - seen <= LIVE_S}
+
+
 @serve.deployment(name="inpainter")
 class InpaintingDeployment:
     """HTTP front of :class:`AliasFollowingInpainter` with dynamic batching (see the module docstring).
@@ -297,14 +341,33 @@ class InpaintingDeployment:
     made in worker threads, so a large payload never stalls the batching task.
     """
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, broadcast: Any = None) -> None:
         self.config = ServeConfig.model_validate(config)
         self.model = AliasFollowingInpainter(self.config, "cuda" if torch.cuda.is_available() else "cpu")
         self.replica = _replica()
         self._infer.set_max_batch_size(self.config.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._stop = threading.Event()
+        self._broadcast, self._generation = broadcast, None
         threading.Thread(target=self.model.follow, args=(self._stop,), name="alias-follower", daemon=True).start()
+        if broadcast is not None:
+            threading.Thread(target=self._listen, name="refresh-listener", daemon=True).start()
+
+    def _listen(self) -> None:
+        """Report to the broadcast and refresh when another replica took an admin refresh (see RefreshBroadcast)."""
+        while not self._stop.wait(REPORT_INTERVAL_S):
+            try:
+                wanted = self._broadcast.report.remote(self.replica, self._generation or 0,
+                                                       self.model.current.version).result(timeout_s=30)
+                if self._generation is not None and wanted != self._generation:
+                    try:
+                        self.model.refresh()
+                    except Exception as exc:  # the admin call names this replica's version; keep serving
+                        log.warning("refresh of %s@%s failed on replica %s: %s", self.config.model, self.config.alias,
+                                    self.replica, redact(_one_line(exc)))
+                self._generation = wanted  # a new replica starts fresh: nothing to catch up on
+            except Exception as exc:
+                log.warning("refresh broadcast unreachable from replica %s: %s", self.replica, _one_line(exc))
 
     def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down
         self._stop.set()
@@ -314,22 +377,48 @@ class InpaintingDeployment:
         # The generator runs in a worker thread so the replica keeps accepting (and decoding) requests meanwhile.
         return await asyncio.to_thread(self.model.run_batch, items)
 
-    def _version(self, version: str | None = None) -> dict:
-        return {"model": self.config.model, "model_version": version or self.model.current.version,
-                "replica": self.replica}
+    async def _replicas(self) -> dict[str, tuple[int, str]]:
+        if self._broadcast is None:
+            return {self.replica: (0, self.model.current.version)}
+        return await self._broadcast.replicas.remote()
+
+    async def _version(self) -> dict:
+        """This replica's version and, by replica id, every live replica's."""
+        replicas = await self._replicas()
+        return {"model": self.config.model, "model_version": self.model.current.version, "replica": self.replica,
+                "replicas": {r: v for r, (_, v) in sorted(replicas.items())}}
+
+    async def _refresh(self) -> Response:
+        """Re-resolve the alias on every replica; answer once all have the version (503 naming those that have not)."""
+        generation = await self._broadcast.bump.remote() if self._broadcast is not None else None
+        try:
+            version = await asyncio.to_thread(self.model.refresh)
+        except Exception as exc:
+            return _json({"error": f"refresh failed: {_one_line(exc)}", **await self._version()}, 503)
+        deadline = time.monotonic() + REFRESH_WAIT_S
+        while generation is not None:
+            behind = sorted(r for r, (g, _) in (await self._replicas()).items() if g < generation and r != self.replica)
+            if not behind:
+                break
+            if time.monotonic() > deadline:
+                return _json({"error": f"replicas {', '.join(behind)} did not refresh within {REFRESH_WAIT_S:.0f} s",
+                              **await self._version()}, 503)
+            await asyncio.sleep(REPORT_INTERVAL_S / 2)
+        body = await self._version()
+        body["replicas"][self.replica] = version
+        stale = sorted(r for r, v in body["replicas"].items() if v != version)
+        if stale:
+            return _json({"error": f"replicas {', '.join(stale)} still serve another version", **body}, 503)
+        return _json(body)
 
     async def __call__(self, request):
         path = request.url.path.rstrip("/")
         if path.endswith("/-/version"):
-            return _json(self._version())
+            return _json(await self._version())
         if path.endswith("/-/refresh"):
             if request.method != "POST":
                 return _json({"error": "POST to refresh"}, 405)
-            try:
-                version = await asyncio.to_thread(self.model.refresh)
-            except Exception as exc:
-                return _json({"error": f"refresh failed: {_one_line(exc)}", **self._version()}, 503)
-            return _json(self._version(version))
+            return await self._refresh()
         if request.method != "POST":
             return _json({"error": "POST a JSON object {image, mask} (base64 PNG/JPEG)"}, 405)
         body = await request.body()
@@ -347,7 +436,7 @@ def build_app(config: ServeConfig):
     options = {"num_cpus": config.num_cpus, "num_gpus": 1 if gpu else 0}
     return InpaintingDeployment.options(num_replicas=config.num_replicas, ray_actor_options=options,
                                         max_ongoing_requests=config.ongoing_requests()).bind(
-        config.model_dump(mode="json"))
+        config.model_dump(mode="json"), RefreshBroadcast.bind())
 
 
 def app_builder(args: dict[str, str]):
