@@ -473,3 +473,72 @@ def test_relative_paths_are_resolved_against_the_callers_directory_not_the_worke
 
     assert result.manifest_url == str(tmp_path / "shards" / "v1" / "manifest.json")
     assert result.manifest.total_samples == 20 and verify_shards(result.manifest) == []
+
+
+# --------------------------------------------------------------------------------- published is immutable
+
+
+def test_a_failing_rerun_into_a_published_folder_leaves_it_verifiable_and_a_changed_config_writes_beside_it(
+        ray_cluster, tmp_path):
+    """The issue-17 case: version published (seed 3), source then half-truncated, re-run with another seed fails."""
+    from pipeline.data.manifest import manifest_keys
+
+    dataset = generate_sample_dataset(str(tmp_path / "src"), n_train=12, n_val=0, size=IMAGE_SIZE,
+                                      include_package_photos=False)
+    base = {"source": {"url": dataset.train_list, "root": dataset.train_root}, "out": str(tmp_path / "out"),
+            "samples_per_shard": 4, "store_size": STORE}
+    first = run_shard_job(ShardJobConfig.model_validate({**base, "seed": 3}))
+    out = tmp_path / "out"
+    published = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    originals = {}
+    for name in dataset.train_files[:8]:  # 8 of 12 truncated, as a half-synced bucket would look
+        path = Path(dataset.train_path(name))
+        originals[path] = (path.read_bytes(), path.stat())
+        path.write_bytes(originals[path][0][: len(originals[path][0]) // 3])
+
+    with pytest.raises(ValueError, match="inputs rejected"):
+        run_shard_job(ShardJobConfig.model_validate({**base, "seed": 4}))
+
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == published  # not a byte changed
+    manifest = load_manifest(str(out))
+    assert verify_shards(manifest) == [] and len(manifest_keys(manifest)) == 12
+
+    for path, (data, stat) in originals.items():  # the sync completes: the same files, the same times
+        path.write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = run_shard_job(ShardJobConfig.model_validate({**base, "seed": 4}))
+    assert Path(second.manifest_url).parent.parent == out and Path(second.manifest_url).parent.name.startswith("version-")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == published
+    for version in (load_manifest(str(out)), load_manifest(second.manifest_url)):
+        assert verify_shards(version) == [] and version.total_samples == 12 and len(manifest_keys(version)) == 12
+    assert second.manifest.config["seed"] == 4 and first.manifest.config["seed"] == 3
+    # Either version re-run resumes exactly itself.
+    assert run_shard_job(ShardJobConfig.model_validate({**base, "seed": 3})).manifest_hash == first.manifest_hash
+    again = run_shard_job(ShardJobConfig.model_validate({**base, "seed": 4}))
+    assert again.manifest_url == second.manifest_url and again.shards_reused == len(second.manifest.shards)
+
+
+def test_a_key_list_that_does_not_match_its_manifest_is_refused_by_name(ray_cluster, sample, tmp_path):
+    from pipeline.data.manifest import ManifestError, write_keys
+    from pipeline.data.sources import list_source, new_items
+
+    config = _config(sample, tmp_path / "out")
+    manifest = run_shard_job(config).manifest
+    write_keys(["only", "these"], manifest.keys_url())  # rewritten behind the manifest's back
+    with pytest.raises(ManifestError, match=r"keys.txt.gz does not match its manifest's keys_sha256"):
+        new_items(list_source(config.source).items, load_manifest(str(tmp_path / "out")))
+
+
+def test_an_empty_source_publishes_an_empty_version_and_an_all_rejected_one_fails_in_one_line(ray_cluster, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_shard_job(ShardJobConfig.model_validate(
+        {"source": {"url": str(tmp_path / "empty")}, "out": str(tmp_path / "a"), "store_size": STORE}))
+    assert result.manifest.total_samples == 0 and result.manifest.shards == []
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for index in range(5):
+        (bad / f"x{index}.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"^5 of 5 inputs rejected \(5 not an image\)"):
+        run_shard_job(ShardJobConfig.model_validate(
+            {"source": {"url": str(bad)}, "out": str(tmp_path / "b"), "samples_per_shard": 2, "store_size": STORE}))
+    assert not (tmp_path / "b" / "manifest.json").exists()
