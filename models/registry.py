@@ -1,8 +1,12 @@
-"""Name -> architecture registry, so jobs and converters select models without if-chains.
+"""Name -> architecture registry, so jobs, converters and serving select models without if-chains.
 
-The one place that knows every architecture: it imports the model files (which know nothing of it)
-and lists what the rest of holefill needs from each. A new architecture is a new model file plus one
-entry in :data:`_REGISTRY`.
+The registry knows no architecture itself: each model file registers its own :class:`Architecture` with
+:func:`register_architecture` when it is imported, and :mod:`models` imports every model file, so any import
+from ``models`` sees them all. The arrow runs one way (model file -> registry), never back, so a model file
+can be added, or registered from a test, without editing this module.
+
+A new architecture is a model file that ends with ``register_architecture(Architecture(...))``, listed in
+``models/__init__.py``; training it needs one spec beside the two in ``pipeline/train/architectures/``.
 """
 
 from __future__ import annotations
@@ -12,14 +16,12 @@ from typing import Callable
 
 import torch.nn as nn
 
-from models import lbam, rn
-
-__all__ = ["Architecture", "get_architecture", "architectures"]
+__all__ = ["Architecture", "architectures", "get_architecture", "register_architecture"]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """What the rest of holefill needs to know about one inpainting architecture.
+    """What the rest of holefill needs to know about one inpainting architecture's networks.
 
     ``size_multiple``: generator H and W must be multiples of it. ``train_size``: the discriminator's
     required input size, or ``None`` if it takes any multiple of ``size_multiple``.
@@ -35,19 +37,16 @@ class Architecture:
     official_converters: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
 
 
-def _official(module) -> dict[str, Callable[[dict], dict]]:
-    return {"generator": module.convert_official_generator, "discriminator": module.convert_official_discriminator}
+_REGISTRY: dict[str, Architecture] = {}
 
 
-_REGISTRY: dict[str, Architecture] = {
-    arch.name: arch
-    for arch in (
-        Architecture("rn", rn.RNGenerator, rn.RNDiscriminator, size_multiple=rn.SIZE_MULTIPLE, train_size=None,
-                     official_converters=_official(rn)),
-        Architecture("lbam", lbam.LBAMGenerator, lbam.LBAMDiscriminator, size_multiple=lbam.SIZE_MULTIPLE,
-                     train_size=lbam.DISCRIMINATOR_SIZE, official_converters=_official(lbam)),
-    )
-}
+def register_architecture(architecture: Architecture) -> Architecture:
+    """Make ``architecture`` known under its name; returns it. A second, different one of that name is a ``ValueError``."""
+    known = _REGISTRY.get(architecture.name)
+    if known is not None and known != architecture:
+        raise ValueError(f"architecture {architecture.name!r} is already registered")
+    _REGISTRY[architecture.name] = architecture
+    return architecture
 
 
 def get_architecture(name: str) -> Architecture:
