@@ -1,14 +1,18 @@
-"""The CPU-side logic of ``bench/gpu_check.py`` (the table ``make gpu-check`` prints)."""
+"""The CPU-side logic of ``bench/gpu_check.py`` (the check ``make gpu-check`` runs), for RN and LBAM."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 
@@ -25,15 +29,110 @@ def test_step_flops_count_forward_and_backward_convolutions():
     assert gpu_check.step_flops(step) == 3 * forward
 
 
+def _critic():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 1))
+
+
+def _penalty_step(D, x):
+    (gradients,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+    ((gradients.flatten(1).norm(dim=1) - 1) ** 2).mean().backward()
+
+
+def test_the_gradient_penalty_is_counted_with_its_double_backward():
+    """LBAM's penalty: ``autograd.grad`` on a leaf, then backward through it. Stock ``FlopCounterMode`` raises
+    there (its module tracker); the step counter counts it, and agrees with the stock counter on the same
+    maths with a non-leaf input, where the stock one works."""
+    real = torch.rand(2, 3, 8, 8)
+    D = _critic()
+    counted = gpu_check.step_flops(lambda: _penalty_step(D, real.clone().requires_grad_(True)))
+    with FlopCounterMode(display=False) as stock:
+        _penalty_step(D, real.clone().requires_grad_(True) * 1.0)  # non-leaf: no tracker hook trouble
+    assert counted == stock.get_total_flops()
+    forward_only = gpu_check.step_flops(lambda: D(real))
+    assert counted > 3 * forward_only  # forward, input gradient, and the double backward through both
+
+
 def test_mfu_is_achieved_flops_over_the_bf16_peak():
     assert gpu_check.PEAK_BF16_FLOPS == 989e12
     assert gpu_check.mfu(989e9, steps_per_s=500.0) == pytest.approx(0.5)
-    row = gpu_check.Row("rn bf16", batch=16, images_per_s=1600.0, flops_per_step=98.9e9, peak_gib=3.0, syncs_per_step=0.0)
+    row = gpu_check.Row("rn bf16", batch=16, images_per_s=1600.0, flops_per_step=98.9e9, peak_gib=3.0,
+                        syncs_per_step=0.0)
     assert row.mfu == pytest.approx(0.01)  # 100 steps/s x 98.9 GFLOP = 9.89 TFLOP/s
 
 
-def test_the_table_has_one_line_per_row_with_the_bf16_speed_up():
-    rows = [gpu_check.Row("rn fp32", 8, 100.0, 1e12, 2.0, 0.0), gpu_check.Row("rn bf16", 8, 250.0, 1e12, 1.5, 0.0)]
-    table = gpu_check.format_table(rows, {("rn bf16", 8): 2.5}).splitlines()
-    assert table[0].split() == ["config", "batch", "img/s/GPU", "MFU", "peak", "GiB", "syncs/step", "bf16", "x"]
-    assert len(table) == 4 and table[3].split()[-1] == "2.50"
+def _row(arch, batch, precision, images_per_s, zero_stage=0, switch=None, flops=1e12, **kw):
+    spec = gpu_check.Spec(arch, batch, precision, zero_stage, switch)
+    return gpu_check.Row(spec.label, batch, images_per_s, flops, 1.5, 0.0, arch=arch, precision=precision,
+                         zero_stage=zero_stage, switch=switch, **kw)
+
+
+def test_the_table_shows_the_bf16_speed_up_and_each_variant_against_its_base():
+    rows = [_row("rn", 16, "bf16", 250.0), _row("rn", 16, "fp32", 100.0), _row("rn", 16, "bf16", 200.0, zero_stage=2),
+            _row("rn", 16, "bf16", 300.0, switch="channels_last")]
+    table = gpu_check.format_table(rows).splitlines()
+    assert table[0].split() == ["config", "batch", "img/s/GPU", "MFU", "peak", "GiB", "syncs/step", "bf16", "x",
+                                "vs", "base", "row", "s"]
+    assert len(table) == 2 + len(rows)
+    assert table[2].split()[:2] == ["rn", "bf16"] and table[2].split()[-2] == "2.50"  # over the fp32 row
+    assert table[4].split()[:4] == ["rn", "bf16", "ZeRO", "2"] and table[4].split()[-2] == "0.80"
+    assert table[5].split()[-2] == "1.20"
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_rows_are_estimated_from_measured_flop_rates_and_skipped_when_they_do_not_fit():
+    clock = _Clock()
+    budget = gpu_check.Budget(100.0, start=0.0, clock=clock)
+    estimator = gpu_check.Estimator(steps=10, warmup=3)
+    assert estimator.estimate(gpu_check.Spec("rn", 16, "bf16")) is None  # nothing known: the first row just runs
+    # rn bf16 at batch 16: 1.6 TFLOP per step, 10 ms per step (160 TFLOP/s), 5 s of set-up
+    estimator.record(_row("rn", 16, "bf16", 1600.0, flops=1.6e12, setup_s=5.0, step_s=0.01))
+    assert estimator.estimate(gpu_check.Spec("rn", 32, "bf16")) == pytest.approx(5.0 + 14 * 0.02)
+    assert estimator.basis(gpu_check.Spec("rn", 32, "bf16")) == "measured"
+    fp32 = gpu_check.Spec("rn", 16, "fp32")  # no fp32 row yet: the assumed fp32 rate
+    assert estimator.estimate(fp32) == pytest.approx(5.0 + 14 * 1.6e12 / gpu_check.ASSUMED_FLOPS_PER_S["fp32"])
+    assert estimator.basis(fp32) == "assumed"
+    compiled = gpu_check.Spec("rn", 16, "bf16", switch="compile_generator")
+    assert estimator.estimate(compiled) == pytest.approx(5.0 + 0.14 + gpu_check.ASSUMED_COMPILE_S)
+    clock.now = 95.0
+    assert budget.fits(4.0) and not budget.fits(4.5)  # 1.2 x the estimate must fit in the 5 s left
+    assert budget.stamp() == "[   95 s of 100]"
+
+
+def test_rows_are_written_to_the_output_folder_as_they_are_measured(tmp_path):
+    recorder = gpu_check.Recorder(tmp_path / "out", {"device": "test"})
+    recorder.add(_row("lbam", 16, "bf16", 120.0))
+    assert json.loads((tmp_path / "out" / "rows.jsonl").read_text())["label"] == "lbam bf16"
+    assert "lbam bf16" in (tmp_path / "out" / "table.txt").read_text()
+    recorder.note("zero: skipped lbam bf16 ZeRO 1")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "zero: skipped lbam bf16 ZeRO 1\n"
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == {"device": "test"}
+
+
+def test_the_check_runs_on_the_cpu_for_both_models_and_the_gpu_tests_skip(tmp_path):
+    """The whole check's logic at tiny sizes (RN 32², LBAM 256² as its discriminator needs, batch 1, fp32: bf16
+    convolutions are ~240x slower on AVX2) in a subprocess (a DeepSpeed process group must not leak here)."""
+    out = tmp_path / "check"
+    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--precision", "fp32",
+               "--batch", "1", "--size", "32", "--steps", "1", "--warmup", "0", "--sections", "essential", "tests",
+               "--budget", "3600", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=850)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [row["label"] for row in rows] == ["rn fp32", "lbam fp32"]
+    rn, lbam = rows
+    assert rn["flops_per_step"] > 0 and lbam["flops_per_step"] > 0
+    assert lbam["flops_per_step"] > 10 * rn["flops_per_step"]  # 256² against 32², the penalty included
+    assert all(row["syncs_per_step"] == 0 and row["images_per_s"] > 0 for row in rows)
+    table = (out / "table.txt").read_text()
+    assert "rn fp32" in table and "lbam fp32" in table and "rn fp32" in result.stdout
+    notes = (out / "notes.txt").read_text()
+    assert "tests: exit 0" in notes and "skipped" in notes, notes  # every gpu test skips without CUDA
+    assert "passed" not in (out / "tests.log").read_text()
