@@ -64,7 +64,7 @@ def _batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def _recipe(arch: str, device: torch.device):
-    from pipeline.train.recipes import build_recipe
+    from pipeline.train.spec import build_recipe
 
     return build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {})).to(device)
 
@@ -74,7 +74,7 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
     from pipeline.train.recipes import gan_step, torch_updater
     from models.registry import get_architecture
 
-    from pipeline.train.recipes import discriminator_options
+    from pipeline.train.spec import discriminator_options
 
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
@@ -88,7 +88,8 @@ def plain_step(arch: str, batch: int, size: int, device: torch.device) -> Step:
 
 def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_stage: int, precision: str) -> Step:
     """One GAN step of ``arch`` through holefill's DeepSpeed engines, as a training worker runs it."""
-    from pipeline.train.recipes import discriminator_options, gan_step
+    from pipeline.train.recipes import gan_step
+    from pipeline.train.spec import discriminator_options
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater

@@ -77,18 +77,12 @@ def _shard(source: str, root: str, out: str, extra: list[str]) -> str:
 def _train(arch: str, train_manifest: str, eval_manifest: str, work: Path, steps: int,
            tracking_uri: str) -> tuple[str, int]:
     """Train ``arch`` briefly and register it; ``(registered version, steps trained)``."""
-    config = load_train_config(CONFIGS / f"train_{arch}_cpu_tiny.yaml", [
-        f"data.train_manifest={json.dumps(train_manifest)}",
-        f"data.eval_manifest={json.dumps(eval_manifest)}",
-        f"train.max_steps={steps}",
-        f"train.ckpt_every={steps}",
-        f"train.val_every={steps}",
-        f"train.image_every={steps}",
-        f"run.name=demo-{arch}-{int(time.time())}",
-        f"run.storage_path={json.dumps(str(work / 'ray_results'))}",
-        f"mlflow.tracking_uri={json.dumps(tracking_uri)}",
-        "mlflow.experiment=holefill-demo",
-    ])
+    config = load_train_config(CONFIGS / f"train_{arch}_cpu_tiny.yaml", updates={
+        "data": {"train_manifest": train_manifest, "eval_manifest": eval_manifest},
+        "train": {"max_steps": steps, "ckpt_every": steps, "val_every": steps, "image_every": steps},
+        "run": {"name": f"demo-{arch}-{int(time.time())}", "storage_path": str(work / "ray_results")},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "holefill-demo"},
+    })
     result = train_and_register(config)
     return str(result.model_version), result.final_step
 

@@ -3,7 +3,8 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train_rn.py --config jobs/configs/train_rn.yaml --set train.max_steps=1000
 
-or directly: `python jobs/train_rn.py --set scaling.num_workers=2`. See `pipeline/train/config.py` for every key.
+or directly: `python jobs/train_rn.py --set scaling.num_workers=2`. See `pipeline/train/config.py` for every key;
+the job itself is `pipeline.lifecycle.training.training_main`, shared with `jobs/train_lbam.py`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ from pathlib import Path
 # Run as a script (`python jobs/train_rn.py`, also inside a Ray job's working dir): make the repo importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.jobcli import run_job  # noqa: E402
-from pipeline.lifecycle.training import training_job  # noqa: E402
-from pipeline.train.config import TrainJobConfig  # noqa: E402
-
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "train_rn.yaml")
+from pipeline.lifecycle.training import training_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point (`holefill-train-rn`); returns the exit status."""
-    return run_job("train_rn", __doc__, TrainJobConfig, training_job("rn"), argv, default_config=DEFAULT_CONFIG)
+    return training_main("rn", __doc__, argv, Path(__file__).resolve().parent / "configs" / "train_rn.yaml")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,17 @@
 
 Conventions: images are (B,3,H,W) in [0,1]; ``mask`` is (B,1,H,W) with **1 = hole** (LBAM's own
 1 = valid convention never leaves ``models/lbam.py``). Every loss returns a :class:`LossTerms`: the
-weighted ``total`` to backpropagate and its unweighted ``parts`` for logging.
+weighted ``total`` to backpropagate and its unweighted ``parts`` for logging. Weights and modes are required
+arguments: the training recipes pass them from their typed options (``pipeline.train.recipes.RNOptions``,
+``LBAMOptions``), the one place their defaults (the official values quoted below) are written.
 
-RN (``geekyutao/RN``, MODELS.md A4)
+RN (``geekyutao/RN``)
     D: ``½[BCE(D(gt), 1) + BCE(D(pred), 0)]`` on the raw prediction (not the composite), from D's logits
     (``BCEWithLogits`` in float32: the official sigmoid + BCE without its half-precision saturation).
     G: ``l1_weight · mean|gt − merged| / mean(mask) + gan_weight · BCE(D(pred), 1)``, where
     ``merged = pred·mask + gt·(1 − mask)``; i.e. the mean absolute error per hole pixel and channel.
 
-LBAM (``Vious/LBAM_Pytorch``, MODELS.md A10)
+LBAM (``Vious/LBAM_Pytorch``)
     Reconstruction (:class:`LBAMReconstructionLoss`): ``6·hole + 1·valid + 0.01·perceptual + 120·style``,
     the L1 terms as means over all elements (not normalised by the hole area, as in the official code),
     perceptual and style on both the raw output and the composite against the ground truth at VGG16
@@ -116,8 +118,9 @@ def rn_generator_loss(
     image: torch.Tensor,
     mask: torch.Tensor,
     fake_logits: torch.Tensor,
-    l1_weight: float = 1.0,
-    gan_weight: float = 0.1,
+    *,
+    l1_weight: float,
+    gan_weight: float,
 ) -> LossTerms:
     """RN generator loss ``l1_weight·mean|gt − merged|/mean(mask) + gan_weight·BCE(D(pred), 1)``.
 
@@ -156,16 +159,16 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 class LBAMReconstructionLoss(nn.Module):
-    """LBAM's reconstruction loss: hole and valid L1, perceptual and style terms (MODELS.md A10).
+    """LBAM's reconstruction loss: hole and valid L1, perceptual and style terms (official ``InpaintingLoss``).
 
     ``vgg`` maps a (B,3,H,W) image in [0,1] (no ImageNet normalisation, as in the official code) to a
     sequence of feature maps, pool1..pool3 for :class:`models.vgg.VGG16Features`. It is held frozen
     and in eval mode; its parameters never receive gradients. Terms, each a mean over all elements::
 
-        hole       = L1(mask·out, mask·gt)                        (weight ``hole``, default 6)
-        valid      = L1((1−mask)·out, (1−mask)·gt)                (weight ``valid``, default 1)
-        perceptual = Σ_i L1(φ_i(out), φ_i(gt)) + L1(φ_i(comp), φ_i(gt))   (weight 0.01)
-        style      = Σ_i L1(G(φ_i(out)), G(φ_i(gt))) + L1(G(φ_i(comp)), G(φ_i(gt)))  (weight 120)
+        hole       = L1(mask·out, mask·gt)                        (weight ``hole``, official 6)
+        valid      = L1((1−mask)·out, (1−mask)·gt)                (weight ``valid``, official 1)
+        perceptual = Σ_i L1(φ_i(out), φ_i(gt)) + L1(φ_i(comp), φ_i(gt))   (weight ``perceptual``, official 0.01)
+        style      = Σ_i L1(G(φ_i(out)), G(φ_i(gt))) + L1(G(φ_i(comp)), G(φ_i(gt)))  (``style``, official 120)
 
     with ``comp = mask·out + (1−mask)·gt`` and ``G`` the Gram matrix ``f·fᵀ/(C·h·w)``.
     """
@@ -173,10 +176,11 @@ class LBAMReconstructionLoss(nn.Module):
     def __init__(
         self,
         vgg: nn.Module,
-        hole: float = 6.0,
-        valid: float = 1.0,
-        perceptual: float = 0.01,
-        style: float = 120.0,
+        *,
+        hole: float,
+        valid: float,
+        perceptual: float,
+        style: float,
     ) -> None:
         super().__init__()
         for name, weight in (("hole", hole), ("valid", valid), ("perceptual", perceptual), ("style", style)):
@@ -238,7 +242,7 @@ def gradient_penalty(
     real: torch.Tensor,
     fake: torch.Tensor,
     mask: torch.Tensor,
-    weight: float = 10.0,
+    weight: float,
     *,
     alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -274,9 +278,9 @@ def wgan_discriminator_loss(
     d_real: torch.Tensor,
     d_fake: torch.Tensor,
     penalty: torch.Tensor,
-    adversarial: AdversarialMode = "wgan-gp",
+    adversarial: AdversarialMode,
 ) -> LossTerms:
-    """LBAM critic loss: ``mean D(fake) − mean D(real) + penalty`` (``"wgan-gp"``, the default).
+    """LBAM critic loss: ``mean D(fake) − mean D(real) + penalty`` (``"wgan-gp"``, the sign fixed).
 
     ``adversarial="official"`` gives the published ``mean D(fake) + mean D(real) + penalty`` (issue #7),
     kept only to compare against the official behaviour. Parts: ``real`` and ``fake`` (the mean critic
@@ -289,7 +293,7 @@ def wgan_discriminator_loss(
     return LossTerms(total=fake + sign * real + penalty, parts={"real": real, "fake": fake, "gp": penalty})
 
 
-def wgan_generator_loss(d_fake: torch.Tensor, adversarial: AdversarialMode = "wgan-gp") -> torch.Tensor:
+def wgan_generator_loss(d_fake: torch.Tensor, adversarial: AdversarialMode) -> torch.Tensor:
     """LBAM generator adversarial term (unweighted): ``−mean D(fake)``, or ``+mean D(fake)`` if ``"official"``."""
     _check_mode(adversarial)
     fake = d_fake.float().mean()

@@ -3,13 +3,17 @@
 Every job describes its settings as a pydantic model deriving from :class:`Config`. The job calls
 :func:`parse_job_config` (or :func:`load_config`), which reads the YAML file, applies overrides in order,
 validates the result and, on any problem, raises :class:`ConfigError` whose message is one line naming
-the offending key. Nothing in the library reads ``sys.argv`` or the environment except through here.
+the offending key. A program that needs a variant of a validated config (retraining's run on a new data
+version, the demo's short runs) derives it with :func:`derive` or passes ``updates`` to :func:`load_config`:
+nested values, never ``key=value`` strings. Nothing in the library reads ``sys.argv`` or the environment
+except through here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
@@ -21,15 +25,31 @@ __all__ = [
     "ConfigError",
     "add_config_arguments",
     "deep_merge",
+    "derive",
     "apply_override",
+    "first_error",
     "flatten",
     "load_config",
     "parse_job_config",
+    "validated",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message is a single line that names the key."""
+    """A configuration problem; the message is a single line that names the key.
+
+    :meth:`at` builds the usual ``config key <key>: <rule>`` and keeps both parts, so a rule raised inside a
+    validator reaches the user under its own key rather than the validated model's.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, rule: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.rule = key, rule
+
+    @classmethod
+    def at(cls, key: str, rule: str) -> "ConfigError":
+        """``config key <key>: <rule>``."""
+        return cls(f"config key {key}: {rule}", key=key, rule=rule)
 
 
 class Config(BaseModel):
@@ -82,16 +102,69 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def _first_error(exc: ValidationError) -> str:
+def _model_type(annotation: Any) -> type[BaseModel] | None:
+    """The config class behind a field annotation (``X`` or ``X | None``), else ``None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _model_type(members[0]) if len(members) == 1 else None
+
+
+def _union_member(annotation: Any, discriminator: Any, tag: Any) -> type[BaseModel] | None:
+    name = getattr(discriminator, "discriminator", discriminator)
+    for member in typing.get_args(annotation):
+        field_info = getattr(member, "model_fields", {}).get(name)
+        if field_info is not None and tag in typing.get_args(field_info.annotation):
+            return member
+    return None
+
+
+def _key(loc: Sequence[Any], model: type[BaseModel] | None) -> str:
+    """The dotted key of a pydantic error location, without the tags it adds inside a discriminated union
+    (``model.lbam.options`` -> ``model.options``), found by walking ``model``'s fields along the location."""
+    parts, node, rest = [], model, list(loc)
+    while rest:
+        part = rest.pop(0)
+        parts.append(str(part))
+        field_info = node.model_fields.get(part) if node is not None and isinstance(part, str) else None
+        if field_info is None:
+            node = None
+        elif field_info.discriminator is not None and rest:
+            node = _union_member(field_info.annotation, field_info.discriminator, rest.pop(0))
+        else:
+            node = _model_type(field_info.annotation)
+    return ".".join(parts) or "<root>"
+
+
+def first_error(exc: ValidationError, model: type[BaseModel] | None = None) -> tuple[str, str]:
+    """``(dotted key, one-line message)`` of the first problem in a pydantic ``ValidationError``.
+
+    The one reading of a validation error that configs, manifests, mask parameters and CLIs share: "unknown key"
+    for a key the model does not have, validators' "Value error, " prefixes dropped, "(and N more)" when there
+    are more, a :class:`ConfigError` raised by a validator under its own key, and with ``model`` (the validated
+    class) the union tags pydantic puts into locations removed.
+    """
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
-    msg = err.get("msg", "invalid value")
-    # pydantic prefixes messages raised by validators with "Value error, "; the key already says where.
-    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    cause = (err.get("ctx") or {}).get("error")  # a ValueError a validator raised
+    if isinstance(cause, ConfigError) and cause.key is not None:
+        return cause.key, f"{cause.rule}{more}"
+    key, ctx = _key(err.get("loc", ()), model), err.get("ctx") or {}
     if err.get("type") == "extra_forbidden":
         msg = "unknown key"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"config key {key}: {msg}{more}"
+    elif err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        # The tag picks the variant (``model.arch``): name its own key and the known values.
+        key = f"{key}.{str(ctx.get('discriminator', '')).strip(chr(39))}"
+        msg = f"must be one of {ctx['expected_tags']}, got {ctx['tag']!r}" if "tag" in ctx else "Field required"
+    else:
+        # pydantic prefixes messages raised by validators with "Value error, "; the key already says where.
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return key, f"{msg}{more}"
+
+
+def _first_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    key, msg = first_error(exc, model)
+    return f"config key {key}: {msg}"
 
 
 def load_config(
@@ -99,15 +172,28 @@ def load_config(
     path: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
     base: Mapping[str, Any] | None = None,
+    updates: Mapping[str, Any] | None = None,
 ) -> C:
-    """Build ``cls`` from ``base`` (defaults), then the YAML at ``path``, then ``overrides`` in order."""
+    """Build ``cls`` from ``base`` (defaults), then the YAML at ``path``, then ``overrides`` in order, then
+    ``updates`` (nested values a program sets, e.g. ``{"data": {"train_manifest": url}}``, which win)."""
     tree: dict = deep_merge(dict(base or {}), _read_yaml(path) if path else {})
     for assignment in overrides:
         apply_override(tree, assignment)
+    return validated(cls, deep_merge(tree, updates or {}))
+
+
+def validated(cls: type[C], tree: Mapping[str, Any]) -> C:
+    """``cls`` validated from ``tree``; the first problem is a one-line :class:`ConfigError` naming the key."""
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc)) from None
+        raise ConfigError(_first_error(exc, cls)) from None
+
+
+def derive(config: C, changes: Mapping[str, Any]) -> C:
+    """A new config: ``config`` with nested ``changes`` (``{"model": {"init_weights": url}}``), validated as
+    ``config`` was (every rule, cross-section ones included); ``config`` itself is left unchanged."""
+    return validated(type(config), deep_merge(config.model_dump(round_trip=True), changes))
 
 
 def deep_merge(into: dict, other: Mapping[str, Any]) -> dict:

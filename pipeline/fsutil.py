@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import posixpath
 import random
@@ -157,7 +158,7 @@ def is_transient(exc: BaseException) -> bool:
     errors). Permanent: a missing object, a directory, access denied, invalid arguments, and everything that is
     not an I/O error (a decode failure is the data's fault). ``TransientReadError`` itself is not retried again.
     """
-    if isinstance(exc, TransientReadError):
+    if isinstance(exc, (TransientReadError, io.UnsupportedOperation)):  # the latter: a programming error
         return False
     if isinstance(exc, (TimeoutError, ConnectionError, EOFError)):
         return True
@@ -219,9 +220,11 @@ def _options_for(url: str, storage_options: StorageOptionsLike) -> dict[str, Any
     # Local paths never get credentials: LocalFileSystem would silently accept and ignore them at best.
     if storage_options is None or not is_remote(url):
         return {}
+    if not isinstance(storage_options, StorageOptions) and set(storage_options) <= set(StorageOptions.model_fields):
+        storage_options = StorageOptions.model_validate(dict(storage_options))  # holefill's keys, retries included
     if isinstance(storage_options, StorageOptions):
         return storage_options.for_s3fs() if protocol_of(url) in {"s3", "s3a"} else {}
-    return dict(storage_options)
+    return dict(storage_options)  # raw filesystem keyword arguments
 
 
 def url_to_fs(url: str, storage_options: StorageOptionsLike = None) -> tuple[fsspec.AbstractFileSystem, str]:

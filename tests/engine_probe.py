@@ -42,7 +42,7 @@ def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: tor
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, step_updater
-    from pipeline.train.recipes import build_recipe, discriminator_options
+    from pipeline.train.spec import build_recipe, discriminator_options
 
     spec = get_architecture(arch)
     torch.manual_seed(seed)

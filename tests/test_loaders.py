@@ -14,7 +14,11 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.imageops import encode_mask_png
-from pipeline.data.loaders import make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls, tar_members
+from pipeline.data.loaders import (
+    ShardRef, make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls, tar_members,
+)
+from pipeline.fsutil import ReadRetry, TransientReadError
+from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 
 def _jpeg(array: np.ndarray, quality: int = 100) -> bytes:
@@ -252,3 +256,103 @@ def test_a_truncated_shard_is_skipped_in_training_and_an_error_in_evaluation(tmp
     assert "ends inside" in caplog.text
     with pytest.raises(ValueError, match="ends inside"):
         list(make_eval_loader([broken], batch_size=2, crop_size=48))
+
+
+# ------------------------------------------------------------------------------------- storage faults
+
+
+class _FlakyStream(io.RawIOBase):
+    """A file that raises ``ConnectionResetError`` once ``fail_after`` bytes were read (a cut connection)."""
+
+    def __init__(self, data: bytes, fail_after: int) -> None:
+        self._data, self._pos, self._fail_after = data, 0, fail_after
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._pos >= self._fail_after:
+            raise ConnectionResetError("connection reset by peer (injected)")
+        n = min(len(buffer), len(self._data) - self._pos, self._fail_after - self._pos)
+        buffer[:n] = self._data[self._pos: self._pos + n]
+        self._pos += n
+        return n
+
+
+def _flaky_opener(monkeypatch, flaky_url: str, failures: int):
+    """Make the loaders' ``open_url`` cut ``flaky_url`` part way, ``failures`` times, then read it whole."""
+    from pipeline.data import loaders
+
+    real = loaders.open_url
+    opened = {"count": 0}
+
+    def open_url(url, mode="rb", storage_options=None, **kwargs):
+        if url != flaky_url:
+            return real(url, mode, storage_options, **kwargs)
+        opened["count"] += 1
+        data = open(url, "rb").read()
+        fail_after = len(data) // 2 if opened["count"] <= failures else len(data) + 1
+        return io.BufferedReader(_FlakyStream(data, fail_after), buffer_size=1024)
+
+    monkeypatch.setattr(loaders, "open_url", open_url)
+    return opened
+
+
+FAST_RETRY = ReadRetry(attempts=4, backoff_s=0.01, max_backoff_s=0.02)
+
+
+def test_a_shard_read_cut_part_way_is_retried_resumed_and_logged_and_eval_stays_exact(tmp_path, monkeypatch, caplog):
+    urls = _write_shards(tmp_path, 2, 6, size=(48, 48))
+    clean = sorted(k for batch in make_eval_loader(urls, batch_size=4, crop_size=None) for k in batch["key"])
+    opened = _flaky_opener(monkeypatch, urls[1], failures=2)
+
+    keys = [k for batch in make_eval_loader(urls, batch_size=4, crop_size=None, read_retry=FAST_RETRY)
+            for k in batch["key"]]
+
+    assert sorted(keys) == clean and len(keys) == len(set(keys)) == 12  # every sample once, none twice
+    assert opened["count"] == 3 and caplog.text.count("retry ") == 2 and urls[1] in caplog.text
+    assert "resuming after" in caplog.text
+
+
+def test_training_goes_on_past_a_shard_that_stays_unreadable_and_evaluation_names_it(tmp_path, monkeypatch, caplog):
+    urls = _write_shards(tmp_path, 2, 4, size=(48, 48))
+    _flaky_opener(monkeypatch, urls[0], failures=10**6)
+    retry = ReadRetry(attempts=2, backoff_s=0.01, max_backoff_s=0.01)
+
+    loader = make_train_loader(urls, batch_size=4, crop_size=32, batches_per_epoch=3, num_workers=0,
+                               shuffle_buffer=0, read_retry=retry)
+    assert len(list(loader)) == 3
+    assert f"reading {urls[0]} failed 2 times" in caplog.text
+    with pytest.raises(TransientReadError, match="shard-000000.tar failed 2 times"):
+        list(make_eval_loader(urls, batch_size=2, crop_size=None, read_retry=retry))
+
+
+def test_a_shard_that_is_not_the_one_its_manifest_lists_is_named(tmp_path):
+    url = _write_shards(tmp_path, 1, 3, size=(48, 48))[0]
+    size = len(open(url, "rb").read())
+    with pytest.raises(ValueError, match=rf"shard {url} is {size} bytes, its manifest says {size + 512}"):
+        list(make_eval_loader([ShardRef(url, size + 512, "0" * 64)], batch_size=2, crop_size=None))
+    with pytest.raises(ValueError, match="sha256 differs from its manifest"):
+        list(make_eval_loader([ShardRef(url, size, "0" * 64)], batch_size=2, crop_size=None, verify="sha256"))
+    assert len(list(make_eval_loader([ShardRef(url, size, "0" * 64)], batch_size=3, crop_size=None))) == 1  # size only
+
+
+def test_shard_reads_from_s3_survive_connection_cuts_past_the_clients_own_retries(tmp_path, s3_endpoint, caplog):
+    import fsspec
+
+    from fault_proxy import Fault, FaultProxy
+
+    local = _write_shards(tmp_path, 2, 4, size=(48, 48))
+    fs = fsspec.filesystem("s3", **s3_endpoint.s3fs_options)
+    remote = [s3_endpoint.url("loader", f"shard-{i:06d}.tar") for i in range(2)]
+    for path, url in zip(local, remote):
+        fs.put_file(path, url)
+    clean = sorted(k for batch in make_eval_loader(local, batch_size=4, crop_size=None) for k in batch["key"])
+    with FaultProxy(s3_endpoint.endpoint_url) as proxy:
+        target = "/" + remote[1].split("://", 1)[1]
+        stats = proxy.set_faults(Fault("cut", 7, lambda method, path: method == "GET" and path == target))
+        options = {**s3_endpoint.storage_options, "endpoint_url": proxy.url, "max_attempts": 2}
+        keys = [k for batch in make_eval_loader(remote, batch_size=4, crop_size=None, storage_options=options,
+                                                read_retry=FAST_RETRY) for k in batch["key"]]
+    assert sorted(keys) == clean and len(keys) == 8
+    assert stats.injected["cut"] == 7 and "retry 1/" in caplog.text  # s3fs absorbed 5 cuts, holefill the rest

@@ -17,6 +17,11 @@ from models.losses import (
     wgan_discriminator_loss,
     wgan_generator_loss,
 )
+from pipeline.train.recipes import LBAMOptions, RNOptions
+
+# The official weights, from the one place they are written: the recipes' typed options.
+RN_WEIGHTS = RNOptions().model_dump()
+LBAM_WEIGHTS = LBAMOptions(allow_random_vgg=True).model_dump(include={"hole", "valid", "perceptual", "style"})
 
 
 def one_hole_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +66,7 @@ def test_rn_discriminator_loss_is_half_the_sum_of_real_and_fake_bce():
 def test_rn_generator_loss_is_hole_l1_per_hole_pixel_plus_weighted_nsgan():
     pred, image, mask = one_hole_batch()
     d_fake = torch.zeros(1, 1, 2, 2)  # logit 0: probability 0.5
-    terms = rn_generator_loss(pred, image, mask, d_fake)
+    terms = rn_generator_loss(pred, image, mask, d_fake, **RN_WEIGHTS)
     # merged differs from gt only at the hole pixel, by 0.5 in each channel: 0.5 per hole pixel.
     assert terms.parts["l1"].item() == pytest.approx(0.5)
     assert terms.parts["adv"].item() == pytest.approx(math.log(2))
@@ -72,7 +77,7 @@ def test_rn_generator_loss_is_hole_l1_per_hole_pixel_plus_weighted_nsgan():
 
 def test_rn_generator_l1_only_trains_the_hole():
     pred, image, mask = one_hole_batch()
-    rn_generator_loss(pred, image, mask, torch.zeros(1, 1), gan_weight=0.0).total.backward()
+    rn_generator_loss(pred, image, mask, torch.zeros(1, 1), l1_weight=1.0, gan_weight=0.0).total.backward()
     hole = mask.expand_as(pred).bool()
     assert torch.all(pred.grad[~hole] == 0)
     assert torch.all(pred.grad[hole] > 0)  # pred above gt: descending lowers it
@@ -80,7 +85,7 @@ def test_rn_generator_l1_only_trains_the_hole():
 
 def test_rn_generator_loss_without_holes_is_finite():
     pred, image, _ = one_hole_batch()
-    terms = rn_generator_loss(pred, image, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1))
+    terms = rn_generator_loss(pred, image, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1), **RN_WEIGHTS)
     assert terms.parts["l1"].item() == 0.0
     assert math.isfinite(terms.total.item())
 
@@ -88,7 +93,7 @@ def test_rn_generator_loss_without_holes_is_finite():
 def test_rn_generator_loss_rejects_a_three_channel_mask():
     pred, image, _ = one_hole_batch()
     with pytest.raises(ValueError, match=r"mask must be \(B,1,H,W\)"):
-        rn_generator_loss(pred, image, torch.zeros(1, 3, 2, 2), torch.zeros(1, 1))
+        rn_generator_loss(pred, image, torch.zeros(1, 3, 2, 2), torch.zeros(1, 1), **RN_WEIGHTS)
 
 
 # ----------------------------------------------------------------------------------------------- LBAM
@@ -102,7 +107,7 @@ def test_gram_matrix_is_f_ft_over_chw():
 
 def test_lbam_reconstruction_terms_by_hand():
     pred, image, mask = one_hole_batch()
-    terms = LBAMReconstructionLoss(IdentityFeatures())(pred, image, mask)
+    terms = LBAMReconstructionLoss(IdentityFeatures(), **LBAM_WEIGHTS)(pred, image, mask)
     parts = {name: value.item() for name, value in terms.parts.items()}
     # L1 means over all 12 elements: hole = 3·0.5/12, valid = 9·0.5/12 (no hole-area normalisation).
     assert parts["hole"] == pytest.approx(0.125)
@@ -120,7 +125,7 @@ def test_lbam_reconstruction_is_zero_for_a_perfect_output_and_never_trains_the_v
 
     torch.manual_seed(0)
     vgg = VGG16Features(allow_random=True)
-    loss = LBAMReconstructionLoss(vgg)
+    loss = LBAMReconstructionLoss(vgg, **LBAM_WEIGHTS)
     image = torch.rand(2, 3, 16, 16)
     mask = (torch.rand(2, 1, 16, 16) > 0.7).float()
     assert loss(image.clone(), image, mask).total.item() == pytest.approx(0.0, abs=1e-7)
@@ -135,7 +140,7 @@ def test_lbam_reconstruction_is_zero_for_a_perfect_output_and_never_trains_the_v
 
 def test_lbam_reconstruction_weights_are_validated():
     with pytest.raises(ValueError, match="weight style must be >= 0"):
-        LBAMReconstructionLoss(IdentityFeatures(), style=-1.0)
+        LBAMReconstructionLoss(IdentityFeatures(), **{**LBAM_WEIGHTS, "style": -1.0})
 
 
 class QuadraticCritic(nn.Module):
@@ -168,28 +173,28 @@ def test_gradient_penalty_trains_the_critic_and_draws_alpha_per_sample():
     mask = torch.zeros(4, 1, 8, 8)
     critic = QuadraticCritic()
     torch.manual_seed(1)
-    drawn = gradient_penalty(critic, real, fake, mask)
+    drawn = gradient_penalty(critic, real, fake, mask, 10.0)
     torch.manual_seed(1)
-    explicit = gradient_penalty(critic, real, fake, mask, alpha=torch.rand(4))
+    explicit = gradient_penalty(critic, real, fake, mask, 10.0, alpha=torch.rand(4))
     assert drawn.item() == pytest.approx(explicit.item(), rel=1e-6)
     drawn.backward()
     assert critic.w.grad is not None and critic.w.grad.abs() > 0
     with pytest.raises(ValueError, match="one weight per sample"):
-        gradient_penalty(critic, real, fake, mask, alpha=torch.rand(1))
+        gradient_penalty(critic, real, fake, mask, 10.0, alpha=torch.rand(1))
 
 
 def test_fixed_wgan_terms_push_real_up_and_fake_down():
     d_real = torch.tensor([[0.9], [0.7]], requires_grad=True)
     d_fake = torch.tensor([[0.2], [0.4]], requires_grad=True)
     penalty = torch.tensor(0.25)
-    terms = wgan_discriminator_loss(d_real, d_fake, penalty)
+    terms = wgan_discriminator_loss(d_real, d_fake, penalty, "wgan-gp")
     assert terms.total.item() == pytest.approx(0.3 - 0.8 + 0.25)
     terms.total.backward()
     # Gradient descent on D raises its real scores and lowers its fake scores.
     assert torch.all(d_real.grad < 0) and torch.all(d_fake.grad > 0)
 
     g_fake = torch.tensor([[0.2], [0.4]], requires_grad=True)
-    adv = wgan_generator_loss(g_fake)
+    adv = wgan_generator_loss(g_fake, "wgan-gp")
     assert adv.item() == pytest.approx(-0.3)
     adv.backward()
     assert torch.all(g_fake.grad < 0)  # G descends towards higher critic scores on its output

@@ -8,17 +8,17 @@ import torch.nn as nn
 
 from models.lbam import LBAMDiscriminator, LBAMGenerator
 from pipeline.train.recipes import (
+    LBAMOptions,
     LBAMRecipe,
     OptimizerSettings,
+    RNOptions,
     RNRecipe,
-    build_recipe,
-    discriminator_options,
     frozen_parameters,
     gan_step,
     logs_to_floats,
-    recipe_names,
     torch_updater,
 )
+from pipeline.train.spec import build_recipe, discriminator_options, get_spec, spec_names
 from models.rn import RNDiscriminator, RNGenerator
 
 
@@ -67,7 +67,6 @@ def test_optimizer_settings_build_adam_and_validate():
     assert isinstance(optimizer, torch.optim.Adam)
     group = optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(5e-5) and group["betas"] == (0.5, 0.9) and group["weight_decay"] == 0
-    assert settings.as_dict() == {"lr": 1e-4, "betas": [0.5, 0.9], "weight_decay": 0.0}
     with pytest.raises(ValueError, match="lr must be > 0"):
         OptimizerSettings(lr=0.0, betas=(0.5, 0.9))
     with pytest.raises(ValueError, match="betas must be two values"):
@@ -78,7 +77,7 @@ def test_official_optimizer_settings():
     rn = build_recipe("rn")
     assert (rn.generator_optimizer.lr, rn.generator_optimizer.betas) == (1e-4, (0.0, 0.9))
     assert (rn.discriminator_optimizer.lr, rn.discriminator_optimizer.betas) == (1e-5, (0.0, 0.9))
-    lbam = LBAMRecipe(nn.Identity())
+    lbam = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())
     assert (lbam.generator_optimizer.lr, lbam.generator_optimizer.betas) == (1e-4, (0.5, 0.9))
     assert (lbam.discriminator_optimizer.lr, lbam.discriminator_optimizer.betas) == (1e-5, (0.0, 0.9))
 
@@ -86,29 +85,37 @@ def test_official_optimizer_settings():
 def test_rn_lr_decays_by_0_8_per_epoch_from_epoch_3():
     recipe = RNRecipe()
     assert [recipe.lr_factor(e) for e in (1, 2, 3, 4, 5)] == pytest.approx([1, 1, 0.8, 0.64, 0.512])
-    assert recipe.learning_rates(3) == pytest.approx((0.8e-4, 0.8e-5))
     with pytest.raises(ValueError, match="epochs are 1-based"):
         recipe.lr_factor(0)
 
 
 def test_lbam_has_no_lr_schedule():
-    recipe = LBAMRecipe(nn.Identity())
+    recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())
     assert [recipe.lr_factor(e) for e in (1, 2, 50, 500)] == [1.0] * 4
 
 
 def test_build_recipe_validates_names_and_options():
-    assert recipe_names() == ["lbam", "rn"]
+    assert spec_names() == ["lbam", "rn"]
     assert build_recipe("rn", gan_weight=0.0).gan_weight == 0.0
     with pytest.raises(ValueError, match="unknown recipe architecture 'gan'"):
         build_recipe("gan")
-    with pytest.raises(ValueError, match="rn recipe option style: Extra inputs are not permitted"):
+    with pytest.raises(ValueError, match="rn recipe option style: unknown key"):
         build_recipe("rn", style=1.0)
     with pytest.raises(ValueError, match="lbam recipe option adversarial"):
         build_recipe("lbam", adversarial="hinge", allow_random_vgg=True)
     with pytest.raises(ValueError, match="rn recipe option l1_weight"):
-        RNRecipe(l1_weight=-1.0)
+        build_recipe("rn", l1_weight=-1.0)
     with pytest.raises(ValueError, match="needs torchvision-format weights"):
         build_recipe("lbam")  # no VGG weights and random features not allowed
+
+
+def test_the_recipe_receives_its_typed_options_as_they_are():
+    options = RNOptions(gan_weight=0.0)
+    assert RNRecipe(options).options is options
+    spec = get_spec("lbam")
+    lbam_options = LBAMOptions(allow_random_vgg=True, style=60.0)
+    assert spec.build_recipe(lbam_options).options is lbam_options
+    assert spec.options is LBAMOptions and get_spec("rn").discriminator_options == {"use_sigmoid": False}
 
 
 def test_build_recipe_lbam_builds_its_vgg_from_options():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError
 from pipeline.train.config import load_train_config
@@ -37,7 +38,7 @@ def test_official_gpu_configs_keep_the_papers_global_batch():
         (["scaling.num_workers=0"], "scaling.num_workers"),
         (["model.options.vgg_wieghts=x.pth"], "model.options.vgg_wieghts"),
         (["model.options.allow_random_vgg=false"], "model.options.vgg_weights"),
-        (["fault_injection.rank=5", "fault_injection.at_step=1"], "fault_injection.rank"),
+        (["model.arch=gan"], "model.arch"),
         (["train.ckpt_every=100"], "train.ckpt_every"),
         (["run.name=has space"], "run.name"),
         (["mlflow.unknown=1"], "mlflow.unknown"),
@@ -71,7 +72,7 @@ def test_rn_accepts_small_crops_that_lbam_refuses():
 def test_deepspeed_config_per_engine_carries_batch_accumulation_clipping_and_precision():
     config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", [
         "deepspeed.gradient_accumulation_steps=3", "deepspeed.gradient_clipping=1.5", "deepspeed.precision=bf16",
-        "deepspeed.zero_stage=2",
+        "deepspeed.zero_stage=2", "scaling.use_gpu=true",
     ])
     ds = deepspeed_config(config.deepspeed, micro_batch_size=2, world_size=4)
     assert ds["train_batch_size"] == 2 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 2
@@ -94,8 +95,32 @@ def test_deepspeed_config_turns_off_every_per_step_sync_it_can():
 
 def test_rn_generator_options_reach_the_constructor_check():
     config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["model.generator_options.per_sample_stats=true"])
-    assert config.model.generator_options == {"per_sample_stats": True}
+    assert config.model.generator_options.per_sample_stats is True
     assert config.model.init_weights is None
+    with pytest.raises(ConfigError, match="model.generator_options.residual_blocks"):
+        load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["model.generator_options.residual_blocks=many"])
+
+
+def test_model_is_a_union_on_arch_whose_typed_options_carry_every_default():
+    from pipeline.train.recipes import LBAMOptions, RNOptions
+
+    rn = load_train_config(CONFIGS / "train_rn.yaml").model
+    lbam = load_train_config(CONFIGS / "train_lbam_cpu_tiny.yaml", ["model.options.style=60"]).model
+    assert rn.options == RNOptions(l1_weight=1.0, gan_weight=0.1)
+    assert isinstance(lbam.options, LBAMOptions) and lbam.options.style == 60.0 and lbam.options.hole == 6.0
+    with pytest.raises(ConfigError, match="model.options.style: unknown key"):  # LBAM's option, not RN's
+        load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["model.options.style=60"])
+
+
+def test_a_config_object_is_valid_by_construction_and_derives_without_strings():
+    from pipeline.config import derive
+
+    config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", updates={"train": {"max_steps": 8}})
+    assert config.train.max_steps == 8
+    longer = derive(config, {"train": {"max_steps": 20}, "model": {"init_weights": "/w/g.pt"}})
+    assert (longer.train.max_steps, longer.model.init_weights, config.train.max_steps) == (20, "/w/g.pt", 8)
+    with pytest.raises(ConfigError, match="train.ckpt_every"):  # cross-section rules hold for derived configs too
+        derive(config, {"train": {"max_steps": 1}})
 
 
 def test_cpu_workers_get_one_malloc_arena_unless_the_user_sets_it_and_gpu_workers_are_left_alone():
@@ -124,3 +149,43 @@ def test_cpu_workers_never_build_deepspeeds_shared_memory_op():
 
     skip_cpu_shm_op()
     assert build_shm_op() is None
+
+
+def _cpu(native: bool):
+    from pipeline.cpu_precision import CpuBf16Support
+
+    return lambda: CpuBf16Support(capability="AVX512" if native else "AVX2", native=native)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_naming_the_key_and_the_fixes(monkeypatch):
+    monkeypatch.setattr("pipeline.cpu_precision.cpu_bf16_support", _cpu(native=False))
+    with pytest.raises(ConfigError) as refused:
+        load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.precision=bf16"])
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("config key deepspeed.precision:")
+    assert "AVX2" in message and "240x" in message and "deepspeed.precision=fp32" in message
+    assert "deepspeed.allow_slow_cpu_bf16=true" in message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["deepspeed.allow_slow_cpu_bf16=true"],  # the user's explicit choice
+    ["scaling.use_gpu=true"],  # GPU workers compute bf16 on the GPU
+])
+def test_bf16_on_such_a_cpu_runs_when_overridden_or_on_gpu_workers(monkeypatch, overrides):
+    monkeypatch.setattr("pipeline.cpu_precision.cpu_bf16_support", _cpu(native=False))
+    config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.precision=bf16", *overrides])
+    assert config.deepspeed.precision == "bf16"
+
+
+def test_bf16_on_a_cpu_with_native_bf16_needs_no_override(monkeypatch):
+    monkeypatch.setattr("pipeline.cpu_precision.cpu_bf16_support", _cpu(native=True))
+    assert load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.precision=bf16"]).deepspeed.precision == "bf16"
+
+
+def test_this_machines_bf16_support_is_read_from_atens_dispatch_and_the_cpu_flags():
+    from pipeline.cpu_precision import cpu_bf16_support
+
+    support = cpu_bf16_support()
+    assert support.capability == torch.backends.cpu.get_cpu_capability()
+    if not support.capability.startswith("AVX512"):  # e.g. ATEN_CPU_CAPABILITY=avx2, or an AVX2-only CPU
+        assert support.native is False

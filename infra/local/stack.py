@@ -49,7 +49,7 @@ from infra.local.ray_node import (  # noqa: E402
     start_ray_node,
     stop_ray_node,
 )
-from pipeline.config import Config  # noqa: E402
+from pipeline.config import Config, first_error  # noqa: E402
 
 __all__ = ["LocalStack", "ServiceStatus", "StackStatus", "main"]
 
@@ -350,8 +350,8 @@ def _parse_args(argv: Sequence[str] | None) -> _CliArgs:
     try:
         return _CliArgs.model_validate(vars(parser.parse_args(argv)))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        parser.error(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}")
+        key, msg = first_error(exc, _CliArgs)
+        parser.error(f"--{key.replace('.', '-').replace('_', '-')}: {msg}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,8 +30,9 @@ import io
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from pipeline.fsutil import StorageOptionsLike, open_url
+from pipeline.fsutil import ReadRetry, StorageOptionsLike, TransientReadError, is_transient, open_url
 from pipeline.data.imageops import decode_mask_png
+from pipeline.data.tario import tar_members
 
 __all__ = [
     "MEMBER_WHITELIST",
@@ -51,7 +53,9 @@ __all__ = [
     "make_eval_loader",
     "make_train_loader",
     "random_crop_flip",
+    "ShardRef",
     "resolve_shard_urls",
+    "resolve_shards",
     "tar_members",
     "to_float",
 ]
@@ -60,6 +64,9 @@ log = logging.getLogger(__name__)
 
 # The only tar members a loader reads. Extensions are everything after the key's first dot, lowercased.
 MEMBER_WHITELIST: frozenset[str] = frozenset({"jpg", "mask.png", "json"})
+
+Verify = Literal["none", "size", "sha256"]
+_DRAIN_CHUNK = 1 << 20
 
 # A resampled stream that keeps drawing shards with no usable sample would spin forever; give up after
 # this many shards in a row (times the number of distinct shards) produced nothing.
@@ -71,24 +78,41 @@ _EMPTY_SHARD_PATIENCE = 3
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_shard_urls(shards: str | Sequence[str], storage_options: StorageOptionsLike = None) -> list[str]:
-    """The shard URLs to read: a list as given, a brace pattern / single ``.tar``, or a manifest URL.
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard to read: its URL and, when it comes from a manifest, the size and sha256 it must have."""
+
+    url: str
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+def resolve_shards(shards: str | Sequence[str], storage_options: StorageOptionsLike = None) -> list[ShardRef]:
+    """The shards to read: a list as given, a brace pattern / single ``.tar``, or a manifest URL.
 
     A string ending in ``.tar`` (optionally with ``{000..009}`` braces) names shards directly; any
-    other string is a manifest file or dataset folder read with ``pipeline.data.manifest.load_manifest``.
+    other string is a manifest file or dataset folder read with ``pipeline.data.manifest.load_manifest``,
+    and its shards carry the size and sha256 the manifest records, which the loaders verify as they read.
     """
     if isinstance(shards, str):
         if shards.endswith(".tar"):
-            urls = list(wds.shardlists.expand_urls(shards))
+            refs = [ShardRef(url) for url in wds.shardlists.expand_urls(shards)]
         else:
             from pipeline.data.manifest import load_manifest  # deferred: manifests pull in pydantic schemas
 
-            urls = load_manifest(shards, storage_options).shard_urls()
+            manifest = load_manifest(shards, storage_options)
+            refs = [ShardRef(url, entry.bytes, entry.sha256)
+                    for entry, url in zip(manifest.shards, manifest.shard_urls())]
     else:
-        urls = [str(u) for u in shards]
-    if not urls:
+        refs = [ref if isinstance(ref, ShardRef) else ShardRef(str(ref)) for ref in shards]
+    if not refs:
         raise ValueError("shard list is empty: a loader needs at least one shard")
-    return urls
+    return refs
+
+
+def resolve_shard_urls(shards: str | Sequence[str], storage_options: StorageOptionsLike = None) -> list[str]:
+    """The URLs of :func:`resolve_shards`."""
+    return [ref.url for ref in resolve_shards(shards, storage_options)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,132 +125,88 @@ def _is_whitelisted(fname: str) -> bool:
     return suffix is not None and suffix.lower() in MEMBER_WHITELIST
 
 
-_TAR_BLOCK = 512
-_TAR_REGULAR_TYPES = frozenset((b"0", b"\0", b"7"))  # regular file, pre-POSIX regular file, contiguous file
-_TAR_TYPES_WITHOUT_DATA = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))  # links, devices, directories, FIFOs
-_TAR_SKIP_CHUNK = 1 << 20
+class _CountingStream:
+    """Read-through wrapper counting (and optionally hashing) the bytes of a shard as the loader reads them.
 
-
-def _tar_number(field: bytes) -> int:
-    """A numeric header field: NUL/space-terminated octal, or GNU base-256 when the top bit is set."""
-    if field[:1] in (b"\x80", b"\xff"):
-        value = int.from_bytes(field[1:], "big")
-        return value - (1 << (8 * (len(field) - 1))) if field[:1] == b"\xff" else value
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise ValueError(f"tar header has a non-octal number field {field!r}") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """The ``key=value`` records of a pax extended header (``"%d %s=%s\\n"`` each)."""
-    records, pos = {}, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-def _read_exactly(stream: Any, size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise ValueError(f"tar stream ends inside a member ({len(data)} of {size} bytes)")
-    return data
-
-
-def _skip(stream: Any, size: int) -> None:
-    """Move past ``size`` bytes: a seek where the stream can, reads (discarded) where it cannot."""
-    if size <= 0:
-        return
-    try:
-        seekable = stream.seekable()
-    except (AttributeError, OSError):
-        seekable = False
-    if seekable:
-        stream.seek(size, io.SEEK_CUR)
-        return
-    while size > 0:
-        size -= len(_read_exactly(stream, min(size, _TAR_SKIP_CHUNK)))
-
-
-def tar_members(stream: Any, select: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of every regular file in a tar stream whose name passes ``select``, in order.
-
-    Reads ustar, GNU (long names) and pax (long or non-ASCII names, large sizes) archives, e.g. those of
-    ``tarfile``, GNU tar and ``webdataset.TarWriter``. Directories, links, devices and members that
-    ``select`` rejects are skipped without being read into memory. A header with a bad checksum or a
-    stream that ends inside a member raises ``ValueError``.
-
-    This replaces ``tarfile``'s stream reader on the loader's hot path: parsing a header there costs
-    more than decoding a mask, and a sample is three members.
+    Hashing needs every byte, so a hashing stream does not seek: members the loader skips are read and dropped.
     """
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        header = stream.read(_TAR_BLOCK)
-        if not header or header.count(0) == _TAR_BLOCK:
-            return  # end of archive (a zero block) or a stream with no end blocks at all
-        if len(header) != _TAR_BLOCK:
-            raise ValueError(f"tar stream ends inside a header ({len(header)} bytes)")
-        stored = _tar_number(header[148:156])
-        # The checksum treats its own field as spaces; some old writers summed the bytes as signed.
-        unsigned = sum(header) - sum(header[148:156]) + 8 * ord(" ")
-        if stored != unsigned and stored != unsigned - 256 * sum(1 for b in header if b > 127):
-            raise ValueError("tar header checksum mismatch: not a tar archive, or a corrupt one")
-        kind = header[156:157]
-        size = _tar_number(header[124:136])
-        if kind == b"x" or kind == b"g":
-            records = _pax_records(_read_exactly(stream, size))
-            _skip(stream, -size % _TAR_BLOCK)
-            if kind == b"x":
-                pax = records
-            continue
-        if kind == b"L":
-            long_name = _read_exactly(stream, size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            _skip(stream, -size % _TAR_BLOCK)
-            continue
-        if "size" in pax:
-            size = int(pax["size"])
-        name = pax.get("path") or long_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
-            if prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        long_name, pax = None, {}
-        if kind == b"\0" and name.endswith("/"):
-            continue  # a pre-POSIX directory entry: no data blocks
-        if kind in _TAR_REGULAR_TYPES and select(name):
-            data = _read_exactly(stream, size)
-            _skip(stream, -size % _TAR_BLOCK)
-            yield name, data
-        elif kind not in _TAR_TYPES_WITHOUT_DATA:
-            _skip(stream, size + (-size % _TAR_BLOCK))  # unselected files, and unknown kinds as tarfile does
+
+    def __init__(self, stream: Any, hashing: bool) -> None:
+        self._stream = stream
+        self._digest = hashlib.sha256() if hashing else None
+        self._counted = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._counted += len(data)
+        if self._digest is not None:
+            self._digest.update(data)
+        return data
+
+    def seekable(self) -> bool:
+        return self._digest is None and self._stream.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._counted = self._stream.seek(offset, whence)
+        return self._counted
+
+    def check(self, ref: ShardRef) -> None:
+        """Read to the end; ``ValueError`` naming the shard when its size or sha256 is not the manifest's."""
+        while self.read(_DRAIN_CHUNK):
+            pass
+        size = self._counted
+        if ref.bytes is not None and size != ref.bytes:
+            raise ValueError(f"shard {ref.url} is {size} bytes, its manifest says {ref.bytes}: not the published shard")
+        if self._digest is not None and ref.sha256 is not None and self._digest.hexdigest() != ref.sha256:
+            raise ValueError(f"shard {ref.url}: sha256 differs from its manifest: not the published shard")
 
 
-def _read_shard(url: str, storage_options: StorageOptionsLike, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+def _read_shard(ref: ShardRef, storage_options: StorageOptionsLike, handler: Callable[[Exception], bool],
+                retry: ReadRetry, verify: Verify) -> Iterator[dict]:
     """Raw samples of one shard (whitelisted members only, as bytes), grouped by key.
 
-    A shard that turns out corrupt part way yields its samples up to the damage, then ``handler``
-    decides: ``True`` skips the rest of the shard, ``False`` (or raising) stops the loader.
+    A read that fails transiently (:func:`pipeline.fsutil.is_transient`: throttling, 5xx, resets, timeouts) is
+    retried with backoff and jitter, each retry logged as a warning, and resumes after the members already
+    yielded (no sample twice). A shard that is corrupt part way, or does not match its manifest (``verify``), or
+    whose retries ran out, yields its samples up to there, then ``handler`` decides: ``True`` skips the rest of
+    the shard, ``False`` (or raising) stops the loader. Errors name the shard.
     """
-    with open_url(url, "rb", storage_options) as stream:
 
-        def members() -> Iterator[dict]:
+    def members() -> Iterator[dict]:
+        yielded, attempt = 0, 1
+        while True:
             try:
-                for name, data in tar_members(stream, _is_whitelisted):
-                    yield {"fname": name, "data": data, "__url__": url}
-            except (ValueError, OSError, EOFError) as exc:
-                exc.args = (f"{url}: {exc}",)
+                with open_url(ref.url, "rb", storage_options) as raw:
+                    stream = _CountingStream(raw, hashing=verify == "sha256")
+                    seen = 0
+                    for name, data in tar_members(stream, _is_whitelisted):
+                        seen += 1
+                        if seen <= yielded:
+                            continue  # read again after a retry: already yielded
+                        yielded += 1
+                        yield {"fname": name, "data": data, "__url__": ref.url}
+                    if verify != "none":
+                        stream.check(ref)
+                return
+            except Exception as exc:
+                if is_transient(exc) and attempt < retry.attempts:
+                    delay = retry.delay(attempt)
+                    log.warning("shard %s: read failed (%s: %s); retry %d/%d in %.1f s, resuming after %d members",
+                                ref.url, type(exc).__name__, (str(exc).splitlines() or [""])[0][:200], attempt,
+                                retry.attempts - 1, delay, yielded)
+                    attempt += 1
+                    time.sleep(delay)
+                    continue
+                if is_transient(exc):
+                    exc = TransientReadError(ref.url, exc, attempt)
+                elif ref.url not in str(exc):
+                    exc.args = (f"{ref.url}: {exc}",)
                 if not handler(exc):
-                    raise
+                    raise exc
+                return
 
-        # Grouping per shard: a key can never merge with a same-named key of the next shard.
-        yield from group_by_keys(members(), handler=handler)
+    # Grouping per shard: a key can never merge with a same-named key of the next shard.
+    yield from group_by_keys(members(), handler=handler)
 
 
 def _decode_rgb(data: bytes) -> np.ndarray:
@@ -343,21 +323,24 @@ def _reraise(exn: Exception) -> bool:
 class _ResampledSamples:
     """Endless raw samples: shards drawn with replacement, seeded by (seed, rank, worker, epoch)."""
 
-    urls: list[str]
+    shards: list[ShardRef]
     seeds: _StreamSeed
     storage_options: StorageOptionsLike
+    retry: ReadRetry
+    verify: Verify
 
     def __call__(self) -> Iterator[dict]:
         rng = random.Random(self.seeds.derive("shards"))
         empty_streak = 0
         while True:
-            url = rng.choice(self.urls)
+            ref = rng.choice(self.shards)
+            url = ref.url
             produced = 0
-            for sample in _read_shard(url, self.storage_options, _warn_and_continue):
+            for sample in _read_shard(ref, self.storage_options, _warn_and_continue, self.retry, self.verify):
                 produced += 1
                 yield sample
             empty_streak = 0 if produced else empty_streak + 1
-            if empty_streak > _EMPTY_SHARD_PATIENCE * len(self.urls):
+            if empty_streak > _EMPTY_SHARD_PATIENCE * len(self.shards):
                 raise RuntimeError(f"{empty_streak} shards in a row held no samples (last: {url})")
 
 
@@ -466,6 +449,8 @@ def make_train_loader(
     shuffle_buffer: int = 500,
     uint8: bool = False,
     pin_memory: bool = False,
+    read_retry: ReadRetry | None = None,
+    verify: Verify = "size",
 ) -> TrainLoader:
     """Endless-source training loader giving exactly ``batches_per_epoch`` batches on every rank.
 
@@ -475,6 +460,10 @@ def make_train_loader(
     (ranks differ through ``rank``, not by splitting the shard list). ``uint8=True`` yields the batches
     before :func:`to_float` (uint8 image (B,3,S,S), mask (B,S,S) 0|255), for conversion on the GPU;
     ``pin_memory`` pins them in page-locked memory so a ``non_blocking`` copy is truly asynchronous.
+
+    Shard reads that fail transiently are retried (``read_retry``, logged); a shard that stays unreadable, is
+    corrupt, or does not match its manifest (``verify``: ``size``, ``sha256`` or ``none``) is skipped with a
+    warning naming it, and another is drawn: a multi-day run is not killed by one bad object.
     """
     for name, value in (("batch_size", batch_size), ("crop_size", crop_size), ("batches_per_epoch", batches_per_epoch)):
         if value <= 0:
@@ -483,9 +472,9 @@ def make_train_loader(
         raise ValueError("num_workers and shuffle_buffer must be >= 0")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    urls = resolve_shard_urls(shards, storage_options)
+    refs = resolve_shards(shards, storage_options)
     seeds = _StreamSeed(seed=seed, rank=rank)
-    stages: list[Any] = [_ResampledSamples(urls, seeds, storage_options)]
+    stages: list[Any] = [_ResampledSamples(refs, seeds, storage_options, read_retry or ReadRetry(), verify)]
     if shuffle_buffer > 1:
         stages.append(wds.pipelinefilter(_shuffled)(shuffle_buffer, seeds))
     stages += [
@@ -513,16 +502,18 @@ def make_train_loader(
 class _ExactSamples:
     """Every sample of this rank's and worker's slice of the shard list, once, in shard order."""
 
-    urls: list[str]
+    shards: list[ShardRef]
     rank: int
     world_size: int
     crop_size: int | None
     storage_options: StorageOptionsLike
+    retry: ReadRetry
+    verify: Verify
 
     def __call__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         worker, num_workers = _worker()
-        for url in self.urls[self.rank :: self.world_size][worker::num_workers]:
-            for raw in _read_shard(url, self.storage_options, _reraise):
+        for ref in self.shards[self.rank :: self.world_size][worker::num_workers]:
+            for raw in _read_shard(ref, self.storage_options, _reraise, self.retry, self.verify):
                 sample = decode_sample(raw)
                 image, mask = sample.image, sample.mask
                 if self.crop_size is not None:
@@ -562,6 +553,8 @@ def make_eval_loader(
     num_workers: int = 0,
     crop_size: int | None = 256,
     storage_options: StorageOptionsLike = None,
+    read_retry: ReadRetry | None = None,
+    verify: Verify = "size",
 ) -> EvalLoader:
     """Loader that reads each eval sample exactly once across ``world_size`` ranks and their workers.
 
@@ -569,6 +562,10 @@ def make_eval_loader(
     fewer shards than ``world_size * num_workers`` some readers get none (still exact). ``crop_size``
     centre-crops image and mask (``None`` keeps the stored size, which must then be uniform).
     ``hole_ratio`` is measured on the mask as yielded, so buckets match what the metrics see.
+
+    Shard reads that fail transiently are retried (``read_retry``, logged, resuming after the samples already
+    read); a shard that stays unreadable, is corrupt, or does not match its manifest (``verify``) stops the
+    pass with an error naming it: an evaluation never silently misses samples.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -578,9 +575,9 @@ def make_eval_loader(
         raise ValueError(f"crop_size must be > 0 or None, got {crop_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    urls = resolve_shard_urls(shards, storage_options)
+    refs = resolve_shards(shards, storage_options)
     pipeline = wds.DataPipeline(
-        _ExactSamples(urls, rank, world_size, crop_size, storage_options),
+        _ExactSamples(refs, rank, world_size, crop_size, storage_options, read_retry or ReadRetry(), verify),
         wds.batched(batch_size, collation_fn=_collate_eval, partial=True),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.buckets import BUCKET_NAMES, HOLE_RATIO_BUCKETS, bucket_of
+from pipeline.config import first_error
 from pipeline.fsutil import (
     StorageOptionsLike,
     join_url,
@@ -277,9 +278,8 @@ def load_manifest(url: str, storage_options: StorageOptionsLike = None) -> Manif
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
-        raise ManifestError(f"manifest {location}: {where}: {err.get('msg')}") from None
+        where, msg = first_error(exc, Manifest)
+        raise ManifestError(f"manifest {location}: {where}: {msg}") from None
     return manifest.with_location(location)
 
 

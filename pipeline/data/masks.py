@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import Config, deep_merge
+from pipeline.config import Config, deep_merge, first_error
 
 __all__ = [
     "BoxParams",
@@ -349,9 +349,7 @@ class MaskGenerator:
         try:
             return self.params_type.model_validate(merged)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
-            msg = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+            key, msg = first_error(exc, self.params_type)
             raise ValueError(f"mask generator {self.name!r} param {key}: {msg}") from None
 
 

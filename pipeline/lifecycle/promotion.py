@@ -1,6 +1,6 @@
 """The model registry's lifecycle: ``champion`` / ``previous_champion`` aliases and the promotion gate.
 
-Rules (DESIGN.md, data flow 7):
+Rules:
 
 * Aliases only, never stages. ``champion`` is what inference and fine-tuning load; ``previous_champion``
   is where the alias was before the last promotion (one-step rollback: move ``champion`` back to it).

@@ -1,4 +1,4 @@
-"""Incremental retraining (DESIGN.md data flow 8): new images -> new data version -> fine-tune -> gate.
+"""Incremental retraining: new images -> new data version -> fine-tune the champion -> gate -> maybe promote.
 
 One run of :func:`run_retraining`, safe from cron or a KubeRay RayCronJob:
 
@@ -7,8 +7,9 @@ One run of :func:`run_retraining`, safe from cron or a KubeRay RayCronJob:
    process on this host, is broken with a warning);
 2. finds the latest data version (``<data_root>/LATEST.json``, else ``base_manifest``) and the source items
    its watermark has not ingested; with fewer than ``min_new_items`` it stops right there ("nothing new");
-3. shards only the new items into ``<data_root>/v<N>/`` as a child manifest listing old + new shards
-   (the shard job is resumable, so a crashed run re-uses what it wrote);
+3. validates the training config of the run (once: the YAML, its overrides and what retraining sets, as
+   objects), then shards only the new items into ``<data_root>/v<N>/`` as a child manifest listing old + new
+   shards (the shard job is resumable, so a crashed run re-uses what it wrote);
 4. fine-tunes from the current ``champion`` (read from the registry now, so a hand-moved alias is honoured)
    on the new version, registers the result (alias ``challenger``), evaluates it against the champion on the
    pinned eval set and moves ``champion`` only if the gate passes;
@@ -28,14 +29,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Literal, Mapping
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
-from pipeline.paths import LocalPath, OutputPathStr, PathStr
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, derive, first_error
+from pipeline.data.sharding import ShardJobConfig
+from pipeline.data.sources import SourceSpec
 from pipeline.evaluation.evaluate import EvaluationSettings
 from pipeline.fsutil import StorageOptions, is_remote, join_url, publish_bytes, url_to_fs
 from pipeline.lifecycle.promotion import CHALLENGER, GateConfig
-from pipeline.data.sources import SourceSpec
+from pipeline.paths import LocalPath, OutputPathStr, PathStr
+from pipeline.train.config import TrainJobConfig, load_train_config
 
 __all__ = ["LockHeld", "RetrainJobConfig", "RetrainLock", "RetrainOutcome", "run_retraining"]
 
@@ -51,13 +54,23 @@ class LockSettings(Config):
     stale_after_s: float = Field(default=6 * 3600, gt=0)
 
 
+# What retraining sets itself for each data version; every other shard-job setting is the ``shard`` section.
+_SET_PER_VERSION = ("source", "out", "dataset_version", "parent", "storage_options")
+ShardSettings = create_model(
+    "ShardSettings",
+    __base__=Config,
+    __doc__="The shard job's settings for each new data version (those of ShardJobConfig that retraining does not set).",
+    **{name: (info.annotation, info) for name, info in ShardJobConfig.model_fields.items() if name not in _SET_PER_VERSION},
+)
+
+
 class RetrainJobConfig(Config):
     """``jobs/retrain.py`` (see ``jobs/configs/retrain.yaml``)."""
 
     source: SourceSpec
     data_root: OutputPathStr = Field(min_length=1, description="folder of the data versions v0001, v0002, ... and LATEST.json")
     base_manifest: Annotated[str | None, LocalPath()] = Field(None, description="version to extend when data_root has no LATEST.json yet")
-    shard: dict[str, Any] = Field(default_factory=dict, description="extra ShardJobConfig keys (samples_per_shard, masks, seed, ...)")
+    shard: ShardSettings = Field(default_factory=ShardSettings, description="shard job settings (samples_per_shard, masks, seed, ...)")
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
     min_new_items: int = Field(default=1, ge=1)
     train_config: PathStr = Field(min_length=1, description="training YAML (jobs/configs/train_*.yaml)")
@@ -253,7 +266,7 @@ def export_champion_weights(tracking_uri: str, name: str, version: str, url: str
 
 
 def run_retraining(config: RetrainJobConfig, env: Mapping[str, str] | None = None,
-                   train_fn: Callable[[Any], Any] | None = None) -> RetrainOutcome:
+                   train_fn: Callable[[TrainJobConfig], Any] | None = None) -> RetrainOutcome:
     """One retrain run (see the module docstring). ``train_fn`` defaults to ``train_and_register``."""
     from mlflow import MlflowClient
 
@@ -280,19 +293,43 @@ def _previous_version(config: RetrainJobConfig) -> tuple[int, str | None]:
     return 0, config.base_manifest
 
 
+def _shard_config(config: RetrainJobConfig, out: str, number: int, previous: Any) -> ShardJobConfig:
+    """The shard job of data version ``number``: the ``shard`` settings plus what retraining sets."""
+    try:
+        return ShardJobConfig.model_validate({
+            **config.shard.model_dump(exclude_unset=True), "source": config.source, "out": out,
+            "dataset_version": f"{number}", "parent": previous.location if previous is not None else None,
+            "storage_options": config.storage_options,
+        })
+    except ValidationError as exc:  # only rules across settings remain: each one was checked on its own
+        key, message = first_error(exc, ShardJobConfig)
+        raise ConfigError.at("shard" if key == "<root>" else f"shard.{key}", message) from None
+
+
+def _train_config(config: RetrainJobConfig, tracking_uri: str, manifest_url: str, number: int) -> TrainJobConfig:
+    """The training config of the run on data version ``number``: the YAML and its overrides, then what retraining
+    sets, validated once (before any sharding)."""
+    train = load_train_config(config.train_config, config.train_overrides, updates={
+        "data": {"train_manifest": manifest_url, "eval_manifest": config.eval_manifest},
+        "mlflow": {"registered_model": config.registered_model, "tracking_uri": tracking_uri},
+        "run": {"name": f"retrain-{config.registered_model}-data-v{number}"},
+    })
+    if not train.mlflow.enabled:
+        raise ConfigError.at("train_overrides", "retraining registers a challenger, so mlflow.enabled must be true")
+    return train
+
+
 def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
-    from pipeline.lifecycle.evaluations import RegistryEvaluator
     from pipeline.data.manifest import load_manifest, manifest_url_for
-    from pipeline.lifecycle.promotion import promote
-    from pipeline.data.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.sharding import run_shard_job
     from pipeline.data.sources import list_source, new_items
-    from pipeline.train.config import load_train_config
+    from pipeline.lifecycle.evaluations import RegistryEvaluator
+    from pipeline.lifecycle.promotion import promote
 
     previous_number, previous_url = _previous_version(config)
     previous = load_manifest(previous_url, config.storage_options) if previous_url else None
-    by = config.shard.get("incremental_by", "keys")
     listing = list_source(config.source, config.storage_options)
-    fresh = new_items(listing.items, previous, config.storage_options, by=by)
+    fresh = new_items(listing.items, previous, config.storage_options, by=config.shard.incremental_by)
     if len(fresh) < config.min_new_items:
         message = (f"nothing new: {len(fresh)} new of {len(listing.items)} source items since "
                    f"{previous_url or 'the start'} (min_new_items={config.min_new_items})")
@@ -301,29 +338,8 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
 
     number = previous_number + 1
     out = version_folder(config.data_root, number)
-    try:
-        shard_config = ShardJobConfig.model_validate({
-            **config.shard, "source": config.source.model_dump(), "out": out, "dataset_version": f"{number}",
-            "parent": previous.location if previous is not None else None,
-            "storage_options": config.storage_options,
-        })
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        raise ConfigError(f"config key shard.{where}: {message}") from None
-
-    overrides = [
-        *config.train_overrides,
-        f"data.train_manifest={json.dumps(manifest_url_for(out))}",
-        f"data.eval_manifest={json.dumps(config.eval_manifest)}",
-        f"mlflow.registered_model={json.dumps(config.registered_model)}",
-        f"mlflow.tracking_uri={json.dumps(tracking_uri)}",
-        f"run.name={json.dumps(f'retrain-{config.registered_model}-data-v{number}')}",
-    ]
-    # Validate the training config before spending time on sharding.
-    if not load_train_config(config.train_config, overrides).mlflow.enabled:
-        raise ConfigError("config key train_overrides: retraining registers a challenger, so mlflow.enabled must be true")
+    shard_config = _shard_config(config, out, number, previous)
+    train_config = _train_config(config, tracking_uri, manifest_url_for(out), number)
 
     # The eval set and the metric weights are read now: a missing weights file stops the run before sharding.
     evaluator = RegistryEvaluator(tracking_uri, config.eval_manifest, config.evaluation)
@@ -333,11 +349,10 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     if champion is not None:
         init_url = export_champion_weights(tracking_uri, config.registered_model, champion,
                                            join_url(out, "init", f"champion-v{champion}.pt"), config.storage_options)
-        overrides.append(f"model.init_weights={json.dumps(init_url)}")
+        train_config = derive(train_config, {"model": {"init_weights": init_url}})
         log.info("fine-tuning from champion version %s", champion)
     else:
         log.info("no champion yet: training from scratch")
-    train_config = load_train_config(config.train_config, overrides)
     if train_fn is None:
         from pipeline.lifecycle.training import train_and_register as train_fn
     result = train_fn(train_config)

@@ -8,17 +8,20 @@ generator; this stage logs it as an MLflow model of the run and registers it und
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import os
+from typing import Callable, Sequence
 
 import torch
 
-from models.registry import get_architecture
 from pipeline.config import ConfigError
+from pipeline.jobcli import run_job
 from pipeline.lifecycle.packaging import log_and_register_generator
 from pipeline.train.config import TrainJobConfig
 from pipeline.train.launch import TrainingResult, run_training
+from pipeline.train.loop import StepCallback
+from pipeline.train.spec import get_spec
 
-__all__ = ["register_generator", "train_and_register", "training_job"]
+__all__ = ["register_generator", "train_and_register", "training_job", "training_main"]
 
 log = logging.getLogger("holefill.train")
 
@@ -35,20 +38,21 @@ def _example_inputs(config: TrainJobConfig) -> tuple[torch.Tensor, torch.Tensor]
 def register_generator(config: TrainJobConfig, tracking_uri: str, run_id: str, generator_state: dict,
                        tags: dict[str, str]) -> str:
     """Log the trained generator to run ``run_id`` and register it; returns the new version number."""
-    generator = get_architecture(config.model.arch).generator(**config.model.generator_options)
+    generator = get_spec(config.model.arch).build_generator(config.model.generator_options)
     generator.load_state_dict(generator_state)
     image, mask = _example_inputs(config)
     version = log_and_register_generator(
         tracking_uri, run_id, generator.eval(), image, mask, config.registered_model, tags, arch=config.model.arch,
-        generator_kwargs=config.model.generator_options,
+        generator_kwargs=config.model.generator_options.model_dump(mode="json", exclude_defaults=True),
     )
     log.info("registered %s version %s", config.registered_model, version.version)
     return str(version.version)
 
 
-def train_and_register(config: TrainJobConfig) -> TrainingResult:
-    """Train on Ray Train + DeepSpeed and register the final generator in MLflow (when MLflow is on)."""
-    return run_training(config, register=register_generator)
+def train_and_register(config: TrainJobConfig, step_callbacks: Sequence[StepCallback] = ()) -> TrainingResult:
+    """Train on Ray Train + DeepSpeed and register the final generator in MLflow (when MLflow is on);
+    ``step_callbacks``: see :func:`~pipeline.train.launch.run_training`."""
+    return run_training(config, register=register_generator, step_callbacks=step_callbacks)
 
 
 def training_job(arch: str) -> Callable[[TrainJobConfig], int]:
@@ -63,3 +67,8 @@ def training_job(arch: str) -> Callable[[TrainJobConfig], int]:
         return 0
 
     return train
+
+
+def training_main(arch: str, doc: str | None, argv: Sequence[str] | None, default_config: str | os.PathLike) -> int:
+    """All of ``jobs/train_<arch>.py``: parse ``--config``/``--set``, train ``arch``, register; the exit status."""
+    return run_job(f"train_{arch}", doc, TrainJobConfig, training_job(arch), argv, default_config=str(default_config))

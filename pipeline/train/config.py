@@ -1,28 +1,33 @@
 """The training job's typed configuration, validated before any Ray resource is requested.
 
-A :class:`TrainJobConfig` is built from YAML plus ``--set`` overrides by :func:`load_train_config`, which
-also runs :func:`check_train_config`: the cross-section rules (GPU-only precisions, LBAM's fixed 256²
-discriminator input, ZeRO stages DeepSpeed can run here) that no single field can check on its own.
-Every problem is a :class:`~pipeline.config.ConfigError` whose one-line message names the key.
+A :class:`TrainJobConfig` is built from YAML plus ``--set`` overrides by :func:`load_train_config` (or by
+the job CLI); validating it also runs :func:`check_train_config`: the cross-section rules (GPU-only
+precisions, LBAM's fixed 256² discriminator input, ZeRO stages DeepSpeed can run here) that no single field
+can check on its own. ``model`` is a union discriminated on ``arch``: each registered architecture spec brings
+its own typed ``options`` and ``generator_options``. Every problem is a
+:class:`~pipeline.config.ConfigError` whose one-line message names the key.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
+import pipeline.train.architectures  # noqa: F401  (registers the specs the ``model`` union is built from)
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.fsutil import StorageOptions
 from pipeline.paths import LocalPath, OutputPathStr, PathStr, resolve_config_paths
+from pipeline.train.spec import ArchitectureSpec, get_spec, specs
 
 __all__ = [
     "DataSection",
     "DeepSpeedSection",
-    "FaultInjection",
     "MlflowSection",
     "ModelSection",
+    "ModelSectionBase",
     "PerformanceSection",
     "RunSection",
     "ScalingSection",
@@ -30,6 +35,8 @@ __all__ = [
     "TrainSection",
     "check_train_config",
     "load_train_config",
+    "model_section",
+    "model_section_union",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -37,25 +44,45 @@ Precision = Literal["fp32", "bf16", "fp16"]
 DEFAULT_STORAGE_PATH = "~/ray_results"
 
 
-class ModelSection(Config):
-    """Which architecture to train and the options handed to its recipe (``pipeline.train.recipes.build_recipe``).
+class ModelSectionBase(Config):
+    """Which architecture to train (``arch``) and how: each trainable architecture's spec
+    (:mod:`pipeline.train.spec`) gets its own subclass, and ``model`` is the union of them, discriminated on ``arch``.
 
-    ``options`` are recipe keywords such as ``per_sample_stats`` (RN), ``vgg_weights`` /
-    ``allow_random_vgg`` (LBAM's perceptual loss) or ``adversarial``; they are checked against the
-    recipe's signature by :func:`check_train_config`.
+    ``options`` are the recipe's typed options (RN: ``l1_weight``, ``gan_weight``; LBAM: its loss weights,
+    ``adversarial``, ``vgg_weights`` / ``allow_random_vgg`` for the VGG16 of its perceptual loss): the validated
+    object is handed to the recipe as is. ``generator_options`` are the generator constructor's keywords
+    (RN: ``residual_blocks``, ``threshold``, ``per_sample_stats``), checked against its signature.
     """
 
-    arch: Literal["rn", "lbam"]
-    options: Annotated[dict[str, Any], LocalPath(keys=("vgg_weights",))] = Field(default_factory=dict)
-    generator_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="keyword arguments of the generator's constructor, e.g. {per_sample_stats: true} for RN",
-    )
+    arch: str
     init_weights: Annotated[str | None, LocalPath()] = Field(
         None,
         description="generator state dict (path or fsspec URL, weights_only) to start from, e.g. the champion when "
         "fine-tuning; ignored when the run resumes from its own checkpoint",
     )
+
+
+@functools.cache
+def model_section(spec: ArchitectureSpec) -> type[ModelSectionBase]:
+    """The ``model`` section of ``spec``'s architecture: ``arch`` fixed to its name, its typed options."""
+    section = create_model(
+        f"{spec.name.upper()}ModelSection",
+        __base__=ModelSectionBase,
+        arch=(Literal[spec.name], ...),
+        options=(spec.options, Field(default_factory=spec.options)),
+        generator_options=(spec.generator_options, Field(default_factory=spec.generator_options)),
+    )
+    section.__doc__ = f"``model`` of a {spec.name} training config (see :class:`ModelSectionBase`)."
+    return section
+
+
+def model_section_union() -> Any:
+    """The type of ``model``: the union of every registered spec's section, discriminated on ``arch``."""
+    sections = tuple(model_section(spec) for spec in specs())
+    return Annotated[Union[sections], Field(discriminator="arch")] if len(sections) > 1 else sections[0]
+
+
+ModelSection = model_section_union()
 
 
 class DataSection(Config):
@@ -178,20 +205,12 @@ class MlflowSection(Config):
     enabled: bool = True
 
 
-class FaultInjection(Config):
-    """Test hook: worker ``rank`` exits abruptly (``os._exit``) when it reaches ``at_step``, once per run.
-
-    "Once" is recorded by a marker file under the run's storage directory, written before the exit. It cannot be
-    "only when not resumed": a worker may die before the controller has collected the checkpoint it reported just
-    before, and the retried attempt then starts afresh and would hit the fault again. Exercises failure recovery
-    end to end."""
-
-    rank: int = Field(ge=0)
-    at_step: int = Field(gt=0)
-
-
 class TrainJobConfig(Config):
-    """Everything ``jobs/train_{rn,lbam}.py`` needs; see ``jobs/configs/train_*.yaml``."""
+    """Everything ``jobs/train_{rn,lbam}.py`` needs; see ``jobs/configs/train_*.yaml``.
+
+    Validating one runs every rule, the cross-section ones of :func:`check_train_config` included, so a
+    ``TrainJobConfig`` that exists is one that training can trust.
+    """
 
     model: ModelSection
     data: DataSection
@@ -201,10 +220,10 @@ class TrainJobConfig(Config):
     scaling: ScalingSection
     run: RunSection
     mlflow: MlflowSection
-    fault_injection: FaultInjection | None = None
 
     @model_validator(mode="after")
-    def _default_registered_model(self) -> "TrainJobConfig":
+    def _cross_section_rules(self) -> "TrainJobConfig":
+        check_train_config(self)
         if self.mlflow.registered_model is None:
             self.mlflow.registered_model = self.model.arch
         return self
@@ -215,12 +234,14 @@ class TrainJobConfig(Config):
         return self.mlflow.registered_model or self.model.arch
 
 
-def _fail(key: str, rule: str) -> ConfigError:
-    return ConfigError(f"config key {key}: {rule}")
+_fail = ConfigError.at
 
 
 def check_train_config(config: TrainJobConfig) -> None:
-    """Cross-section rules; raise :class:`ConfigError` naming the key of the first rule broken."""
+    """Cross-section rules; raise :class:`ConfigError` naming the key of the first rule broken.
+
+    Part of validating a :class:`TrainJobConfig`; call it again only after changing a config in place.
+    """
     ds, scaling, data, train = config.deepspeed, config.scaling, config.data, config.train
     if ds.precision == "fp16":
         # fp16 needs loss scaling: DeepSpeed scales only at ZeRO 0, its overflow check reads the GPU back every
@@ -229,9 +250,7 @@ def check_train_config(config: TrainJobConfig) -> None:
         raise _fail("deepspeed.precision", "fp16 is not supported (needs loss scaling, unsafe for the gradient penalty); use bf16")
     _check_cpu_bf16(ds, scaling)
 
-    from models.registry import get_architecture
-
-    arch = get_architecture(config.model.arch)
+    arch = get_spec(config.model.arch).architecture
     if arch.train_size is not None and data.crop_size != arch.train_size:
         raise _fail(
             "data.crop_size",
@@ -241,11 +260,8 @@ def check_train_config(config: TrainJobConfig) -> None:
     if data.crop_size % arch.size_multiple:
         raise _fail("data.crop_size", f"must be a multiple of {arch.size_multiple} for {config.model.arch}, got {data.crop_size}")
 
-    if config.fault_injection is not None and config.fault_injection.rank >= scaling.num_workers:
-        raise _fail("fault_injection.rank", f"must be below scaling.num_workers={scaling.num_workers}")
     if train.ckpt_every and train.ckpt_every > train.max_steps:
         raise _fail("train.ckpt_every", f"{train.ckpt_every} exceeds train.max_steps={train.max_steps}; no checkpoint would be written before the end")
-    _check_recipe_options(config.model)
     _check_generator_options(config.model)
 
 
@@ -266,44 +282,26 @@ def _check_cpu_bf16(ds: DeepSpeedSection, scaling: ScalingSection) -> None:
         )
 
 
-def _check_generator_options(model: ModelSection) -> None:
-    """Build the generator on the meta device: a wrong constructor option fails here, naming the key."""
+def _check_generator_options(model: ModelSectionBase) -> None:
+    """Build the generator on the meta device: a value its constructor refuses fails here, naming the key
+    (names and types of ``model.generator_options`` are already checked against its signature)."""
     import torch
-
-    from models.registry import get_architecture
 
     try:
         with torch.device("meta"):
-            get_architecture(model.arch).generator(**model.generator_options)
+            get_spec(model.arch).build_generator(model.generator_options)
     except (TypeError, ValueError) as exc:
         raise _fail("model.generator_options", str(exc).splitlines()[0]) from None
 
 
-def _check_recipe_options(model: ModelSection) -> None:
-    """Validate recipe options here, so a typo fails on the driver rather than inside every Ray worker."""
-    from pipeline.train.recipes import RECIPE_OPTIONS
-
-    try:
-        options = RECIPE_OPTIONS[model.arch](**model.options)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        message = "unknown recipe option" if error["type"] == "extra_forbidden" else error["msg"]
-        raise _fail(f"model.options.{where}", message) from None
-    if getattr(options, "vgg_weights", "") is None and not getattr(options, "allow_random_vgg", True):
-        raise _fail(
-            "model.options.vgg_weights",
-            "LBAM's perceptual/style losses need torchvision VGG16 weights (path or URL); "
-            "set model.options.allow_random_vgg=true only for smoke tests",
-        )
-
-
-def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainJobConfig:
-    """Load, validate and cross-check a training config from YAML plus ``key.path=value`` overrides.
+def load_train_config(
+    path: str | os.PathLike | None, overrides: Iterable[str] = (), updates: Mapping[str, Any] | None = None
+) -> TrainJobConfig:
+    """Load and validate a training config from YAML plus ``key.path=value`` overrides, then ``updates`` (nested
+    values a program sets, see :func:`pipeline.config.load_config`): the boundary after which it is trusted.
 
     Relative local paths are made absolute against the current directory (:mod:`pipeline.paths`).
     """
-    config = load_config(TrainJobConfig, path, overrides)
+    config = load_config(TrainJobConfig, path, overrides, updates=updates)
     resolve_config_paths(config)
-    check_train_config(config)
     return config

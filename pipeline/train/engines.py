@@ -4,7 +4,7 @@ A GAN cannot share one engine: G and D have their own optimisers, learning rates
 DeepSpeed ties one optimiser (and one ZeRO partitioning) to one engine. Each engine therefore gets its own
 config dict built by :func:`deepspeed_config` from the same :class:`DeepSpeedSection`.
 
-The optimiser is always a client ``torch.optim.Adam`` built from the recipe's settings: DeepSpeed's own
+The optimiser is always a client ``torch.optim.Adam`` built by the recipe's ``OptimizerSettings``: DeepSpeed's own
 FusedAdam needs a CUDA build, and ZeRO 1/2 accept ``torch.optim.Adam`` as a supported optimiser, so CPU and
 GPU runs take the same path. It is PyTorch's fused Adam on CPU and CUDA alike: its step counters live on the
 parameters' device, where the default implementation reads a host counter with ``.item()`` every step. The learning-rate schedule is the recipe's
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.train.config import DeepSpeedSection
+from pipeline.train.recipes import GanRecipe, OptimizerSettings
 
 __all__ = ["DiscriminatorCaller", "GanEngines", "build_engines", "deepspeed_config", "init_distributed", "precision_context", "step_updater"]
 
@@ -110,24 +111,16 @@ def _epoch_schedule(lr_factor: Callable[[int], float], steps_per_epoch: int) -> 
 
 def _engine(
     module: nn.Module,
-    settings: Any,
+    settings: OptimizerSettings,
     lr_factor: Callable[[int], float],
     steps_per_epoch: int,
     ds_config: dict[str, Any],
-    device: torch.device,
     lr_scale: float,
     reduce_gradients: bool,
 ) -> Any:
     import deepspeed
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        params,
-        lr=settings.lr * lr_scale,
-        betas=tuple(settings.betas),
-        weight_decay=settings.weight_decay,
-        fused=True,
-    )
+    optimizer = settings.build((p for p in module.parameters() if p.requires_grad), lr_factor=lr_scale, fused=True)
     schedule = _epoch_schedule(lr_factor, steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
@@ -143,7 +136,7 @@ def _engine(
 
 
 def build_engines(
-    recipe: Any,
+    recipe: GanRecipe,
     generator: nn.Module,
     discriminator: nn.Module,
     ds: DeepSpeedSection,
@@ -154,8 +147,9 @@ def build_engines(
     device: torch.device,
     lr_scale: float = 1.0,
 ) -> GanEngines:
-    """Wrap G and D in their own DeepSpeed engines with the recipe's Adam settings and LR schedule;
-    ``lr_scale`` multiplies both base learning rates (``train.lr_scale``)."""
+    """Move G and D to ``device`` and wrap each in its own DeepSpeed engine with the recipe's Adam settings
+    (:meth:`~pipeline.train.recipes.OptimizerSettings.build`) and LR schedule; ``lr_scale`` multiplies both base
+    learning rates (``train.lr_scale``)."""
     ds_config = deepspeed_config(ds, micro_batch_size, world_size)
     # One ZeRO-0 rank has nothing to average, yet DeepSpeed's fallback all-reduce still flattens every gradient
     # into a buffer, reduces it and copies it back (ZeRO 1/2 reduce inside their own optimiser).
@@ -164,11 +158,11 @@ def build_engines(
     discriminator.to(device)
     return GanEngines(
         generator=_engine(
-            generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, device, lr_scale,
+            generator, recipe.generator_optimizer, recipe.lr_factor, steps_per_epoch, ds_config, lr_scale,
             reduce_gradients,
         ),
         discriminator=_engine(
-            discriminator, recipe.discriminator_optimizer, recipe.lr_factor, steps_per_epoch, dict(ds_config), device,
+            discriminator, recipe.discriminator_optimizer, recipe.lr_factor, steps_per_epoch, dict(ds_config),
             lr_scale, reduce_gradients,
         ),
     )

@@ -2,7 +2,9 @@
 
 :func:`run_training` is everything ``jobs/train_{rn,lbam}.py`` does after parsing its config:
 
-1. validate the config and check that MLflow and the manifests are reachable, *before* any Ray worker starts;
+1. check that MLflow and the manifests are reachable, *before* any Ray worker starts (the config itself was
+   validated where it was made: a ``TrainJobConfig`` holds every rule, and ``load_train_config`` or the job CLI
+   made its local paths absolute);
 2. start (or, for a re-submitted ``run.name``, resume) the MLflow run and log the redacted params;
 3. run a ``TorchTrainer`` (one worker per GPU, or CPU workers with gloo) whose ``RunConfig(name,
    storage_path)`` makes Ray resume from the latest checkpoint after a worker failure
@@ -19,16 +21,14 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-
-from pipeline.raycluster import ensure_ray
 from pipeline.config import flatten
 from pipeline.fsutil import StorageOptions, is_remote, join_url
-from pipeline.paths import resolve_config_paths
+from pipeline.raycluster import ensure_ray
 from pipeline.train.checkpoint import load_generator_state, read_state
-from pipeline.train.config import ScalingSection, TrainJobConfig, check_train_config
-from pipeline.train.loop import WorkerPayload, train_worker
+from pipeline.train.config import ScalingSection, TrainJobConfig
+from pipeline.train.loop import StepCallback, WorkerPayload, train_worker
 
 __all__ = ["Registrar", "TrainingResult", "run_info_tags", "run_training", "storage_filesystem", "worker_runtime_env"]
 
@@ -152,17 +152,17 @@ def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
     )
 
 
-def run_training(config: TrainJobConfig, register: Registrar | None = None) -> TrainingResult:
+def run_training(config: TrainJobConfig, register: Registrar | None = None,
+                 step_callbacks: Sequence[StepCallback] = ()) -> TrainingResult:
     """Train ``config.model.arch`` on Ray Train + DeepSpeed; ``register`` the final generator when MLflow is on.
 
-    The MLflow run stays open while ``register`` runs and is marked failed when it raises.
+    ``config`` is trusted as validated, with absolute local paths (:func:`~pipeline.train.config.load_train_config`,
+    the job CLI). ``step_callbacks`` run on every worker after each optimiser step (see
+    :data:`~pipeline.train.loop.StepCallback`); they travel pickled, so they must be importable there. The MLflow
+    run stays open while ``register`` runs and is marked failed when it raises.
     """
     from ray.train import Checkpoint  # noqa: F401  (fail early when ray[train] is missing)
 
-    config = config.model_copy(deep=True)
-    for change in resolve_config_paths(config):  # workers run in other directories than this driver
-        log.info("path %s: %s -> %s", change.key, change.given, change.resolved)
-    check_train_config(config)
     data_tags = _data_tags(config)
     info_tags = run_info_tags(config)
 
@@ -183,7 +183,8 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None) -> T
 
     ensure_ray(config.run.ray_address)
     log.info("checkpoints of run %s: %s", config.run.name, join_url(config.run.storage_path, config.run.name))
-    payload = WorkerPayload(config=config, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id if tracker else None)
+    payload = WorkerPayload(config=config, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id if tracker else None,
+                            step_callbacks=tuple(step_callbacks))
     try:
         result = _trainer(config, payload).fit()
         if result.checkpoint is None:

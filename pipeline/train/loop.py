@@ -9,12 +9,11 @@ eval sample once), log sample grids (rank 0) and checkpoint (all ranks, through 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,8 +22,13 @@ from models.validation import mask_values_trusted
 from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
 from pipeline.train.config import PerformanceSection, TrainJobConfig
 from pipeline.train.engines import DiscriminatorCaller, GanEngines, build_engines, init_distributed, precision_context, step_updater
+from pipeline.train.recipes import GanRecipe, Updater, gan_step, logs_to_floats
+from pipeline.train.spec import get_spec
 
-__all__ = ["ThroughputWindow", "WorkerPayload", "apply_speed_switches", "device_batch", "optimiser_step", "rank_seed", "train_worker"]
+__all__ = [
+    "StepCallback", "ThroughputWindow", "WorkerPayload", "apply_speed_switches", "device_batch", "optimiser_step",
+    "rank_seed", "train_worker",
+]
 
 log = logging.getLogger("holefill.train")
 
@@ -43,14 +47,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Called on every worker as ``callback(rank, step)`` after each optimiser step, before that step's logging,
+# validation and checkpoint: a hook for what a caller needs to observe or provoke there (a test kills a worker).
+StepCallback = Callable[[int, int], None]
+
+
 @dataclass(frozen=True)
 class WorkerPayload:
     """What the driver sends every worker (pickled as a whole, so secret values survive the trip while
-    never appearing in any rendered config): the job config and the MLflow run to log to."""
+    never appearing in any rendered config): the job config, the MLflow run to log to and any step callbacks."""
 
     config: TrainJobConfig
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    step_callbacks: tuple[StepCallback, ...] = ()
 
 
 def _cadence(every: int, step: int, last: int) -> bool:
@@ -101,11 +111,11 @@ def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[
 
 
 def optimiser_step(
-    recipe: Any,
-    G: Any,
-    D: Any,
-    update_d: Any,
-    update_g: Any,
+    recipe: GanRecipe,
+    G: torch.nn.Module,
+    D: torch.nn.Module,
+    update_d: Updater,
+    update_g: Updater,
     batches: Iterator[dict[str, torch.Tensor]],
     device: torch.device,
     precision: str,
@@ -117,8 +127,6 @@ def optimiser_step(
     (read them with ``recipes.logs_to_floats`` on logging steps only), and the masks' [0,1] range is trusted
     (the loader builds them as 0|1). Also returns the last micro-batch's image and mask (sample grids).
     """
-    from pipeline.train.recipes import gan_step
-
     sums: dict[str, torch.Tensor] = {}
     for _ in range(accumulation):
         image, mask = device_batch(next(batches), device)
@@ -219,7 +227,7 @@ def evaluate(recipe: Any, generator: torch.nn.Module, config: TrainJobConfig, ra
     return {f"val/{name}": float(value) for name, value in metrics.summary().items()}
 
 
-def _sample_grid(recipe: Any, generator: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, precision: str) -> Any:
+def _sample_grid(recipe: GanRecipe, generator: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, precision: str) -> Any:
     from pipeline.tracking import sample_grid
 
     count = min(4, image.shape[0])
@@ -242,18 +250,6 @@ def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointSta
         )
 
 
-def _claim_fault(config: TrainJobConfig) -> bool:
-    """True the first time the injected fault is reached in this run (see :class:`FaultInjection`)."""
-    from pipeline.fsutil import exists, join_url, publish_bytes
-
-    fault = config.fault_injection
-    marker = join_url(config.run.storage_path, config.run.name, f"fault_injected_rank{fault.rank}_step{fault.at_step}")
-    if exists(marker, config.run.storage_options):
-        return False
-    publish_bytes(marker, b"fired\n", config.run.storage_options)
-    return True
-
-
 def _load_initial_generator(generator: torch.nn.Module, config: TrainJobConfig) -> None:
     """Start from given generator weights (fine-tuning); every rank loads the same file, so ranks agree."""
     from models.convert import extract_state_dict, load_weights_bytes
@@ -270,9 +266,6 @@ def train_worker(payload: WorkerPayload) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.train.recipes import build_recipe, discriminator_options, logs_to_floats
-    from models.registry import get_architecture
-
     if not logging.getLogger().handlers:
         from pipeline.joblog import LOG_FORMAT
 
@@ -286,15 +279,15 @@ def train_worker(payload: WorkerPayload) -> None:
     init_distributed(config.scaling.use_gpu)
 
     # -- models, recipe, engines (identical initial weights on every rank: same seed for model init) --
-    arch = get_architecture(config.model.arch)
+    spec = get_spec(config.model.arch)
     torch.manual_seed(train.seed)
-    generator = arch.generator(**config.model.generator_options)
-    discriminator = arch.discriminator(**discriminator_options(config.model.arch))
+    generator = spec.build_generator(config.model.generator_options)
+    discriminator = spec.build_discriminator()
     checkpoint = ray.train.get_checkpoint()
     if config.model.init_weights and checkpoint is None:
         _load_initial_generator(generator, config)
     _seed_everything(rank_seed(train.seed, rank))
-    recipe = build_recipe(config.model.arch, **config.model.options).to(device)
+    recipe = spec.build_recipe(config.model.options).to(device)
     engines = build_engines(
         recipe, generator, discriminator, ds,
         micro_batch_size=train.batch_size, world_size=world_size,
@@ -331,11 +324,8 @@ def train_worker(payload: WorkerPayload) -> None:
         )
         step += 1
         window.steps += 1
-
-        fault = config.fault_injection
-        if fault is not None and rank == fault.rank and step == fault.at_step and _claim_fault(config):
-            log.warning("fault injection: rank %d exits abruptly at step %d", rank, step)
-            os._exit(17)
+        for callback in payload.step_callbacks:
+            callback(rank, step)
 
         # -- logging (rank 0) --
         if _cadence(train.log_every, step, train.max_steps):

@@ -1,10 +1,12 @@
 """Training recipes: each architecture's optimisers, LR schedule and losses, and the one GAN step.
 
-A :class:`GanRecipe` says *how* an architecture trains (MODELS.md A4/A5 for RN, A10/A12 for LBAM);
-:func:`gan_step` is the single training step shared by the plain-PyTorch loop (tests, benchmarks) and
+A :class:`GanRecipe` says *how* an architecture trains (RN: ``geekyutao/RN``; LBAM: ``Vious/LBAM_Pytorch``), from
+its typed options (:class:`RNOptions`, :class:`LBAMOptions`: ``model.options`` of the training config, whose
+defaults are written there and nowhere else); :func:`gan_step` is the single training step shared by the plain-PyTorch loop (tests, benchmarks) and
 the DeepSpeed loop: it never touches an optimiser itself but calls ``update_d(loss)`` / ``update_g(loss)``,
 which backpropagate and step (:func:`torch_updater` for plain PyTorch; ``engine.backward`` +
-``engine.step`` under DeepSpeed).
+``engine.step`` under DeepSpeed). Which recipe, options and networks an architecture trains with is its spec's
+business (:mod:`pipeline.train.spec`, :mod:`pipeline.train.architectures`).
 
 Order of one step (the official RN order since 2022, applied to both models)::
 
@@ -32,13 +34,14 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping
+from typing import Annotated, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationInfo, field_validator
 
 from models.losses import (
+    AdversarialMode,
     LBAMReconstructionLoss,
     composite,
     gradient_penalty,
@@ -48,21 +51,18 @@ from models.losses import (
     wgan_generator_loss,
 )
 from pipeline.config import Config
+from pipeline.paths import LocalPath
 
 __all__ = [
     "GanRecipe",
+    "LBAMOptions",
     "LBAMRecipe",
-    "LBAMRecipeOptions",
     "OptimizerSettings",
-    "RECIPE_OPTIONS",
+    "RNOptions",
     "RNRecipe",
-    "RNRecipeOptions",
-    "build_recipe",
-    "discriminator_options",
     "frozen_parameters",
     "gan_step",
     "logs_to_floats",
-    "recipe_names",
     "torch_updater",
 ]
 
@@ -96,10 +96,6 @@ class OptimizerSettings:
         return torch.optim.Adam(
             parameters, lr=self.lr * lr_factor, betas=self.betas, weight_decay=self.weight_decay, fused=fused
         )
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain values, e.g. for MLflow params or a DeepSpeed ``optimizer.params`` section."""
-        return {"lr": self.lr, "betas": list(self.betas), "weight_decay": self.weight_decay}
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -177,12 +173,11 @@ class GanRecipe(ABC):
     """How one architecture trains: optimiser settings, LR schedule, generation and the two losses.
 
     Losses return ``(loss, logs)``: the tensor to backpropagate and detached scalar logs, among them ``d_loss``
-    or ``g_loss`` and the unweighted parts prefixed ``d_``/``g_``. ``discriminator_options`` are the keyword
-    arguments the recipe's losses need the architecture's discriminator built with.
+    or ``g_loss`` and the unweighted parts prefixed ``d_``/``g_``. A recipe is built from its architecture's typed
+    options object, which it receives as is.
     """
 
     name: ClassVar[str]
-    discriminator_options: ClassVar[Mapping[str, Any]] = {}
     generator_optimizer: OptimizerSettings
     discriminator_optimizer: OptimizerSettings
 
@@ -190,11 +185,6 @@ class GanRecipe(ABC):
         """Multiplier on both base learning rates during ``epoch`` (1-based). Constant 1 unless overridden."""
         _check_epoch(epoch)
         return 1.0
-
-    def learning_rates(self, epoch: int) -> tuple[float, float]:
-        """``(generator_lr, discriminator_lr)`` to use during ``epoch`` (1-based)."""
-        factor = self.lr_factor(epoch)
-        return self.generator_optimizer.lr * factor, self.discriminator_optimizer.lr * factor
 
     def generate(self, G: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The generator's raw prediction (not composited) for ``image`` with holes where ``mask`` is 1."""
@@ -226,6 +216,13 @@ def _check_epoch(epoch: int) -> None:
         raise ValueError(f"epoch must be an integer >= 1 (epochs are 1-based), got {epoch!r}")
 
 
+class RNOptions(Config):
+    """``model.options`` of RN: the weights of its generator loss (the only place their defaults are written)."""
+
+    l1_weight: float = Field(1.0, ge=0)
+    gan_weight: float = Field(0.1, ge=0)
+
+
 class RNRecipe(GanRecipe):
     """Region Normalization (``geekyutao/RN``): hole L1 + 0.1 non-saturating GAN; Adam (0, 0.9), G 1e-4, D 1e-5.
 
@@ -233,16 +230,16 @@ class RNRecipe(GanRecipe):
     which is the official "after epoch e, lr = base·0.8^(e−1)" rule stated per training epoch.
     D sees the raw prediction, not the composite; real and fake pass through D separately (each forward
     runs one spectral-norm power iteration, as in the official step). D outputs logits and the BCE terms take
-    them (``BCEWithLogits`` in float32: the official sigmoid + BCE without its half-precision saturation).
+    them (``BCEWithLogits`` in float32: the official sigmoid + BCE without its half-precision saturation), so
+    RN's spec builds the training D with ``use_sigmoid=False``.
     """
 
     name = "rn"
-    discriminator_options = {"use_sigmoid": False}
 
-    def __init__(self, l1_weight: float = 1.0, gan_weight: float = 0.1) -> None:
-        options = _validated(RNRecipeOptions, "rn", {"l1_weight": l1_weight, "gan_weight": gan_weight})
-        self.l1_weight = options.l1_weight
-        self.gan_weight = options.gan_weight
+    def __init__(self, options: RNOptions | None = None) -> None:
+        self.options = options if options is not None else RNOptions()
+        self.l1_weight = self.options.l1_weight
+        self.gan_weight = self.options.gan_weight
         self.generator_optimizer = OptimizerSettings(lr=1e-4, betas=(0.0, 0.9))
         self.discriminator_optimizer = OptimizerSettings(lr=1e-5, betas=(0.0, 0.9))
 
@@ -261,43 +258,60 @@ class RNRecipe(GanRecipe):
         return terms.total, _detached(terms.log_values("g_"))
 
 
+class LBAMOptions(Config):
+    """``model.options`` of LBAM: loss weights, the adversarial sign and the VGG16 of the perceptual/style terms.
+
+    The only place their defaults are written: reconstruction ``6·hole + 1·valid + 0.01·perceptual + 120·style``,
+    adversarial weight 0.1, gradient penalty 10, the fixed WGAN-GP sign. ``vgg_weights`` is a path or fsspec URL
+    of torchvision-format VGG16 weights; ``allow_random_vgg`` (tests and smoke runs only) stands in random ones.
+    """
+
+    hole: float = Field(6.0, ge=0)
+    valid: float = Field(1.0, ge=0)
+    perceptual: float = Field(0.01, ge=0)
+    style: float = Field(120.0, ge=0)
+    adversarial_weight: float = Field(0.1, ge=0)
+    gp_weight: float = Field(10.0, ge=0)
+    adversarial: AdversarialMode = "wgan-gp"
+    allow_random_vgg: bool = False  # before vgg_weights: its check reads this
+    vgg_weights: Annotated[str | None, LocalPath()] = Field(None, validate_default=True)
+
+    @field_validator("vgg_weights")
+    @classmethod
+    def _weights_or_random(cls, weights: str | None, info: ValidationInfo) -> str | None:
+        if weights is None and not info.data.get("allow_random_vgg", True):
+            raise ValueError(
+                "the perceptual/style losses' VGG16 needs torchvision-format weights (path or URL); "
+                "set allow_random_vgg=true only for smoke tests"
+            )
+        return weights
+
+
 class LBAMRecipe(GanRecipe):
     """LBAM (``Vious/LBAM_Pytorch``): reconstruction loss + WGAN-GP with the sign fixed; no LR schedule.
 
     G: Adam 1e-4, betas (0.5, 0.9); D: Adam 1e-5, betas (0, 0.9); one D step per G step. ``vgg`` is the
-    frozen feature extractor of the perceptual/style terms (pool1..pool3). The adversarial term enters
-    G's loss with ``adversarial_weight`` (0.1), the gradient penalty D's loss with ``gp_weight`` (10).
-    Every D call (real, fake, interpolates) is its own forward, so BatchNorm statistics match the official
-    training step.
+    frozen feature extractor of the perceptual/style terms (pool1..pool3), built from ``options`` unless given.
+    The adversarial term enters G's loss with ``adversarial_weight``, the gradient penalty D's loss with
+    ``gp_weight``. Every D call (real, fake, interpolates) is its own forward, so BatchNorm statistics match the
+    official training step.
     """
 
     name = "lbam"
 
-    def __init__(
-        self,
-        vgg: nn.Module,
-        hole: float = 6.0,
-        valid: float = 1.0,
-        perceptual: float = 0.01,
-        style: float = 120.0,
-        adversarial_weight: float = 0.1,
-        gp_weight: float = 10.0,
-        adversarial: Literal["wgan-gp", "official"] = "wgan-gp",
-    ) -> None:
-        options = _validated(
-            LBAMRecipeOptions,
-            "lbam",
-            {
-                "hole": hole, "valid": valid, "perceptual": perceptual, "style": style,
-                "adversarial_weight": adversarial_weight, "gp_weight": gp_weight, "adversarial": adversarial,
-            },
-        )
+    def __init__(self, options: LBAMOptions, vgg: nn.Module | None = None) -> None:
+        self.options = options
+        if vgg is None:
+            from models.vgg import VGG16Features  # imported lazily: only LBAM needs it
+
+            vgg = VGG16Features(self.options.vgg_weights, allow_random=self.options.allow_random_vgg)
+        o = self.options
         self.reconstruction = LBAMReconstructionLoss(
-            vgg, hole=options.hole, valid=options.valid, perceptual=options.perceptual, style=options.style
+            vgg, hole=o.hole, valid=o.valid, perceptual=o.perceptual, style=o.style
         )
-        self.adversarial_weight = options.adversarial_weight
-        self.gp_weight = options.gp_weight
-        self.adversarial = options.adversarial
+        self.adversarial_weight = o.adversarial_weight
+        self.gp_weight = o.gp_weight
+        self.adversarial = o.adversarial
         self.generator_optimizer = OptimizerSettings(lr=1e-4, betas=(0.5, 0.9))
         self.discriminator_optimizer = OptimizerSettings(lr=1e-5, betas=(0.0, 0.9))
 
@@ -317,80 +331,3 @@ class LBAMRecipe(GanRecipe):
         logs = {"g_loss": total.detach(), "g_reconstruction": reconstruction.total.detach(), "g_adv": adv.detach()}
         logs.update({f"g_{name}": value.detach() for name, value in reconstruction.parts.items()})
         return total, _detached(logs)
-
-
-# ------------------------------------------------------------------------------------ options/registry
-
-
-class RNRecipeOptions(Config):
-    """Options of :class:`RNRecipe` accepted by :func:`build_recipe` (``--set train.recipe.gan_weight=…``)."""
-
-    l1_weight: float = Field(1.0, ge=0)
-    gan_weight: float = Field(0.1, ge=0)
-
-
-class LBAMRecipeOptions(Config):
-    """Options of :class:`LBAMRecipe` accepted by :func:`build_recipe`; the VGG is built from the last two."""
-
-    hole: float = Field(6.0, ge=0)
-    valid: float = Field(1.0, ge=0)
-    perceptual: float = Field(0.01, ge=0)
-    style: float = Field(120.0, ge=0)
-    adversarial_weight: float = Field(0.1, ge=0)
-    gp_weight: float = Field(10.0, ge=0)
-    adversarial: Literal["wgan-gp", "official"] = "wgan-gp"
-    vgg_weights: str | None = None
-    allow_random_vgg: bool = False
-
-
-RECIPE_OPTIONS: dict[str, type[Config]] = {"rn": RNRecipeOptions, "lbam": LBAMRecipeOptions}
-
-
-def _validated(options_type: type[Config], arch: str, values: Mapping[str, Any]) -> Any:
-    """Validate recipe options; the first problem becomes a one-line ``ValueError`` naming the option."""
-    try:
-        return options_type(**values)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "options"
-        raise ValueError(f"{arch} recipe option {where}: {error['msg']}") from None
-
-
-def _build_rn(options: RNRecipeOptions) -> RNRecipe:
-    return RNRecipe(l1_weight=options.l1_weight, gan_weight=options.gan_weight)
-
-
-def _build_lbam(options: LBAMRecipeOptions) -> LBAMRecipe:
-    from models.vgg import VGG16Features  # imported lazily: only LBAM needs it
-
-    vgg = VGG16Features(options.vgg_weights, allow_random=options.allow_random_vgg)
-    loss_options = options.model_dump(exclude={"vgg_weights", "allow_random_vgg"})
-    return LBAMRecipe(vgg, **loss_options)
-
-
-_BUILDERS: dict[str, Callable[[Any], GanRecipe]] = {"rn": _build_rn, "lbam": _build_lbam}
-
-
-def discriminator_options(arch: str) -> dict[str, Any]:
-    """Keyword arguments for ``get_architecture(arch).discriminator`` that ``arch``'s recipe trains with."""
-    recipe_type = {"rn": RNRecipe, "lbam": LBAMRecipe}.get(arch)
-    if recipe_type is None:
-        raise ValueError(f"unknown recipe architecture {arch!r}; known: {', '.join(recipe_names())}")
-    return dict(recipe_type.discriminator_options)
-
-
-def recipe_names() -> list[str]:
-    """Architectures that have a training recipe."""
-    return sorted(_BUILDERS)
-
-
-def build_recipe(arch: str, **options: Any) -> GanRecipe:
-    """The training recipe of ``arch`` (``"rn"`` or ``"lbam"``) with validated ``options``.
-
-    RN options: ``l1_weight``, ``gan_weight``. LBAM options: the loss weights of :class:`LBAMRecipe`,
-    ``adversarial`` and, for its VGG16, ``vgg_weights`` (path or fsspec URL of torchvision-format
-    weights) and ``allow_random_vgg`` (tests and smoke runs only). Unknown options are errors.
-    """
-    if arch not in _BUILDERS:
-        raise ValueError(f"unknown recipe architecture {arch!r}; known: {', '.join(recipe_names())}")
-    return _BUILDERS[arch](_validated(RECIPE_OPTIONS[arch], arch, options))
