@@ -408,8 +408,8 @@ def to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
 class TrainLoader:
     """Iterable of exactly ``batches_per_epoch`` float batches per pass; each pass draws fresh samples.
 
-    Wraps a ``webdataset.WebLoader`` whose length is fixed with ``with_epoch``; ``set_epoch`` (or the
-    automatic increment on every ``iter``) moves the shard, shuffle and crop seeds to a new pass.
+    Wraps a ``webdataset.WebLoader`` whose length is fixed with ``with_epoch``; every ``iter`` after the first
+    moves the shard, shuffle and crop seeds to a new pass.
     """
 
     def __init__(self, loader: wds.WebLoader, seeds: _StreamSeed, batches_per_epoch: int, uint8: bool = False) -> None:
@@ -417,11 +417,6 @@ class TrainLoader:
         self._uint8 = uint8
         self._seeds = seeds
         self.batches_per_epoch = batches_per_epoch
-        self._started = False
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the seeds of pass ``epoch`` for the next iteration (as ``DistributedSampler.set_epoch``)."""
-        self._seeds.epoch = int(epoch)
         self._started = False
 
     def __len__(self) -> int:
