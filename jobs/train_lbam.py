@@ -3,8 +3,11 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train_lbam.py --config jobs/configs/train_lbam.yaml --set train.max_steps=1000
 
-or directly: `python jobs/train_lbam.py --set scaling.num_workers=2`. See `pipeline/train/config.py` for every key;
-the job itself is `pipeline.lifecycle.training.training_main`, shared with `jobs/train_rn.py`.
+or directly: `python jobs/train_lbam.py --set scaling.num_workers=2`. LBAM's discriminator takes 256x256 crops
+only, and its perceptual and style losses need torchvision VGG16 weights: `model.options.vgg_weights` (path or
+URL; `model.options.allow_random_vgg=true` for smoke runs). Other options: the loss weights
+`model.options.{hole,valid,perceptual,style,adversarial_weight,gp_weight}` and `adversarial`. Every key:
+`pipeline/train/config.py`.
 """
 
 from __future__ import annotations
