@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.train.engines import GanEngines
+
 __all__ = [
     "CHECKPOINT_TAG",
     "GENERATOR_FILE",
@@ -80,7 +82,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
-def _device(engines: Any) -> torch.device:
+def _device(engines: GanEngines) -> torch.device:
     return next(engines.generator.module.parameters()).device
 
 
@@ -95,7 +97,7 @@ def consolidated_generator_state(engine: Any) -> dict[str, torch.Tensor]:
             for name, t in engine.module.state_dict().items()}
 
 
-def save_checkpoint(directory: str | Path, engines: Any, state: CheckpointState, rank: int) -> None:
+def save_checkpoint(directory: str | Path, engines: GanEngines, state: CheckpointState, rank: int) -> None:
     """Write this rank's part of a checkpoint into the local ``directory`` (collective: every rank calls it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,7 @@ def read_state(directory: str | Path) -> CheckpointState:
         raise ValueError(f"checkpoint {directory} has no {STATE_FILE}: not a holefill training checkpoint") from None
 
 
-def restore_checkpoint(directory: str | Path, engines: Any, *, rank: int, world_size: int, zero_stage: int, arch: str) -> CheckpointState:
+def restore_checkpoint(directory: str | Path, engines: GanEngines, *, rank: int, world_size: int, zero_stage: int, arch: str) -> CheckpointState:
     """Load both engines (weights, optimiser shards, LR schedulers) and this rank's RNG state; return the state."""
     directory = Path(directory)
     state = read_state(directory)
