@@ -341,16 +341,16 @@ def train_worker(payload: WorkerPayload) -> None:
                 if tracker is not None:
                     tracker.log_metrics({**values, **engines.learning_rates(), "perf/images_per_s": rate}, step=step)
 
-        validate = _cadence(train.val_every, step, train.max_steps)
+        validate_now = _cadence(train.val_every, step, train.max_steps)
         grid = tracker is not None and train.image_every and _cadence(train.image_every, step, train.max_steps)
         checkpoint_now = _cadence(train.ckpt_every, step, train.max_steps)
-        if not (validate or grid or checkpoint_now):
+        if not (validate_now or grid or checkpoint_now):
             continue
         window.pause()  # none of what follows counts towards training throughput
 
         # -- validation (all ranks) --
         metrics: dict[str, float] = {"step": step}
-        if validate:
+        if validate_now:
             val = evaluate(recipe, G.module, config, rank, world_size, device)
             metrics.update(val)
             if tracker is not None:
