@@ -73,6 +73,7 @@ def model_section(spec: ArchitectureSpec) -> type[ModelSectionBase]:
         generator_options=(spec.generator_options, Field(default_factory=spec.generator_options)),
     )
     section.__doc__ = f"``model`` of a {spec.name} training config (see :class:`ModelSectionBase`)."
+    globals()[section.__name__] = section  # importable by name: a config pickles by reference (Ray workers)
     return section
 
 

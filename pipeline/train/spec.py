@@ -59,6 +59,7 @@ def options_from_signature(build: Callable[..., Any], name: str) -> type[Config]
         fields[parameter.name] = (hints.get(parameter.name, Any), default)
     model = create_model(name, __base__=Config, **fields)
     model.__doc__ = f"Keyword arguments of ``{getattr(build, '__qualname__', name)}``, defaults as it declares them."
+    globals()[name] = model  # importable by name: a config holding one pickles by reference (Ray workers)
     return model
 
 
