@@ -41,7 +41,7 @@ _REGISTRY: dict[str, Architecture] = {}
 
 
 def register_architecture(architecture: Architecture) -> Architecture:
-    """Make ``architecture`` known under its name; returns it. A second, different one of that name is a ``ValueError``."""
+    """Make ``architecture`` known under its name and return it; another one of that name is a ``ValueError``."""
     known = _REGISTRY.get(architecture.name)
     if known is not None and known != architecture:
         raise ValueError(f"architecture {architecture.name!r} is already registered")

@@ -134,7 +134,8 @@ def test_a_toy_architecture_trains_one_step_through_its_spec(toy):
     update_g = torch_updater(recipe.generator_optimizer.build(G.parameters()))
     before = [p.detach().clone() for p in (*G.parameters(), *D.parameters())]
 
-    losses, image, mask = optimiser_step(recipe, G, D, update_d, update_g, loader_batches(), torch.device("cpu"), "fp32", 1)
+    cpu = torch.device("cpu")
+    losses, image, mask = optimiser_step(recipe, G, D, update_d, update_g, loader_batches(), cpu, "fp32", 1)
 
     assert set(losses) == {"train/d_loss", "train/g_loss", "train/g_l1"}
     assert all(torch.isfinite(value) for value in losses.values())

@@ -59,8 +59,9 @@ _SET_PER_VERSION = ("source", "out", "dataset_version", "parent", "storage_optio
 ShardSettings = create_model(
     "ShardSettings",
     __base__=Config,
-    __doc__="The shard job's settings for each new data version (those of ShardJobConfig that retraining does not set).",
-    **{name: (info.annotation, info) for name, info in ShardJobConfig.model_fields.items() if name not in _SET_PER_VERSION},
+    __doc__="The shard job's settings for each new data version: ShardJobConfig's, less what retraining sets.",
+    **{name: (info.annotation, info) for name, info in ShardJobConfig.model_fields.items()
+       if name not in _SET_PER_VERSION},
 )
 
 

@@ -2,11 +2,11 @@
 
 A :class:`GanRecipe` says *how* an architecture trains (RN: ``geekyutao/RN``; LBAM: ``Vious/LBAM_Pytorch``), from
 its typed options (:class:`RNOptions`, :class:`LBAMOptions`: ``model.options`` of the training config, whose
-defaults are written there and nowhere else); :func:`gan_step` is the single training step shared by the plain-PyTorch loop (tests, benchmarks) and
-the DeepSpeed loop: it never touches an optimiser itself but calls ``update_d(loss)`` / ``update_g(loss)``,
-which backpropagate and step (:func:`torch_updater` for plain PyTorch; ``engine.backward`` +
-``engine.step`` under DeepSpeed). Which recipe, options and networks an architecture trains with is its spec's
-business (:mod:`pipeline.train.spec`, :mod:`pipeline.train.architectures`).
+defaults are written there and nowhere else). :func:`gan_step` is the single training step shared by the
+plain-PyTorch loop (tests, benchmarks) and the DeepSpeed loop: it never touches an optimiser itself but calls
+``update_d(loss)`` / ``update_g(loss)``, which backpropagate and step (:func:`torch_updater` for plain PyTorch;
+``engine.backward`` + ``engine.step`` under DeepSpeed). Which recipe, options and networks an architecture
+trains with is its spec's business (:mod:`pipeline.train.spec`, :mod:`pipeline.train.architectures`).
 
 Order of one step (the official RN order since 2022, applied to both models)::
 

@@ -1,4 +1,4 @@
-"""The architectures holefill trains: one spec module each, registering its :class:`~pipeline.train.spec.ArchitectureSpec`.
+"""The architectures holefill trains: one module each, registering its :class:`~pipeline.train.spec.ArchitectureSpec`.
 
 A third architecture is a model file under ``models/`` (registering its networks) plus one module here
 (registering its spec), listed below.
