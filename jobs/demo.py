@@ -93,9 +93,9 @@ def comparison_picture(image, mask, outputs: list[tuple[str, int, object]]):
     ``image`` (1,3,H,W) in [0,1] is the truth, ``mask`` (1,1,H,W) has 1 = hole (shown white in the input),
     ``outputs`` are ``(model name, steps trained, (1,3,H,W) output)``.
     """
-    from pipeline.tracking import captioned_row
+    from pipeline.pictures import captioned_row, show_hole
 
-    holed = image * (1 - mask) + mask
+    holed = show_hole(image, mask)
     tiles = [("input + hole", holed)]
     tiles += [(f"{name} after {steps} steps", output) for name, steps, output in outputs]
     tiles.append(("truth", image))

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 from pipeline.paths import ray_working_dir_copy
+from pipeline.pictures import captioned_row, sample_grid, to_hwc_uint8  # noqa: F401  (re-exported: older import path)
+from pipeline.redaction import REDACTED, is_secret_name, redact  # noqa: F401  (re-exported: older import path)
 
 __all__ = [
     "RunTracker",
@@ -66,7 +68,6 @@ MAX_KEY_CHARS = 250
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 TRUNCATION_MARK = "...[truncated]"
-REDACTED = "***"
 
 # ----------------------------------------------------------------------------------------------------
 # Tracking URI
@@ -141,54 +142,6 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Redaction
-
-# scheme://user:password@host -> scheme://user:***@host
-_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*):(?P<secret>[^/@\s]+)@")
-# name=value pairs in query strings / command lines whose name looks secret
-_SECRET_ASSIGNMENT = re.compile(
-    r"(?P<name>[A-Za-z0-9_\-.]*(?:secret|password|passwd|pwd|token|key|signature|credential)[A-Za-z0-9_\-]*)"
-    r"(?P<sep>=|:\s*)(?P<value>[^&\s,;'\"]+)",
-    re.IGNORECASE,
-)
-# Word parts of a key name that make its value secret ("aws_access_key_id" -> aws/access/key/id).
-_SECRET_WORDS = frozenset({
-    "secret", "secrets", "password", "passwd", "pwd", "token", "tokens", "key", "apikey", "credential",
-    "credentials", "auth", "authorization", "signature", "passphrase", "privatekey", "accesskey", "secretkey",
-})
-
-
-def is_secret_name(name: str) -> bool:
-    """True when a key (``aws_access_key_id``, ``storage_options.secret``, ``MLFLOW_TRACKING_TOKEN``) names a secret.
-
-    Matching is on word parts (split at ``_ - . /`` and camelCase), so ``sort_keys`` or ``monkey`` are not secret.
-    """
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name))
-    words = {w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w}
-    return bool(words & _SECRET_WORDS)
-
-
-def redact(obj: Any) -> Any:
-    """Return ``obj`` with credentials masked as ``***``; containers are copied, never modified in place.
-
-    Strings: the password part of ``scheme://user:password@host`` and values of ``name=value`` pairs whose
-    name looks secret. Mappings: every value under a secret-looking key (see :func:`is_secret_name`).
-    Lists, tuples and sets are walked; other objects are returned unchanged.
-    """
-    if isinstance(obj, str):
-        text = _URL_USERINFO.sub(lambda m: f"{m.group('head')}:{REDACTED}@", obj)
-        return _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group('name')}{m.group('sep')}{REDACTED}", text)
-    if isinstance(obj, Mapping):
-        return {
-            key: (REDACTED if is_secret_name(str(key)) and value not in (None, "") else redact(value))
-            for key, value in obj.items()
-        }
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(redact(v) for v in obj)
-    return obj
-
-
 def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
@@ -198,102 +151,6 @@ def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         value = json.dumps(value, sort_keys=True, default=str)
     return truncate(str(redact(value) if isinstance(value, str) else value), MAX_PARAM_VALUE_CHARS)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images
-
-
-def to_hwc_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Convert an image to an (H,W,3) ``uint8`` array.
-
-    Accepts numpy HWC/HW ``uint8`` (as is) or float in [0,1], and torch CHW/HW (or B=1 BCHW) float in [0,1]
-    or ``uint8``. Gray images become 3-channel.
-    """
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.dim() == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.dim() == 3:
-            t = t.permute(1, 2, 0)
-        elif t.dim() != 2:
-            raise ValueError(f"image tensor must be CHW or HW, got shape {tuple(image.shape)}")
-        array = t.float().numpy() if t.is_floating_point() else t.numpy()
-    else:
-        array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise ValueError(f"image must be HWC with 1 or 3 channels, got shape {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"image must be uint8 or float in [0,1], got dtype {array.dtype}")
-    return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
-
-
-def captioned_row(tiles: list[tuple[str, np.ndarray | torch.Tensor]], gap: int = 4, band: int = 22) -> np.ndarray:
-    """Pictures side by side, each under its caption: an HWC ``uint8`` array on a white background.
-
-    ``tiles`` are ``(caption, image)`` pairs of one size (anything :func:`to_hwc_uint8` takes). Captions are drawn
-    in black in a ``band``-pixel strip above each picture with PIL's built-in font (nothing is downloaded).
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.load_default(size=band - 6)  # scalable where PIL has FreeType
-    except (TypeError, ValueError, OSError, ImportError):
-        font = ImageFont.load_default()
-
-    if not tiles:
-        raise ValueError("captioned_row needs at least one picture")
-    pictures = [to_hwc_uint8(image) for _, image in tiles]
-    h, w = pictures[0].shape[:2]
-    if any(p.shape[:2] != (h, w) for p in pictures):
-        raise ValueError(f"captioned_row pictures must share one size, got {[p.shape[:2] for p in pictures]}")
-    canvas = np.full((band + h, len(pictures) * w + (len(pictures) - 1) * gap, 3), 255, dtype=np.uint8)
-    for index, picture in enumerate(pictures):
-        left = index * (w + gap)
-        canvas[band:, left: left + w] = picture
-    drawn = Image.fromarray(canvas)
-    pen = ImageDraw.Draw(drawn)
-    for index, (caption, _) in enumerate(tiles):
-        pen.text((index * (w + gap) + 3, 2), caption, fill=(0, 0, 0), font=font)
-    return np.asarray(drawn)
-
-
-def sample_grid(image: torch.Tensor, mask: torch.Tensor, output: torch.Tensor, truth: torch.Tensor,
-                max_rows: int = 4, gap: int = 2) -> np.ndarray:
-    """A picture of a batch: one row per sample, columns ``input | masked | output | truth``.
-
-    ``image`` is what the generator was given, ``masked`` shows it with the hole painted white,
-    ``output`` is the generator's (composited) result and ``truth`` the target. Tensors are (B,C,H,W) in
-    [0,1], mask (B,1,H,W) with 1 = hole. Returns an HWC ``uint8`` array with ``gap``-pixel white lines.
-    """
-    if image.dim() != 4 or output.shape != image.shape or truth.shape != image.shape:
-        raise ValueError(
-            f"sample_grid needs image, output and truth of one (B,3,H,W) shape, got "
-            f"{tuple(image.shape)}, {tuple(output.shape)}, {tuple(truth.shape)}"
-        )
-    if mask.dim() != 4 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"sample_grid mask must be (B,1,H,W) matching the image, got {tuple(mask.shape)}")
-    rows = min(int(max_rows), image.shape[0])
-    if rows < 1:
-        raise ValueError("sample_grid needs at least one sample")
-    with torch.no_grad():
-        hole = mask[:rows, :1].detach().float().cpu()
-        img = image[:rows].detach().float().cpu()
-        masked = img * (1 - hole) + hole  # white where the hole is
-        columns = [img, masked, output[:rows].detach().float().cpu(), truth[:rows].detach().float().cpu()]
-    h, w = image.shape[-2:]
-    canvas = np.full((rows * h + (rows - 1) * gap, 4 * w + 3 * gap, 3), 255, dtype=np.uint8)
-    for r in range(rows):
-        for c, column in enumerate(columns):
-            top, left = r * (h + gap), c * (w + gap)
-            canvas[top: top + h, left: left + w] = to_hwc_uint8(column[r])
-    return canvas
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -454,7 +311,21 @@ class RunTracker:
             log.warning("system metrics not logged: %s", redact(str(exc)))
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything queued so far has been sent (or dropped); True when the queue is empty."""
+        """Wait until everything queued so far has been sent (or dropped); True when the queue is empty.
+
+        When the time runs out first (the server is still unreachable), one warning counts what is still queued:
+        a process that ends now (a training worker) loses exactly that much, and says so.
+        """
+        timeout_s = self.finish_timeout_s if timeout_s is None else timeout_s
+        if self._flush(timeout_s):
+            return True
+        with self._lock:
+            metrics, others = len(self._metrics), len(self._operations)
+        log.warning("MLflow run %s: %d metric points and %d other writes still unsent after %.0f s (tracking server "
+                    "unreachable); they are lost if this process ends now", self.run_id, metrics, others, timeout_s)
+        return False
+
+    def _flush(self, timeout_s: float | None = None) -> bool:
         deadline = time.monotonic() + (self.finish_timeout_s if timeout_s is None else timeout_s)
         while time.monotonic() < deadline:
             with self._lock:
@@ -480,7 +351,7 @@ class RunTracker:
                 self._system_monitor.finish()
             self._system_monitor = None
         started = time.monotonic()
-        complete = self.flush()
+        complete = self._flush()
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=1.0)

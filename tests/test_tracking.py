@@ -153,6 +153,17 @@ def test_sample_grid_rows_are_samples_and_columns_input_masked_output_truth():
     assert (second_row[:, 2 * (w + 2): 2 * (w + 2) + w] == 128).all()  # output
 
 
+def test_every_picture_draws_the_hole_one_way():
+    from pipeline.pictures import HOLE_FILL, show_hole
+
+    image, mask = torch.full((1, 3, 4, 4), 0.25), torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    shown = show_hole(image, mask)
+    assert (shown[..., :2, :] == HOLE_FILL).all() and (shown[..., 2:, :] == 0.25).all()
+    grid = sample_grid(image, mask, image, image, max_rows=1, gap=0)
+    assert (grid[:2, 4:8] == round(HOLE_FILL * 255)).all()  # the grid's "masked" column uses it too
+
+
 def test_images_convert_from_chw_float_and_hwc_uint8():
     chw = torch.zeros(3, 4, 5)
     chw[0] = 1.0
@@ -264,6 +275,8 @@ def test_dead_server_never_blocks_or_raises_into_training(monkeypatch, caplog):
         for step in range(25):
             tracker.log_metrics({"loss": 1.0}, step=step)
         assert time.monotonic() - started < 1.0
+        assert not tracker.flush(timeout_s=0.5)  # a worker about to exit is told what it loses
+        assert "still unsent after" in caplog.text
         tracker.finish()
     assert tracker.losses.metrics_dropped >= 15
     assert "metric buffer full" in caplog.text and "were not recorded" in caplog.text

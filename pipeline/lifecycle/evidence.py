@@ -2,7 +2,7 @@
 
 * :func:`comparison_markdown`: every metric of champion and challenger side by side, per hole bucket and
   overall, with N (the version description renders it as a table);
-* :func:`bucket_pictures`: per bucket, rows of input with the hole greyed | champion | challenger | truth for
+* :func:`bucket_pictures`: per bucket, rows of input with its hole shown | champion | challenger | truth for
   the samples both evaluations kept (the same eval keys);
 * :func:`log_evidence`: one run in the promotion experiment holding the table and the pictures; its id is
   tagged on the challenger version.
