@@ -24,12 +24,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-SIZES = {"rn": (32, 2), "lbam": (256, 1)}  # crop, micro-batch: the smallest each model trains on
+SIZES = {"rn": (32, 2), "lbam": (256, 1)}  # crop, micro-batch: the smallest each official network trains on
+# CPU cases (``tiny=True``): one RN residual block; LBAM at 1/16 width and 128 px with a 3-layer stand-in for the
+# VGG16 of its perceptual/style losses. The same step code (autocast placement, fp32 Gram/BCE, DeepSpeed engines)
+# at a cost where bf16 on a CPU without native bf16 (~240x slower than fp32) takes seconds; full size: tests/gpu.
+TINY_SIZES = {"rn": (32, 2), "lbam": (128, 1)}
+TINY_WIDTH = 1 / 16
 
 
-def uint8_batches(arch: str, seed: int = 0, batch: int | None = None, size: int | None = None, pin: bool = False):
+class StandInFeatures(torch.nn.Module):
+    """Three ReLU conv stages with a 2x2 max-pool after each, like VGG16's pool1..pool3, at 8/16/32 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+            for i, o in ((3, 8), (8, 16), (16, 32))
+        )
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features, x = [], images
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+def uint8_batches(arch: str, seed: int = 0, batch: int | None = None, size: int | None = None, pin: bool = False,
+                  tiny: bool = False):
     """Endless loader-like batches: uint8 image (B,3,S,S), uint8 0|255 mask (B,S,S) (pinned when ``pin``)."""
-    size, batch = size or SIZES[arch][0], batch or SIZES[arch][1]
+    sizes = TINY_SIZES if tiny else SIZES
+    size, batch = size or sizes[arch][0], batch or sizes[arch][1]
     generator = torch.Generator().manual_seed(seed)
     while True:
         image = torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8)
@@ -37,8 +62,9 @@ def uint8_batches(arch: str, seed: int = 0, batch: int | None = None, size: int 
         yield {"image": image.pin_memory(), "mask": mask.pin_memory()} if pin else {"image": image, "mask": mask}
 
 
-def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: torch.device = torch.device("cpu"), batch: int | None = None):
-    """Recipe, engines and the step's callables, built as ``train_worker`` builds them."""
+def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: torch.device = torch.device("cpu"),
+          batch: int | None = None, tiny: bool = False):
+    """Recipe, engines and the step's callables, built as ``train_worker`` builds them (``tiny``: the CPU sizes)."""
     from models.registry import get_architecture
     from pipeline.train.config import DeepSpeedSection
     from pipeline.train.engines import DiscriminatorCaller, build_engines, step_updater
@@ -48,9 +74,17 @@ def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: tor
     torch.manual_seed(seed)
     generator, discriminator = spec.generator(), spec.discriminator(**discriminator_options(arch))
     recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {}))
+    if tiny and arch == "rn":
+        generator = spec.generator(residual_blocks=1)
+    elif tiny and arch == "lbam":
+        from pipeline.train.recipes import LBAMOptions, LBAMRecipe
+
+        generator = spec.generator(width=TINY_WIDTH)
+        discriminator = spec.discriminator(input_size=TINY_SIZES["lbam"][0], width=TINY_WIDTH)
+        recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=StandInFeatures())
     engines = build_engines(
         recipe, generator, discriminator, DeepSpeedSection(zero_stage=zero_stage, precision=precision),
-        micro_batch_size=batch or SIZES[arch][1], world_size=dist.get_world_size(), steps_per_epoch=10_000, device=device,
+        micro_batch_size=batch or (TINY_SIZES if tiny else SIZES)[arch][1], world_size=dist.get_world_size(), steps_per_epoch=10_000, device=device,
     )
     recipe.to(device)
     D = DiscriminatorCaller(engines.discriminator)
@@ -68,8 +102,8 @@ def step(recipe, parts, batches, precision: str, device: torch.device = torch.de
 def syncs(arch: str, zero_stage: int, precision: str, steps: int = 2) -> dict:
     from pipeline.train.host_sync import count_host_reads
 
-    recipe, _, parts = build(arch, zero_stage, precision)
-    batches = uint8_batches(arch)
+    recipe, _, parts = build(arch, zero_stage, precision, tiny=True)
+    batches = uint8_batches(arch, tiny=True)
     step(recipe, parts, batches, precision)  # first step: DeepSpeed's one-off set-up
     with count_host_reads() as count:
         for _ in range(steps):
@@ -83,8 +117,9 @@ def resume(arch: str, zero_stage: int, precision: str, device: torch.device = to
     from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
     from pipeline.train.recipes import logs_to_floats
 
-    recipe, engines, parts = build(arch, zero_stage, precision, seed=0, device=device)
-    batches = uint8_batches(arch, seed=1)
+    tiny = device.type == "cpu"
+    recipe, engines, parts = build(arch, zero_stage, precision, seed=0, device=device, tiny=tiny)
+    batches = uint8_batches(arch, seed=1, tiny=tiny)
     for _ in range(2):
         step(recipe, parts, batches, precision, device)
     results = {}
@@ -97,7 +132,7 @@ def resume(arch: str, zero_stage: int, precision: str, device: torch.device = to
             state_file = Path(directory) / "state.json"
             tree = json.loads(state_file.read_text())
             state_file.write_text(json.dumps({**tree, "world_size": written_by}))
-            recipe2, engines2, parts2 = build(arch, zero_stage, precision, seed=123, device=device)  # other weights
+            recipe2, engines2, parts2 = build(arch, zero_stage, precision, seed=123, device=device, tiny=tiny)  # other weights
             try:
                 restore_checkpoint(directory, engines2, rank=0, world_size=1, zero_stage=zero_stage, arch=arch)
             except ValueError as exc:
