@@ -27,6 +27,15 @@ install: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/models.py
 
+# It learns: RN and LBAM trained ~20 min each on the CPU through the real path (shard job, Ray Train + DeepSpeed,
+# MLflow), then compared on held-out images with their untrained selves, a mean-colour fill and OpenCV's Telea
+# (bench/convergence.py; README "It learns"). LEARN_ARGS e.g. "--only rn" or "--set rn:train.max_steps=50".
+LEARN_ARGS ?=
+.PHONY: learn
+learn: $(STAMP)
+	$(PY) -c "import cv2" 2>/dev/null || $(PY) -m pip install -q opencv-python-headless
+	$(PY) bench/convergence.py $(LEARN_ARGS)
+
 $(STAMP): pyproject.toml infra/install_pillow_simd.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
