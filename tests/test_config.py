@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Annotated, Literal, Union
 
 import pytest
+from pydantic import Field, model_validator
 
-from pipeline.config import Config, ConfigError, add_config_arguments, flatten, load_config, parse_job_config
+from pipeline.config import Config, ConfigError, add_config_arguments, derive, flatten, load_config, parse_job_config
 
 
 class Data(Config):
@@ -73,3 +75,44 @@ def test_job_arguments_and_flatten(tmp_path):
     flat = flatten(cfg)
     assert flat["data.manifest"] == "m.json" and flat["train.max_steps"] == 2
     assert "train.lr" in flat
+
+
+class Cat(Config):
+    kind: Literal["cat"]
+    lives: int = 9
+
+
+class Dog(Config):
+    kind: Literal["dog"]
+    good: bool = True
+
+
+class Pets(Config):
+    pet: Annotated[Union[Cat, Dog], Field(discriminator="kind")]
+    name: str = "rex"
+
+    @model_validator(mode="after")
+    def _at_most_nine_lives(self) -> "Pets":
+        if isinstance(self.pet, Cat) and self.pet.lives > 9:
+            raise ConfigError.at("pet.lives", "a cat has at most 9 lives")
+        return self
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["pet.kind=cat", "pet.good=true"], "config key pet.good: unknown key"),  # no union tag in the key
+    (["pet.kind=dog", "pet.good=maybe"], "config key pet.good: Input should be a valid boolean"),
+    (["pet.kind=cow"], "config key pet.kind: must be one of 'cat', 'dog', got 'cow'"),
+    (["pet.kind=cat", "pet.lives=10"], "config key pet.lives: a cat has at most 9 lives"),  # a validator's own key
+])
+def test_one_reading_of_every_validation_error(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config(Pets, None, overrides)
+    assert str(err.value).startswith(line)
+
+
+def test_configs_derive_from_objects_and_stay_validated():
+    pets = load_config(Pets, None, ["pet.kind=cat"], updates={"name": "tom"})
+    older = derive(pets, {"pet": {"lives": 3}})
+    assert (older.pet.lives, older.name, pets.pet.lives) == (3, "tom", 9)
+    with pytest.raises(ConfigError, match="^config key pet.lives: a cat has at most 9 lives$"):
+        derive(pets, {"pet": {"lives": 10}})
