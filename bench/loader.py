@@ -19,6 +19,14 @@ separately and printed with the epoch length at which it would cost 5 % of the p
 
 Memory: RSS of a loader process after ``--rss`` sample counts (e.g. 1k and 10k); flat means the
 loader holds no per-sample state (shuffle buffer bounded, shards streamed). Target: throughput >= 2x.
+
+Components (``--components``; CPU time per sample, same shards in memory, best of ``--rounds``): each piece
+holefill could take from webdataset, side by side with the one it uses:
+
+* tar members: :func:`pipeline.data.tario.tar_members` (whitelisted members) vs webdataset's
+  ``tar_file_iterator`` (``tarfile``'s stream reader, as ``tar_file_expander`` uses it);
+* shuffle buffer: webdataset's ``_shuffle`` (what the loader uses) vs a hand-written reservoir buffer;
+* shard resampling: webdataset's ``ResampledShards`` (what the loader uses) vs ``random.choice`` in a loop.
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.imageops import encode_mask_png, pillow_flavour, prepare_image  # noqa: E402
+from pipeline.data.imageops import encode_mask_png, prepare_image  # noqa: E402
+from pipeline.joblog import pillow_flavour  # noqa: E402
 from pipeline.data.loaders import make_train_loader  # noqa: E402
 from pipeline.data.masks import describe, hole_ratio, make_mask  # noqa: E402
 from pipeline.data.sample_data import generate_sample_dataset  # noqa: E402
@@ -118,18 +127,100 @@ def rss_curve(shards: list[str], checkpoints: list[int]) -> list[tuple[int, floa
     return points
 
 
+def _best_per_sample(work, count: int, rounds: int) -> float:
+    """Best CPU microseconds per item of ``work()`` (which handles ``count`` items) over ``rounds`` runs."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best / count * 1e6
+
+
+def _reservoir(src, bufsize: int, rng: random.Random):
+    """A hand-written reservoir shuffle buffer (what the loader used before webdataset's)."""
+    buffer = []
+    for sample in src:
+        if len(buffer) < bufsize:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(bufsize)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def components(shards: list[str], rounds: int) -> None:
+    """Per-sample CPU of the pieces webdataset offers vs holefill's; prints a table with ratios."""
+    import io
+
+    from webdataset.filters import _shuffle
+    from webdataset.tariterators import tar_file_iterator
+
+    from pipeline.data.loaders import MEMBER_WHITELIST
+    from pipeline.data.tario import tar_members
+
+    def wanted(name: str) -> bool:
+        return name.split(".", 1)[1].lower() in MEMBER_WHITELIST if "." in name else False
+
+    blobs = [Path(url).read_bytes() for url in shards]
+    samples = sum(1 for blob in blobs for name, _ in tar_members(io.BytesIO(blob), wanted) if name.endswith(".jpg"))
+
+    def lean():
+        for blob in blobs:
+            for _ in tar_members(io.BytesIO(blob), wanted):
+                pass
+
+    def stock():
+        for blob in blobs:
+            for member in tar_file_iterator(io.BytesIO(blob)):
+                wanted(member["fname"])
+
+    rows = [("tar members", "tario.tar_members", _best_per_sample(lean, samples, rounds),
+             "webdataset tar_file_iterator", _best_per_sample(stock, samples, rounds))]
+    items = [{"__key__": f"k{i}", "jpg": b"x" * 64} for i in range(20000)]
+    rows.append(("shuffle buffer (500)", "webdataset _shuffle",
+                 _best_per_sample(lambda: sum(1 for _ in _shuffle(iter(items), 500, 500, rng=random.Random(0))),
+                                  len(items), rounds),
+                 "hand-written reservoir",
+                 _best_per_sample(lambda: sum(1 for _ in _reservoir(iter(items), 500, random.Random(0))),
+                                  len(items), rounds)))
+    draws = 20000
+
+    def library_resample():
+        shards_ds = wds.ResampledShards(shards, nshards=draws, worker_seed=lambda: 0, deterministic=True)
+        for _ in shards_ds:
+            pass
+
+    def loop_resample():
+        rng = random.Random(0)
+        for _ in range(draws):
+            rng.choice(shards)
+
+    rows.append(("shard resampling", "webdataset ResampledShards", _best_per_sample(library_resample, draws, rounds),
+                 "random.choice loop", _best_per_sample(loop_resample, draws, rounds)))
+    print(f"{'component':<22}{'used by the loader':<30}{'us/item':>9}   {'alternative':<30}{'us/item':>9}{'ratio':>8}")
+    for name, used, used_us, other, other_us in rows:
+        print(f"{name:<22}{used:<30}{used_us:>9.2f}   {other:<30}{other_us:>9.2f}{other_us / used_us:>7.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64, help="distinct source images")
     parser.add_argument("--samples", type=int, default=1500, help="samples timed per loader")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (best of each kept)")
     parser.add_argument("--rss", default="1000,10000", help="sample counts at which to read the RSS")
+    parser.add_argument("--components", action="store_true", help="only the component table (tar, shuffle, resampling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     n_batches = max(1, args.samples // BATCH)
     print(f"{pillow_flavour()}; torch threads 1; batch {BATCH}; {args.images} images; {n_batches * BATCH} samples")
     with tempfile.TemporaryDirectory() as tmp:
         images, masks, shards = build_inputs(Path(tmp), args.images)
+        components(shards, args.rounds)
+        if args.components:
+            return 0
         window = max(1, n_batches // args.rounds)
         baseline = baseline_batches(images, masks)
         cpu_seconds_for(baseline, 2)  # warm the page cache and lazy imports
