@@ -51,11 +51,6 @@ def reference_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
     return G, D
 
 
-def _prepared(recipe: Any, D: torch.nn.Module) -> torch.nn.Module:
-    prepare = getattr(recipe, "prepare_discriminator", None)
-    return prepare(D) if prepare is not None else D
-
-
 def replay(recipe: Any, G: torch.nn.Module, D: Any, update_d: Callable, update_g: Callable, steps: int = 3) -> dict[str, Any]:
     """Run ``steps`` holefill GAN steps on the reference batch; losses (reference names), predictions, D after."""
     from pipeline.train.recipes import gan_step, logs_to_floats
@@ -82,7 +77,7 @@ def replay_with_torch(recipe: Any, steps: int = 3, fused: bool | None = None) ->
     from pipeline.train.recipes import torch_updater
 
     G, D = reference_networks()
-    D = _prepared(recipe, D)
+    D = recipe.prepare_discriminator(D)
     update_d = torch_updater(recipe.discriminator_optimizer.build(D.parameters(), fused=fused))
     update_g = torch_updater(recipe.generator_optimizer.build(G.parameters(), fused=fused))
     return replay(recipe, G, D, update_d, update_g, steps)
@@ -96,7 +91,6 @@ def replay_with_deepspeed(recipe: Any, zero_stage: int, steps: int = 3) -> dict[
     from pipeline.train.engines import DiscriminatorCaller, build_engines, step_updater
 
     G, D = reference_networks()
-    D = _prepared(recipe, D)
     engines = build_engines(
         recipe, G, D, DeepSpeedSection(zero_stage=zero_stage, precision="fp32"),
         micro_batch_size=2, world_size=dist.get_world_size(), steps_per_epoch=10_000, device=torch.device("cpu"),
@@ -129,14 +123,14 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
     from pipeline.train.engines import init_distributed
-    from pipeline.train.official import RNOfficialRecipe
+    from pipeline.train.spec import build_recipe
 
     init_distributed(False)
-    plain = replay_with_torch(RNOfficialRecipe(), fused=True)
+    plain = replay_with_torch(build_recipe("rn", official=True), fused=True)
     out = {}
     for stage in stages:
         try:
-            result = replay_with_deepspeed(RNOfficialRecipe(), int(stage))
+            result = replay_with_deepspeed(build_recipe("rn", official=True), int(stage))
         except Exception as exc:  # reported, so the test shows which stage failed and why
             out[stage] = {"error": f"{type(exc).__name__}: {exc}"}
             continue

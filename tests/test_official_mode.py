@@ -26,7 +26,8 @@ import torch
 from official_probe import LOSS_NAMES, deviations, load_reference, replay_with_torch
 
 from pipeline.train.official import CarriedGradient, LBAMOfficialRecipe, RNOfficialRecipe, bce_on_probabilities
-from pipeline.train.recipes import LBAMOptions, RNOptions, RNRecipe, gan_step, torch_updater
+from pipeline.train.recipes import LBAMOptions, gan_step, torch_updater
+from pipeline.train.spec import build_recipe
 
 PROBE = Path(__file__).with_name("official_probe.py")
 LOSS_TOLERANCE = 1e-5
@@ -54,7 +55,7 @@ def test_reference_file_is_the_official_loop(reference):
 
 
 def test_rn_official_mode_reproduces_the_official_training_loop(reference, one_thread):
-    result = deviations(replay_with_torch(RNOfficialRecipe(RNOptions())), reference)
+    result = deviations(replay_with_torch(build_recipe("rn", official=True)), reference)
     for i, worst in enumerate(result["per_iteration"]):
         assert worst["loss"] < LOSS_TOLERANCE, f"iteration {i + 1}: losses differ by {worst['loss']:.2e}"
         assert worst["pred"] < PRED_TOLERANCE, f"iteration {i + 1}: prediction differs by {worst['pred']:.2e}"
@@ -63,7 +64,7 @@ def test_rn_official_mode_reproduces_the_official_training_loop(reference, one_t
 
 
 def test_rn_default_recipe_is_not_the_official_loop_but_its_clean_variant(reference, one_thread):
-    result = deviations(replay_with_torch(RNRecipe()), reference)
+    result = deviations(replay_with_torch(build_recipe("rn")), reference)
     # Iteration 1 has no carried gradient yet: identical. From iteration 2 on the official D also stepped with
     # G's loss gradient, which the default recipe never lets reach D.
     assert result["per_iteration"][0]["loss"] < LOSS_TOLERANCE
@@ -153,7 +154,7 @@ def test_lbam_official_step_is_the_published_step_derived_by_hand():
     step started from (the official ``D_fake``, computed before ``D_optimizer.step()``)."""
     from models.losses import gradient_penalty
 
-    recipe = LBAMOfficialRecipe(LBAMOptions(allow_random_vgg=True), vgg=PooledFeatures())
+    recipe = LBAMOfficialRecipe(LBAMOptions(allow_random_vgg=True, official=True), vgg=PooledFeatures())
     G, D = _lbam_networks()
     D = recipe.prepare_discriminator(D)
     G_hand, D_hand = copy.deepcopy(G), copy.deepcopy(D)

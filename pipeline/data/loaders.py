@@ -361,7 +361,11 @@ def _shuffled(src: Iterator[dict], bufsize: int, seeds: _StreamSeed) -> Iterator
     return wds.shuffle(bufsize, bufsize, rng=random.Random(seeds.derive("shuffle")))(src)
 
 
-def _train_crops(src: Iterator[dict], crop_size: int, seeds: _StreamSeed) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _train_crops(
+    src: Iterator[dict], crop_size: int, seeds: _StreamSeed, geometry: str = "crop", pool: Any = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    from pipeline.data.train_geometry import train_sample  # deferred: it builds on this module's crop
+
     rng = np.random.Generator(np.random.PCG64(seeds.derive("crop")))
     for raw in src:
         try:
@@ -369,7 +373,19 @@ def _train_crops(src: Iterator[dict], crop_size: int, seeds: _StreamSeed) -> Ite
         except (ValueError, OSError) as exc:  # a corrupt sample must not stop a multi-day run
             _warn_and_continue(exc)
             continue
-        yield random_crop_flip(sample.image, sample.mask, crop_size, rng)
+        if pool is None:
+            yield train_sample(sample.image, sample.mask, crop_size, rng, geometry)
+        else:  # a mask drawn anew from the pool at every load of an image, as the official loaders do
+            yield train_sample(sample.image, pool.draw(rng), crop_size, rng, geometry, pooled=True)
+
+
+def _load_pool(urls: Sequence[str], storage_options: StorageOptionsLike) -> Any:
+    """The training mask pool (read once, in the main process; workers share it), or None without one."""
+    if not urls:
+        return None
+    from pipeline.data.mask_pool import MaskPool
+
+    return MaskPool.load(list(urls), storage_options)
 
 
 def _collate_uint8(samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -448,6 +464,8 @@ def make_train_loader(
     pin_memory: bool = False,
     read_retry: ReadRetry | None = None,
     verify: Verify = "size",
+    geometry: str = "crop",
+    mask_pool: Sequence[str] = (),
 ) -> TrainLoader:
     """Endless-source training loader giving exactly ``batches_per_epoch`` batches on every rank.
 
@@ -461,7 +479,15 @@ def make_train_loader(
     Shard reads that fail transiently are retried (``read_retry``, logged); a shard that stays unreadable, is
     corrupt, or does not match its manifest (``verify``: ``size``, ``sha256`` or ``none``) is skipped with a
     warning naming it, and another is drawn: a multi-day run is not killed by one bad object.
+
+    ``geometry`` (``crop``, ``rn``, ``lbam``: :mod:`pipeline.data.train_geometry`) turns a stored image into a
+    crop as holefill or as each paper's loader did. ``mask_pool`` (pool index URLs, :mod:`pipeline.data.mask_pool`)
+    replaces each sample's shard mask by one drawn from the pools at every load, seeded like the crops.
     """
+    from pipeline.data.train_geometry import GEOMETRIES
+
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
     for name, value in (("batch_size", batch_size), ("crop_size", crop_size), ("batches_per_epoch", batches_per_epoch)):
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -481,7 +507,7 @@ def make_train_loader(
     if shuffle_buffer > 1:
         stages.append(wds.pipelinefilter(_shuffled)(shuffle_buffer, seeds))
     stages += [
-        wds.pipelinefilter(_train_crops)(crop_size, seeds),
+        wds.pipelinefilter(_train_crops)(crop_size, seeds, geometry, _load_pool(mask_pool, storage_options)),
         wds.batched(batch_size, collation_fn=_collate_uint8, partial=False),
     ]
     pipeline = wds.DataPipeline(*stages)

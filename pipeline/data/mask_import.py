@@ -6,14 +6,17 @@ normalises them to holefill's convention - (H, W) uint8, 255 = hole, binary, at 
 with *nearest* so no gray values appear - and files each mask under its hole-ratio bucket from
 :mod:`pipeline.buckets`.
 
-For evaluation only: RN and LBAM were *trained* on the NVIDIA masks, so using them for training here
-would leak the test masks into training (and the shard job never reads them).
+Mainly for evaluation: RN and LBAM were *trained* on the NVIDIA masks, so training on them leaks the test
+masks into training (and the shard job never reads them). Reproducing the papers' recipe needs exactly that,
+so :func:`import_training_pool` imports a folder as a training mask pool (:mod:`pipeline.data.mask_pool`) on
+explicit request, with the leakage warning logged and written into the pool's index.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
@@ -34,10 +37,20 @@ __all__ = [
     "bucket_counts",
     "import_mask",
     "import_mask_folder",
+    "import_training_pool",
     "write_imported_masks",
 ]
 
 MASK_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+
+log = logging.getLogger(__name__)
+
+# Logged and stored in the pool's index whenever external masks are imported for training.
+TRAINING_LEAKAGE_WARNING = (
+    "masks imported for TRAINING: if these are the NVIDIA irregular test masks (as RN and LBAM trained on), "
+    "evaluating on the same masks afterwards measures on masks seen in training; evaluate on holefill's own "
+    "eval set or on masks not in this pool"
+)
 
 
 @dataclass(frozen=True)
@@ -143,3 +156,30 @@ def write_imported_masks(
     with open_url(url, "wb", storage_options) as f:
         f.write(json.dumps(index, indent=1).encode())
     return url
+
+
+def import_training_pool(
+    source: str,
+    dest: str,
+    *,
+    size: int | tuple[int, int] = 512,
+    white_is_hole: bool = True,
+    threshold: int = 128,
+    storage_options: StorageOptionsLike = None,
+) -> str:
+    """Import every mask under ``source`` as a training mask pool at ``dest`` (all hole ratios kept); returns the
+    pool's index URL for ``data.mask_pool``. Logs :data:`TRAINING_LEAKAGE_WARNING` and records it in the index.
+
+    ``size`` defaults to NVIDIA's native 512: the loader resizes pool masks to the crop itself, with each paper's
+    own resampling (RN: bilinear then > 0; LBAM: nearest).
+    """
+    from pipeline.data.mask_pool import write_mask_pool  # deferred: keeps this module's imports light
+
+    log.warning("%s (source: %s)", TRAINING_LEAKAGE_WARNING, source)
+    masks = import_mask_folder(
+        source, size=size, white_is_hole=white_is_hole, threshold=threshold, storage_options=storage_options
+    )
+    return write_mask_pool(
+        ((m.key, m.mask) for m in masks), dest, source=source, storage_options=storage_options,
+        extra={"warning": TRAINING_LEAKAGE_WARNING},
+    )

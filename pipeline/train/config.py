@@ -95,6 +95,16 @@ class DataSection(Config):
     loader_workers: int = Field(2, ge=0)
     eval_batch_size: int = Field(4, gt=0)
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    train_geometry: Literal["crop", "rn", "lbam"] = Field(
+        "crop",
+        description="stored image -> training crop: crop (random crop + flip), rn (centre square -> bilinear resize "
+        "+ flip, official RN) or lbam (350x350 bicubic, random crop + flip, official LBAM); pipeline.data.train_geometry",
+    )
+    mask_pool: Annotated[str | None, LocalPath()] = Field(
+        None,
+        description="a mask pool's index.json (pipeline.data.mask_pool): each image gets a mask drawn anew from the "
+        "pool at every load, as the official loaders did, instead of the mask its shard stores",
+    )
 
 
 class TrainSection(Config):
@@ -263,6 +273,9 @@ def check_train_config(config: TrainJobConfig) -> None:
 
     if train.ckpt_every and train.ckpt_every > train.max_steps:
         raise _fail("train.ckpt_every", f"{train.ckpt_every} exceeds train.max_steps={train.max_steps}; no checkpoint would be written before the end")
+    if getattr(config.model.options, "official", False) and ds.gradient_accumulation_steps != 1:
+        # The official steps have no accumulation, and RN's carried D gradient would be scaled by it.
+        raise _fail("deepspeed.gradient_accumulation_steps", "must be 1 with model.options.official (the official step has no accumulation)")
     _check_generator_options(config.model)
 
 

@@ -149,7 +149,9 @@ def build_engines(
 ) -> GanEngines:
     """Move G and D to ``device`` and wrap each in its own DeepSpeed engine with the recipe's Adam settings
     (:meth:`~pipeline.train.recipes.OptimizerSettings.build`) and LR schedule; ``lr_scale`` multiplies both base
-    learning rates (``train.lr_scale``)."""
+    learning rates (``train.lr_scale``). D is first passed through ``recipe.prepare_discriminator`` (official
+    LBAM: global-batch BatchNorm), so every engine trains the discriminator its recipe expects."""
+    discriminator = recipe.prepare_discriminator(discriminator)
     ds_config = deepspeed_config(ds, micro_batch_size, world_size)
     # One ZeRO-0 rank has nothing to average, yet DeepSpeed's fallback all-reduce still flattens every gradient
     # into a buffer, reduces it and copies it back (ZeRO 1/2 reduce inside their own optimiser).

@@ -97,6 +97,8 @@ def _batches(
             storage_options=data.storage_options,
             uint8=True,  # converted on the device by device_batch: 4x fewer bytes cross PCIe
             pin_memory=pin_memory,
+            geometry=data.train_geometry,
+            mask_pool=[data.mask_pool] if data.mask_pool else [],
         )
         yield from loader
         seed += 1  # only reached if the loader's epoch ended early: start a new pass with a new seed

@@ -49,7 +49,10 @@ from models.losses import composite, gradient_penalty, wgan_discriminator_loss
 from pipeline.train.global_batch import global_mean, use_global_batch_norm
 from pipeline.train.recipes import LBAMOptions, LBAMRecipe, Logs, RNOptions, RNRecipe, _detached
 
-__all__ = ["CarriedGradient", "LBAMOfficialRecipe", "RNOfficialRecipe", "bare_module", "bce_on_probabilities"]
+__all__ = [
+    "CarriedGradient", "LBAMOfficialRecipe", "RNOfficialRecipe", "bare_module", "bce_on_probabilities", "lbam_recipe",
+    "rn_recipe",
+]
 
 
 def bare_module(D: nn.Module) -> nn.Module:
@@ -164,3 +167,13 @@ class LBAMOfficialRecipe(LBAMRecipe):
         # Buffers are copies too: this re-scoring must not move BatchNorm's running statistics a fourth time.
         before_update = lambda pred_, mask_: functional_call(module, state, (pred_, mask_))  # noqa: E731
         return super().generator_loss(before_update, image, mask, pred)
+
+
+def rn_recipe(options: RNOptions) -> RNRecipe:
+    """RN's recipe for ``model.options``: the official step when ``official`` is set, the fixed one otherwise."""
+    return RNOfficialRecipe(options) if options.official else RNRecipe(options)
+
+
+def lbam_recipe(options: LBAMOptions) -> LBAMRecipe:
+    """LBAM's recipe for ``model.options``: the official step when ``official`` is set, the fixed one otherwise."""
+    return LBAMOfficialRecipe(options) if options.official else LBAMRecipe(options)

@@ -178,6 +178,8 @@ class GanRecipe(ABC):
     """
 
     name: ClassVar[str]
+    # True for the official-mode recipes (pipeline.train.official): the authors' step, quirks included.
+    official: ClassVar[bool] = False
     generator_optimizer: OptimizerSettings
     discriminator_optimizer: OptimizerSettings
 
@@ -197,6 +199,13 @@ class GanRecipe(ABC):
     def to(self, device: torch.device | str) -> "GanRecipe":
         """Move any loss-side modules (e.g. LBAM's VGG) to ``device``; returns ``self``."""
         return self
+
+    def prepare_discriminator(self, discriminator: nn.Module) -> nn.Module:
+        """The discriminator as this recipe trains it, called once before optimisers or engines are built.
+
+        Unchanged by default; LBAM's official mode gives its BatchNorm layers global-batch statistics.
+        """
+        return discriminator
 
     @abstractmethod
     def discriminator_loss(
@@ -221,6 +230,9 @@ class RNOptions(Config):
 
     l1_weight: float = Field(1.0, ge=0)
     gan_weight: float = Field(0.1, ge=0)
+    official: bool = Field(
+        False, description="train with the official step, quirks included (pipeline.train.official, docs/deviations.md)"
+    )
 
 
 class RNRecipe(GanRecipe):
@@ -273,6 +285,11 @@ class LBAMOptions(Config):
     adversarial_weight: float = Field(0.1, ge=0)
     gp_weight: float = Field(10.0, ge=0)
     adversarial: AdversarialMode = "wgan-gp"
+    official: bool = Field(
+        False,
+        description="train with the official step: published signs (whatever adversarial says), G scored by the "
+        "pre-update D, global-batch D BatchNorm (pipeline.train.official, docs/deviations.md)",
+    )
     allow_random_vgg: bool = False  # before vgg_weights: its check reads this
     vgg_weights: Annotated[str | None, LocalPath()] = Field(None, validate_default=True)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from models.registry import get_architecture
-from pipeline.train.recipes import LBAMOptions, LBAMRecipe
+from pipeline.train.official import lbam_recipe
+from pipeline.train.recipes import LBAMOptions
 from pipeline.train.spec import ArchitectureSpec, register_spec
 
-SPEC = register_spec(ArchitectureSpec(architecture=get_architecture("lbam"), options=LBAMOptions, recipe=LBAMRecipe))
+SPEC = register_spec(ArchitectureSpec(architecture=get_architecture("lbam"), options=LBAMOptions, recipe=lbam_recipe))

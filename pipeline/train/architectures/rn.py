@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from models.registry import get_architecture
-from pipeline.train.recipes import RNOptions, RNRecipe
+from pipeline.train.official import rn_recipe
+from pipeline.train.recipes import RNOptions
 from pipeline.train.spec import ArchitectureSpec, register_spec
 
 SPEC = register_spec(ArchitectureSpec(
     architecture=get_architecture("rn"),
     options=RNOptions,
-    recipe=RNRecipe,
+    recipe=rn_recipe,
     # The recipe's BCE terms take logits (BCEWithLogits in float32), so training drops D's final sigmoid.
     discriminator_options={"use_sigmoid": False},
 ))
