@@ -211,7 +211,10 @@ def _inpaint_whole(generator: nn.Module, arch: str, image: torch.Tensor, mask: t
     param = next(generator.parameters(), None)
     device = param.device if param is not None else image.device
     dtype = param.dtype if param is not None else torch.float32
-    x, m = image.to(device=device, dtype=dtype), mask.to(device=device, dtype=dtype)
+    # One memory layout whatever the caller's (a decoded photo is channels-last, a batch built by torch.cat is
+    # not): kernels differ between layouts, so a request's bytes would depend on how it reached the generator.
+    x = image.to(device=device, dtype=dtype).contiguous()
+    m = mask.to(device=device, dtype=dtype).contiguous()
     if fit == "pad":
         pred = _predict_padded(generator, x, m, multiple)
     elif fit == "crop":

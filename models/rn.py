@@ -63,25 +63,23 @@ def _check_feature_map(x: torch.Tensor, name: str = "features") -> None:
         raise ValueError(f"{name} must be a (B,C,h,w) tensor, got shape {shape}")
 
 
-def _normalize_one_region(x: torch.Tensor, region: torch.Tensor, per_sample: bool, eps: float) -> torch.Tensor:
-    """Normalise ``x`` with the statistics of ``region`` (official ``RN_binarylabel.rn``).
+def _normalize_one_region(x: torch.Tensor, region: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise ``x`` with the statistics of ``region`` pooled over batch and space (official ``RN_binarylabel.rn``).
 
     Inside the region the result is ``(x - mu_r) / sqrt(var_r + eps * N / S_r)``; outside it is ~0.
     The official code gets there by filling the outside with the region mean, batch-normalising and
     rescaling by ``sqrt(S_r / N)``; we follow the same route so the numbers (outside ~1e-8 included)
     and the behaviour for non-binary labels are the official ones.
     """
-    dims = (2, 3) if per_sample else (0, 2, 3)
-    count = math.prod(x.shape[d] for d in dims)  # N of A1.3: pixels the statistics pool over
+    dims = (0, 2, 3)
+    count = x.shape[0] * x.shape[2] * x.shape[3]  # N of A1.3: pixels the statistics pool over
     inside = x * region
     region_size = region.sum(dim=dims, keepdim=True)
     # An empty region would divide by zero; the official code substitutes 1 (the region then maps to 0).
     region_size = torch.where(region_size == 0, torch.ones_like(region_size), region_size)
     region_mean = inside.sum(dim=dims, keepdim=True) / region_size
     filled = inside + (1 - region) * region_mean
-    if per_sample:
-        normalized = F.instance_norm(filled, eps=eps)
-    elif torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export():
         # The TorchScript ONNX exporter cannot export batch_norm over a symbolic channel count (dynamic image
         # sizes); the same batch statistics spelled out export, and agree with batch_norm to ~1e-7.
         mean = filled.mean(dim=dims, keepdim=True)
@@ -105,7 +103,8 @@ def region_normalize(
         per_sample: ``False`` (official) pools each region's mean and variance per channel over the
             whole batch and space, so an image's output depends on its batch-mates (RN issue #12).
             ``True`` pools per sample and channel over space only (instance-style): each image is
-            normalised exactly as the official mode would normalise it in a batch of one.
+            normalised exactly as the official mode normalises it in a batch of one, bit for bit (each image goes
+            through the official code alone; traced/exported graphs compute the same statistics vectorised).
         eps: the BatchNorm epsilon of the official normaliser; the effective epsilon inside a region of
             ``S_r`` pixels out of ``N`` is ``eps * N / S_r``.
 
@@ -124,10 +123,23 @@ def region_normalize(
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     features = x.to(compute_dtype)
     label = region.detach().to(compute_dtype)
-    out = _normalize_one_region(features, label, per_sample, eps) + _normalize_one_region(
-        features, 1 - label, per_sample, eps
-    )
+    if not per_sample:
+        out = _both_regions(features, label, eps)
+    elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # Traced and exported graphs must keep a dynamic batch: (B,C,h,w) -> (1,B*C,h,w), whose per-channel
+        # statistics are each image's own (shape-agnostic ops only; equal to the loop below up to float rounding).
+        flat_label = label.expand_as(features).flatten(0, 1).unsqueeze(0)
+        out = _both_regions(features.flatten(0, 1).unsqueeze(0), flat_label, eps).view_as(features)
+    else:
+        # Each image through the official code as a batch of one: the same shapes and memory layout, so the same
+        # kernels, and bit for bit what it gets alone, whatever it is batched with.
+        parts = [_both_regions(features[i:i + 1], label[i:i + 1], eps) for i in range(features.shape[0])]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.to(x.dtype)
+
+
+def _both_regions(features: torch.Tensor, label: torch.Tensor, eps: float) -> torch.Tensor:
+    return _normalize_one_region(features, label, eps) + _normalize_one_region(features, 1 - label, eps)
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:

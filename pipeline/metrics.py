@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.buckets import BUCKET_NAMES, bucket_of
+from pipeline.buckets import HOLE_RATIO_BUCKETS, Bucket, bucket_names, bucket_of, check_buckets
 
 __all__ = ["BucketedMetrics", "METRIC_NAMES", "l1", "psnr", "ssim"]
 
@@ -106,14 +106,15 @@ class BucketedMetrics:
     ``update`` takes composited outputs, targets and each image's hole ratio; images whose ratio lies
     outside every bucket count towards the overall numbers only. ``summary()`` gives ``psnr``, ``ssim``,
     ``l1`` and ``count`` overall plus ``psnr/0.01-0.10``, …, ``count/0.50-0.60`` per bucket (metric keys
-    of an empty bucket are left out; its count is 0).
+    of an empty bucket are left out; its count is 0). ``buckets``: the eval set's own (default: the papers').
     """
 
-    # Rows: one per bucket, then one for "outside every bucket"; columns: psnr, ssim, l1 sums and count.
-    _OUTSIDE = len(BUCKET_NAMES)
-
-    def __init__(self) -> None:
-        self._local = torch.zeros(len(BUCKET_NAMES) + 1, len(METRIC_NAMES) + 1, dtype=torch.float64)
+    def __init__(self, buckets: Sequence[Bucket] = HOLE_RATIO_BUCKETS) -> None:
+        self.buckets = check_buckets(buckets)
+        self.names = bucket_names(self.buckets)
+        # Rows: one per bucket, then one for "outside every bucket"; columns: psnr, ssim, l1 sums and count.
+        self._outside = len(self.names)
+        self._local = torch.zeros(len(self.names) + 1, len(METRIC_NAMES) + 1, dtype=torch.float64)
         self._reduced: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -138,8 +139,8 @@ class BucketedMetrics:
         self._reduced = None  # a previous all-reduce no longer describes the local state
 
     def _row_of(self, ratio: float) -> int:
-        name = bucket_of(ratio)
-        return self._OUTSIDE if name is None else BUCKET_NAMES.index(name)
+        name = bucket_of(ratio, self.buckets)
+        return self._outside if name is None else self.names.index(name)
 
     def all_reduce(self) -> "BucketedMetrics":
         """Sum the sums and counts of every rank (a collective: call it on all ranks); returns ``self``.
@@ -162,7 +163,7 @@ class BucketedMetrics:
         """Means overall and per bucket (after :meth:`all_reduce`, over all ranks; before it, this rank's)."""
         table = self._reduced if self._reduced is not None else self._local
         out = self._means(table.sum(dim=0), suffix="")
-        for index, name in enumerate(BUCKET_NAMES):
+        for index, name in enumerate(self.names):
             out.update(self._means(table[index], suffix=f"/{name}"))
         return out
 
@@ -180,9 +181,9 @@ class BucketedMetrics:
         return self._local.clone()
 
     @classmethod
-    def from_sums(cls, sums: Sequence[torch.Tensor]) -> "BucketedMetrics":
-        """Accumulated sums of several workers (from :meth:`sums`) added into one accumulator."""
-        merged = cls()
+    def from_sums(cls, sums: Sequence[torch.Tensor], buckets: Sequence[Bucket] = HOLE_RATIO_BUCKETS) -> "BucketedMetrics":
+        """Accumulated sums of several workers (from :meth:`sums`, with the same ``buckets``) added into one."""
+        merged = cls(buckets)
         for table in sums:
             if table.shape != merged._local.shape:
                 raise ValueError(f"bucketed sums must have shape {tuple(merged._local.shape)}, got {tuple(table.shape)}")

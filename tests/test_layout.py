@@ -1,8 +1,9 @@
 """The layout is the architecture: stages import one way and no module sits in an import circle.
 
-Stages, earliest first: ``models`` ← ``pipeline.data`` ← ``pipeline.train`` ← ``pipeline.evaluation`` ←
+Stages, earliest first: ``models`` ← ``pipeline.data`` ← ``pipeline.evaluation`` ← ``pipeline.train`` ←
 ``pipeline.lifecycle`` ← ``jobs``; the plumbing at ``pipeline``'s top is used by all stages and uses none.
-Every ``import`` counts, including those inside functions (a lazy import is still a dependency).
+Every ``import`` counts, including those inside functions (a lazy import is still a dependency). Training's
+validation is evaluation on the rank's slice, so training imports evaluation and never the other way round.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["models", "pipeline", "pipeline.data", "pipeline.train", "pipeline.evaluation", "pipeline.lifecycle", "jobs"]
+STAGES = ["models", "pipeline", "pipeline.data", "pipeline.evaluation", "pipeline.train", "pipeline.lifecycle", "jobs"]
 
 
 def _module_name(path: Path) -> str:
@@ -106,3 +107,11 @@ def test_model_files_know_nothing_of_the_pipeline_ray_or_mlflow():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
             offences += [f"{name} -> {n}" for n in names if n.split(".")[0] in forbidden]
     assert offences == []
+
+
+def test_validation_during_training_runs_through_the_evaluation_loop():
+    """One evaluation loop: the train stage validates with ``pipeline.evaluation.evaluate.evaluate_slice`` and
+    reads no eval set of its own."""
+    assert "pipeline.evaluation.evaluate" in _graph()["pipeline.train.loop"]
+    train_sources = "".join(path.read_text() for path in (REPO / "pipeline" / "train").rglob("*.py"))
+    assert "evaluate_slice(" in train_sources and "make_eval_loader" not in train_sources

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.buckets import HOLE_RATIO_BUCKETS
+from pipeline.buckets import HOLE_RATIO_BUCKETS, check_buckets
 from pipeline.config import Config
 from pipeline.fsutil import ReadRetry, StorageOptions
 from pipeline.paths import LocalPath, OutputPathStr
@@ -37,12 +37,8 @@ class EvalSettings(Config):
     @field_validator("buckets")
     @classmethod
     def _valid_buckets(cls, buckets: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
-        if not buckets:
-            raise ValueError("at least one bucket is needed")
-        for lo, hi in buckets:
-            if not 0.0 <= lo < hi <= 1.0:
-                raise ValueError(f"bucket ({lo}, {hi}] must satisfy 0 <= lo < hi <= 1")
-        return buckets
+        # Disjoint, in order, distinct labels: evaluation files samples under these (pipeline.buckets).
+        return check_buckets(buckets)
 
 
 class ShardJobConfig(Config):

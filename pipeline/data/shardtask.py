@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.buckets import bucket_name
+from pipeline.buckets import bucket_of
 from pipeline.fsutil import (
     atomic_write,
     join_url,
@@ -62,12 +62,10 @@ def _mask_for(item_key: str, target: str | None, config: ShardJobConfig, height:
     """``(mask, seed used, attempt)``; for an eval target, the first derived-seed draw in that bucket."""
     if target is None:
         return make_mask(config.masks, config.seed, item_key, height, width), config.seed, 0
-    buckets = {bucket_name(b): b for b in config.eval.buckets}
-    lo, hi = buckets[target]
     for attempt in range(config.eval.max_attempts):
         seed = derive_mask_seed(config.seed, attempt)
         mask = make_mask(config.masks, seed, item_key, height, width)
-        if lo < hole_ratio(mask) <= hi:
+        if bucket_of(hole_ratio(mask), config.eval.buckets) == target:  # the one rule evaluation applies too
             return mask, seed, attempt
     return None, None, config.eval.max_attempts
 

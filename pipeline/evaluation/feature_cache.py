@@ -23,9 +23,11 @@ __all__ = ["load_truth_features", "save_truth_features", "truth_cache_url"]
 log = logging.getLogger(__name__)
 
 
-def truth_cache_url(folder: str, manifest_hash: str, inception_sha: str, crop_size: int | None) -> str:
-    """Where the truth features of this eval set, network and crop live."""
-    return join_url(folder, f"truth-pool3-{manifest_hash[:16]}-{inception_sha[:16]}-crop{crop_size or 'none'}.npz")
+def truth_cache_url(folder: str, manifest_hash: str, inception_sha: str, crop_size: int | None,
+                    numerics: str = "cpu") -> str:
+    """Where the truth features of this eval set, network, crop and numerics (``ray_eval.numerics_class``) live."""
+    suffix = "" if numerics == "cpu" else f"-{numerics}"
+    return join_url(folder, f"truth-pool3-{manifest_hash[:16]}-{inception_sha[:16]}-crop{crop_size or 'none'}{suffix}.npz")
 
 
 def load_truth_features(url: str, storage_options: Any = None) -> dict[str, np.ndarray] | None:

@@ -23,7 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from models.inception import FIDInceptionV3, to_uint8
 from models.lpips import LPIPS
 from pipeline.paths import LocalPath
-from pipeline.buckets import BUCKET_NAMES, bucket_of
+from pipeline.buckets import HOLE_RATIO_BUCKETS, Bucket, bucket_names, bucket_of
 from pipeline.config import Config
 
 __all__ = [
@@ -189,9 +189,11 @@ class PerceptualAccumulator:
     """Collects one worker's per-image features and LPIPS (the distances are computed from the merged set)."""
 
     def __init__(self, inception: FIDInceptionV3 | None, lpips: LPIPS | None,
-                 truth_features: Mapping[str, np.ndarray] | None = None) -> None:
+                 truth_features: Mapping[str, np.ndarray] | None = None,
+                 buckets: Sequence[Bucket] = HOLE_RATIO_BUCKETS) -> None:
         self.inception, self.lpips = inception, lpips
         self.truth_features = truth_features or {}
+        self.buckets = tuple(buckets)
         self.part = PerceptualPart()
 
     @torch.no_grad()
@@ -201,7 +203,7 @@ class PerceptualAccumulator:
             return
         fake_u8, real_u8 = to_uint8(output), to_uint8(truth)
         self.part.keys.extend(keys)
-        self.part.rows.extend(_row(float(r)) for r in hole_ratio.reshape(-1).tolist())
+        self.part.rows.extend(_row(float(r), self.buckets) for r in hole_ratio.reshape(-1).tolist())
         if self.inception is not None:
             if all(k in self.truth_features for k in keys):  # truths of this eval set seen before: outputs only
                 self.part.fake.append(self.inception(fake_u8).cpu().numpy())
@@ -214,19 +216,21 @@ class PerceptualAccumulator:
             self.part.lpips.append(self.lpips(fake_u8.float() / 255, real_u8.float() / 255).cpu().numpy())
 
 
-def _row(ratio: float) -> int:
-    name = bucket_of(ratio)
-    return len(BUCKET_NAMES) if name is None else BUCKET_NAMES.index(name)
+def _row(ratio: float, buckets: Sequence[Bucket]) -> int:
+    names = bucket_names(buckets)
+    name = bucket_of(ratio, buckets)
+    return len(names) if name is None else names.index(name)
 
 
-def perceptual_summary(part: PerceptualPart, metrics: Sequence[str]) -> dict[str, float]:
+def perceptual_summary(part: PerceptualPart, metrics: Sequence[str],
+                       buckets: Sequence[Bucket] = HOLE_RATIO_BUCKETS) -> dict[str, float]:
     """``fid``/``lpips`` overall and per bucket (FID where a bucket has ≥ 2 images), ``p_ids``/``u_ids`` overall."""
     from pipeline.evaluation.fid import fid_from_features
     from pipeline.evaluation.pids import inception_discriminative_scores
 
     out: dict[str, float] = {}
     rows = np.asarray(part.rows, dtype=np.int64)
-    scopes = [("", np.ones(len(rows), dtype=bool))] + [(f"/{b}", rows == i) for i, b in enumerate(BUCKET_NAMES)]
+    scopes = [("", np.ones(len(rows), dtype=bool))] + [(f"/{b}", rows == i) for i, b in enumerate(bucket_names(buckets))]
     if "fid" in metrics and part.fake:
         fake, real = part.fake[0], part.real[0]
         for suffix, selected in scopes:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 
+import torch
 import torch.nn as nn
 
 from pipeline.joblog import LOG_FORMAT
@@ -26,38 +27,53 @@ from pipeline.evaluation.evaluate import (
     EvaluationSettings,
     GeneratorSpec,
     SlicePart,
+    eval_set_buckets,
     evaluate_slice,
     merge_slices,
 )
+from pipeline.buckets import Bucket
 from pipeline.evaluation.feature_cache import covers, load_truth_features, save_truth_features, truth_cache_url
 from pipeline.evaluation.perceptual import RANDOM, MetricWeights, load_metric_weights
 
-__all__ = ["evaluate_on_manifest", "metric_set_id"]
+__all__ = ["evaluate_on_manifest", "metric_set_id", "numerics_class"]
 
 log = logging.getLogger(__name__)
 
 
+def numerics_class(settings: EvaluationSettings) -> str:
+    """What kind of arithmetic the workers do: ``cpu``, or ``cuda`` with its TF32 switches (matmul, cuDNN), which
+    change the metric networks' features (and so FID) by more than float rounding."""
+    if not settings.use_gpu and not settings.device.startswith("cuda"):
+        return "cpu"
+    return f"cuda-tf32-matmul{int(torch.backends.cuda.matmul.allow_tf32)}-cudnn{int(torch.backends.cudnn.allow_tf32)}"
+
+
 def metric_set_id(settings: EvaluationSettings, weights: MetricWeights) -> str:
-    """12 hex digits naming what the numbers depend on besides model and eval set: metrics, their weights'
-    sha256, crop and fit (with the model version and eval manifest hash: the evaluation cache key)."""
+    """12 hex digits naming what the numbers depend on besides model and eval set (whose manifest hash covers its
+    buckets): metrics, their weights' sha256, crop, fit and the workers' numerics (with the model version and eval
+    manifest hash: the evaluation cache key). Batch size and worker count are not in it: an image's output and
+    metrics do not depend on what it is batched with (``models/rn.py``: per-sample statistics at inference)."""
     identity = {"metrics": [*METRICS, *weights.metrics], "weights": dict(sorted(weights.hashes.items())),
                 "lpips_net": weights.lpips_net if "lpips" in weights.metrics else None,
-                "crop_size": settings.crop_size, "fit": settings.fit}
+                "crop_size": settings.crop_size, "fit": settings.fit, "numerics": numerics_class(settings)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _evaluate_worker(spec: GeneratorSpec, eval_manifest: str, settings: EvaluationSettings, weights: MetricWeights,
-                     rank: int, world_size: int, truth_features: dict | None) -> SlicePart:
+                     rank: int, world_size: int, truth_features: dict | None,
+                     buckets: tuple[Bucket, ...]) -> SlicePart:
     """One Ray task: rebuild the generator and evaluate rank ``rank``'s slice."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return evaluate_slice(spec.build(), spec.arch, eval_manifest, settings, weights, rank, world_size, truth_features)
+    return evaluate_slice(spec.build(), spec.arch, eval_manifest, settings, weights, rank, world_size, truth_features,
+                          buckets=buckets)
 
 
 def _truth_cache(settings: EvaluationSettings, weights: MetricWeights, manifest_hash: str) -> str | None:
     folder = settings.perceptual.truth_feature_cache
     if folder is None or weights.hashes.get("inception", RANDOM) == RANDOM:
         return None  # random networks differ per build: nothing to keep
-    return truth_cache_url(folder, manifest_hash, weights.hashes["inception"], settings.crop_size)
+    return truth_cache_url(folder, manifest_hash, weights.hashes["inception"], settings.crop_size,
+                           numerics_class(settings))
 
 
 def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_ref: str, eval_manifest: str,
@@ -85,7 +101,8 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     spec_ref, weights_ref, truth_ref = ray.put(spec), ray.put(weights), ray.put(truth)
     log.info("evaluating %s on %s (%d samples) with %d Ray workers; metrics %s", model_ref, manifest_hash(manifest)[:12],
              manifest.total_samples, world_size, ", ".join([*METRICS, *weights.metrics]))
-    parts = ray.get([task.remote(spec_ref, eval_manifest, settings, weights_ref, rank, world_size, truth_ref)
+    buckets = eval_set_buckets(manifest)  # the eval set's own: what it was balanced over
+    parts = ray.get([task.remote(spec_ref, eval_manifest, settings, weights_ref, rank, world_size, truth_ref, buckets)
                      for rank in range(world_size)])
     summary, samples, records = merge_slices(parts, weights.metrics, settings.samples_per_bucket)
     if cache_url and not covers(truth, records.keys) and records.real:

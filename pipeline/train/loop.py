@@ -194,38 +194,26 @@ def apply_speed_switches(performance: PerformanceSection, generator: torch.nn.Mo
     return generator
 
 
-@torch.no_grad()
-def evaluate(recipe: Any, generator: torch.nn.Module, config: TrainJobConfig, rank: int, world_size: int, device: torch.device) -> dict[str, float]:
-    """PSNR / SSIM / L1 per hole bucket and overall on the pinned eval set (collective: every rank calls it).
+def validate(generator: torch.nn.Module, arch: str, config: TrainJobConfig, rank: int, world_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Validation is evaluation on this rank's slice of the pinned eval set (collective: every rank calls it).
 
-    Each rank reads its own slice of the eval shards; the accumulator's all-reduce sums the ranks' partial
-    sums, so every eval sample counts exactly once whatever the number of ranks.
+    The loop is the evaluation stage's (``pipeline.evaluation.evaluate.evaluate_slice``): the generator in eval mode
+    through ``models.inpaint.inpaint_tensor`` (each image's output what it gets alone), composited outputs, the
+    eval set's own buckets, PSNR / SSIM / L1; under the training precision. Each rank reads its own slice; the
+    all-reduce sums the ranks' partial sums, so every eval sample counts exactly once whatever the number of ranks.
     """
-    from pipeline.data.loaders import make_eval_loader
+    from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
+    from pipeline.evaluation.perceptual import MetricWeights
     from pipeline.metrics import BucketedMetrics
 
-    loader = make_eval_loader(
-        config.data.eval_manifest,
-        batch_size=config.data.eval_batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=min(config.data.loader_workers, 1),
-        crop_size=config.data.crop_size,
-        storage_options=config.data.storage_options,
-    )
-    metrics = BucketedMetrics()
-    was_training = generator.training
-    generator.eval()
-    try:
-        for batch in loader:
-            image, mask = batch["image"].to(device), batch["mask"].to(device)
-            with precision_context(config.deepspeed.precision, device):
-                pred = recipe.generate(generator, image, mask)
-            output = recipe.composite(pred.float(), image, mask)
-            metrics.update(output, image, batch["hole_ratio"])
-    finally:
-        generator.train(was_training)
-    metrics.all_reduce()
+    settings = EvaluationSettings(batch_size=config.data.eval_batch_size, crop_size=config.data.crop_size,
+                                  device=str(device), samples_per_bucket=0)
+    part = evaluate_slice(generator, arch, config.data.eval_manifest, settings, MetricWeights(()), rank, world_size,
+                          loader_workers=min(config.data.loader_workers, 1),
+                          forward_context=lambda: precision_context(config.deepspeed.precision, device),
+                          storage_options=config.data.storage_options)
+    metrics = BucketedMetrics.from_sums([part.table], part.buckets).all_reduce()
     return {f"val/{name}": float(value) for name, value in metrics.summary().items()}
 
 
@@ -284,7 +272,7 @@ def train_worker(payload: WorkerPayload) -> None:
     spec = get_spec(config.model.arch)
     torch.manual_seed(train.seed)
     generator = spec.build_generator(config.model.generator_options)
-    discriminator = spec.build_discriminator()
+    discriminator = spec.build_discriminator(config.model.discriminator_options)
     checkpoint = ray.train.get_checkpoint()
     if config.model.init_weights and checkpoint is None:
         _load_initial_generator(generator, config)
@@ -353,7 +341,7 @@ def train_worker(payload: WorkerPayload) -> None:
         # -- validation (all ranks) --
         metrics: dict[str, float] = {"step": step}
         if validate_now:
-            val = evaluate(recipe, G.module, config, rank, world_size, device)
+            val = validate(G.module, config.model.arch, config, rank, world_size, device)
             metrics.update(val)
             if tracker is not None:
                 tracker.log_metrics(val, step=step)
