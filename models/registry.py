@@ -12,11 +12,49 @@ A new architecture is a model file that ends with ``register_architecture(Archit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generic, Protocol, TypeVar
 
 import torch.nn as nn
 
-__all__ = ["Architecture", "architectures", "get_architecture", "register_architecture"]
+__all__ = ["Architecture", "Registry", "architectures", "get_architecture", "register_architecture"]
+
+
+class _Named(Protocol):
+    name: str
+
+
+T = TypeVar("T", bound=_Named)
+
+
+class Registry(Generic[T]):
+    """Records by name, filled by the modules that define them (never by importing them from here).
+
+    ``kind`` names the records in errors: ``unknown <kind> 'x'; known: a, b``. Registering a record equal to
+    the known one of its name is a no-op (a module imported twice); a different one is a ``ValueError``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, item: T) -> T:
+        """Make ``item`` known under ``item.name``; returns it."""
+        known = self._items.get(item.name)
+        if known is not None and known != item:
+            raise ValueError(f"{self.kind} {item.name!r} is already registered")
+        self._items[item.name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        """The record called ``name``; a one-line ``ValueError`` lists the known names."""
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        return sorted(self._items)
 
 
 @dataclass(frozen=True)
@@ -37,26 +75,19 @@ class Architecture:
     official_converters: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 
 
 def register_architecture(architecture: Architecture) -> Architecture:
     """Make ``architecture`` known under its name and return it; another one of that name is a ``ValueError``."""
-    known = _REGISTRY.get(architecture.name)
-    if known is not None and known != architecture:
-        raise ValueError(f"architecture {architecture.name!r} is already registered")
-    _REGISTRY[architecture.name] = architecture
-    return architecture
+    return ARCHITECTURES.register(architecture)
 
 
 def get_architecture(name: str) -> Architecture:
     """Look up an architecture by name; a clear ``ValueError`` lists the known names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return ARCHITECTURES.get(name)
 
 
 def architectures() -> list[str]:
     """Names of all registered architectures."""
-    return sorted(_REGISTRY)
+    return ARCHITECTURES.names()

@@ -93,8 +93,8 @@ def register_toy_spec(architecture: Architecture) -> ArchitectureSpec:
 @pytest.fixture
 def toy(monkeypatch) -> ArchitectureSpec:
     """The toy architecture and spec, registered for this test only."""
-    monkeypatch.setattr(model_registry, "_REGISTRY", dict(model_registry._REGISTRY))
-    monkeypatch.setattr(spec_registry, "_SPECS", dict(spec_registry._SPECS))
+    monkeypatch.setattr(model_registry.ARCHITECTURES, "_items", dict(model_registry.ARCHITECTURES._items))
+    monkeypatch.setattr(spec_registry.SPECS, "_items", dict(spec_registry.SPECS._items))
     return register_toy_spec(register_toy_architecture())
 
 

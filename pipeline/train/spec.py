@@ -25,7 +25,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 import torch.nn as nn
 from pydantic import ValidationError, create_model
 
-from models.registry import Architecture
+from models.registry import Architecture, Registry
 from pipeline.config import Config, ConfigError, first_error
 from pipeline.train.recipes import GanRecipe
 
@@ -97,34 +97,27 @@ class ArchitectureSpec(Generic[O]):
         return self.recipe(options if options is not None else self.options())
 
 
-_SPECS: dict[str, ArchitectureSpec] = {}
+SPECS: Registry[ArchitectureSpec] = Registry("recipe architecture")
 
 
 def register_spec(spec: ArchitectureSpec) -> ArchitectureSpec:
     """Make ``spec`` known under its architecture's name; returns it. Another spec of that name is a ``ValueError``."""
-    known = _SPECS.get(spec.name)
-    if known is not None and known is not spec:
-        raise ValueError(f"a training spec for {spec.name!r} is already registered")
-    _SPECS[spec.name] = spec
-    return spec
+    return SPECS.register(spec)
 
 
 def get_spec(name: str) -> ArchitectureSpec:
     """The spec of architecture ``name``; a one-line ``ValueError`` lists the trainable ones."""
-    try:
-        return _SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown recipe architecture {name!r}; known: {', '.join(spec_names())}") from None
+    return SPECS.get(name)
 
 
 def specs() -> list[ArchitectureSpec]:
     """Every registered spec, by name."""
-    return [_SPECS[name] for name in spec_names()]
+    return [SPECS.get(name) for name in SPECS.names()]
 
 
 def spec_names() -> list[str]:
     """Names of the architectures that can be trained."""
-    return sorted(_SPECS)
+    return SPECS.names()
 
 
 def build_recipe(arch: str, **options: Any) -> GanRecipe:
