@@ -76,7 +76,7 @@ class Outage(threading.Thread):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(900)  # a training run plus the outage and two server starts, on a busy 2-core machine
+@pytest.mark.timeout(900 + 4 * int(OUTAGE_S))  # a training run, the outage and two server starts, on a busy 2-core box
 def test_training_survives_a_tracking_outage_and_registers_its_model_in_one_run(embedded_ray, shards, tmp_path, caplog):
     from pipeline.lifecycle.training import train_and_register
 
