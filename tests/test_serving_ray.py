@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 import torch.nn as nn
 
 from models.registry import get_architecture
@@ -168,6 +169,17 @@ def test_one_failing_request_fails_alone_and_its_batch_mates_get_their_own_answe
     answers = windowed.run_batch([bad, windowed.decode(_request(photo(40, 48), hole_mask(40, 48)))])
     assert (answers[0].status, answers[0].error) == (400, "strategy must be crop or whole, got 'sideways'")
     assert answers[1].status == 200
+
+
+def test_each_answer_becomes_its_own_http_response():
+    from pipeline.lifecycle.serving import Answer, InpaintRequest, _response
+
+    item = InpaintRequest(torch.zeros(1, 3, 40, 48), torch.zeros(1, 1, 40, 48))
+    failed = _response(Answer("3", status=500, error="internal error: boom", batch_size=4), item, "m")
+    assert failed.status_code == 500 and json.loads(failed.body) == {
+        "error": "internal error: boom", "model": "m", "model_version": "3", "batch_size": 4}
+    done = json.loads(_response(Answer("3", png=b"png", batch_size=4), item, "m").body)
+    assert (done["image"], done["width"], done["height"], done["batch_size"]) == ("cG5n", 48, 40, 4)
 
 
 def test_a_request_asking_for_crop_gets_windows_under_a_whole_default():

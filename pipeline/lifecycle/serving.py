@@ -4,7 +4,8 @@ One deployment, :class:`InpaintingDeployment`, answers over HTTP:
 
 * ``POST <route>`` with JSON ``{"image": base64 PNG/JPEG, "mask": base64 gray PNG (255 = hole),
   "strategy": "crop" | "whole" (optional)}`` → ``{"image": base64 PNG, "model": name, "model_version": "7",
-  "width": W, "height": H}``; a bad request gets HTTP 400 ``{"error": one line}``;
+  "width": W, "height": H, "batch_size": requests batched with it}``; a bad request gets HTTP 400
+  ``{"error": one line}``;
 * ``GET <route>/-/version`` → the version this replica serves (``replica`` names it) and, in ``replicas``, the
   version of every live replica;
 * ``POST <route>/-/refresh`` → re-resolve the alias now on every replica (the admin call; :class:`RefreshBroadcast`
@@ -37,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -123,12 +124,14 @@ class InpaintRequest:
 
 @dataclass(frozen=True)
 class Answer:
-    """What one request gets: the PNG and the version that made it, or an HTTP status with a one-line reason."""
+    """What one request gets: the PNG and the version that made it, or an HTTP status with a one-line reason;
+    ``batch_size``: how many requests were batched with it (itself included)."""
 
     version: str
     png: bytes | None = None
     status: int = 200
     error: str | None = None
+    batch_size: int = 1
 
 
 def _failure(version: str, exc: BaseException) -> Answer:
@@ -252,7 +255,7 @@ class AliasFollowingInpainter:
             for i, png in zip(indices, pngs):
                 if png is not None:
                     answers[i] = Answer(served.version, png)
-        return answers  # type: ignore[return-value]  (every slot is filled above)
+        return [replace(a, batch_size=len(items)) for a in answers]  # type: ignore[arg-type]
 
     @staticmethod
     def _inpaint(served: ServedModel, items: list[InpaintRequest], windows: CropStrategy | None) -> list[bytes]:
@@ -292,10 +295,11 @@ def _replica() -> str:
 
 def _response(answer: Answer, item: InpaintRequest, model: str) -> Response:
     if answer.status != 200:
-        return _json({"error": answer.error, "model": model, "model_version": answer.version}, answer.status)
+        return _json({"error": answer.error, "model": model, "model_version": answer.version,
+                      "batch_size": answer.batch_size}, answer.status)
     return _json({"image": base64.b64encode(answer.png).decode("ascii"), "model": model,
                   "model_version": answer.version, "width": int(item.image.shape[-1]),
-                  "height": int(item.image.shape[-2])})
+                  "height": int(item.image.shape[-2]), "batch_size": answer.batch_size})
 
 
 # Replicas report to the broadcast this often; one silent for LIVE_S is taken as gone.
