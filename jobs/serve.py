@@ -4,11 +4,13 @@
     python jobs/serve.py --model rn --set use_gpu=false --set port=8080
     serve run pipeline.lifecycle.serving:app_builder config=jobs/configs/serve.yaml   # Ray's own CLI, same app
 
-Requests: ``POST /inpaint`` with JSON ``{"image": base64 PNG/JPEG, "mask": base64 PNG (255 = hole)}``; the
-answer holds the inpainted PNG (base64) and the ``model_version`` that made it. ``POST /inpaint/-/refresh``
-re-resolves the alias at once (it is re-resolved every ``refresh_interval_s`` anyway); ``GET
-/inpaint/-/version`` names the version served. Connects to the Ray cluster in ``RAY_ADDRESS`` (else starts a
-local one) and runs until interrupted.
+Requests: ``POST /inpaint`` with JSON ``{"image": base64 PNG/JPEG, "mask": base64 PNG (255 = hole), "strategy":
+"crop" | "whole" (optional)}``; the answer holds the inpainted PNG (base64) and the ``model_version`` that made
+it; a bad request gets HTTP 400 with a one-line ``error`` (only that request: the others batched with it are
+answered). The pixel limit and the large-photo windows are the served version's own serving defaults.
+``POST /inpaint/-/refresh`` re-resolves the alias at once on every replica (it is re-resolved every
+``refresh_interval_s`` anyway); ``GET /inpaint/-/version`` names the version of every replica. Connects to the
+Ray cluster in ``RAY_ADDRESS`` (else starts a local one) and runs until interrupted.
 """
 
 from __future__ import annotations
