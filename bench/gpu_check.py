@@ -12,9 +12,10 @@ start of this process), in sections, most important first:
 1. ``essential``: RN and LBAM at batch 16 in bf16, the rows everything else is compared against;
 2. ``tests``: the ``gpu`` tests (``pytest tests/gpu``, a subprocess, cut at the budget);
 3. ``speedup``: the same two in fp32 (the bf16 speed-up);
-4. ``batches``: batch 8 and 32 in bf16;
-5. ``zero``: ZeRO 1 and 2 against 0;
-6. ``switches``: cudnn.benchmark, channels_last, torch.compile of G, each alone against none;
+4. ``zero``: ZeRO 1 and 2 against 0 (what ``deepspeed.zero_stage``'s default waits for);
+5. ``switches``: cudnn.benchmark, channels_last, then torch.compile of G (the slowest), each alone against
+   none (what the ``performance.*`` defaults wait for);
+6. ``batches``: batch 8 and 32 in bf16;
 7. ``fp32-batches``: batch 8 and 32 in fp32;
 8. ``scaling``: with more than one GPU, batch 16 bf16 at world size 2..N (NCCL) and the efficiency.
 
@@ -32,13 +33,15 @@ input); :class:`StepFlopCounter` is the same counter without the per-module trac
 *counted*, not estimated (tests/test_gpu_check.py checks it equals the stock count where the stock one works).
 
 Runs without Ray (DeepSpeed, pydantic, webdataset only). ``--device cpu`` runs the same logic on the CPU at
-tiny sizes (tests/test_gpu_check.py runs it for both models).
+tiny sizes (tests/test_gpu_check.py runs it for both models with ``--tiny``).
 
     python bench/gpu_check.py                        # on a GPU machine (make gpu-check / gpu-check-offline)
     python bench/gpu_check.py --budget 300 --out /tmp/check
     python bench/gpu_check.py --plan                 # how long each section takes, estimated from FLOPs
-    python bench/gpu_check.py --device cpu --precision fp32 --batch 1 --size 32 --steps 1 --warmup 1 \\
-        --sections essential zero --out /tmp/cpu-check
+    python bench/gpu_check.py --device cpu --tiny --batch 1 --size 32 --steps 1 --warmup 0 \\
+        --sections essential speedup --out /tmp/cpu-check         # seconds: the tiny variants, bf16 and fp32
+    python bench/gpu_check.py --device cpu --precision fp32 --batch 1 --size 32 --steps 1 --warmup 0 \\
+        --sections essential --out /tmp/cpu-check                 # minutes: the real LBAM at 256²
 """
 
 from __future__ import annotations
@@ -69,13 +72,13 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM, dense bf16 tensor-core peak
 DEFAULT_BUDGET_S = 480.0
-SECTIONS = ("essential", "tests", "speedup", "batches", "zero", "switches", "fp32-batches", "scaling")
+SECTIONS = ("essential", "tests", "speedup", "zero", "switches", "batches", "fp32-batches", "scaling")
 SWITCHES = ("cudnn_benchmark", "channels_last", "compile_generator")
 # Used until this run has measured better (and by --plan): guesses, never measured on a GPU yet.
 ASSUMED_FLOPS_PER_S = {"bf16": 200e12, "fp32": 60e12}  # ~20 % of the bf16 peak; fp32 convs run as TF32
 ASSUMED_SETUP_S = 15.0  # engines, DeepSpeed's set-up, warm-up steps' one-off costs, the FLOP count
 ASSUMED_COMPILE_S = 120.0  # torch.compile of the generator, on top of the set-up
-ASSUMED_TESTS_S = 120.0  # the gpu tests (12 cases of a few tiny steps, engines built each time)
+ASSUMED_TESTS_S = 120.0  # the gpu tests (13 cases of a few tiny steps, engines built each time)
 ASSUMED_SPAWN_S = 30.0  # per world size of the scaling table: processes, NCCL, imports
 MARGIN = 1.2  # a row runs only if 1.2 x its estimate fits in what is left
 
@@ -271,10 +274,15 @@ def format_table(rows: list[Row]) -> str:
         speedup = f"{row.images_per_s / fp32.images_per_s:.2f}" if fp32 else ""
         versus = f"{row.images_per_s / base.images_per_s:.2f}" if base else ""
         lines.append(
-            f"{row.label:<34}{row.batch:>6}{row.images_per_s:>11.1f}{100 * row.mfu:>7.1f}%{row.peak_gib:>10.2f}"
+            f"{row.label:<34}{row.batch:>6}{_rate(row.images_per_s):>11}{100 * row.mfu:>7.1f}%{row.peak_gib:>10.2f}"
             f"{row.syncs_per_step:>12.1f}{speedup:>8}{versus:>9}{row.seconds:>7.0f}"
         )
     return "\n".join(lines)
+
+
+def _rate(images_per_s: float) -> str:
+    """One decimal on a GPU; three significant digits for the CPU's fractions of an image per second."""
+    return f"{images_per_s:.1f}" if images_per_s >= 10 else f"{images_per_s:.3g}"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -282,15 +290,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def image_size(arch: str, size: int) -> int:
-    """LBAM's discriminator takes 256² only (its fusion conv turns a 4x4 map into one score)."""
+def image_size(arch: str, size: int, tiny: bool = False) -> int:
+    """RN's crop is ``size``; LBAM's discriminator takes 256² only (its fusion conv turns a 4x4 map into one
+    score), or the tiny variant's 128²."""
+    from engine_probe import TINY_SIZES
+
     from models.lbam import DISCRIMINATOR_SIZE
 
-    return DISCRIMINATOR_SIZE if arch == "lbam" else size
+    if arch != "lbam":
+        return size
+    return TINY_SIZES["lbam"][0] if tiny else DISCRIMINATOR_SIZE
 
 
-def measure(spec: Spec, size: int, device: torch.device, *, steps: int, warmup: int) -> Row:
-    """Build the engines like a training worker and time ``steps`` optimiser steps of ``spec``."""
+def measure(spec: Spec, size: int, device: torch.device, *, steps: int, warmup: int, tiny: bool = False) -> Row:
+    """Build the engines like a training worker and time ``steps`` optimiser steps of ``spec`` (``tiny``: the
+    CPU variants of ``tests/engine_probe.py``: one RN residual block, LBAM at 1/16 width with a stand-in VGG)."""
     import engine_probe as probe
 
     from pipeline.train.config import PerformanceSection
@@ -298,11 +312,12 @@ def measure(spec: Spec, size: int, device: torch.device, *, steps: int, warmup: 
     from pipeline.train.loop import apply_speed_switches
 
     began = time.perf_counter()
-    recipe, engines, parts = probe.build(spec.arch, spec.zero_stage, spec.precision, device=device, batch=spec.batch)
+    recipe, engines, parts = probe.build(spec.arch, spec.zero_stage, spec.precision, device=device, batch=spec.batch,
+                                         tiny=tiny)
     performance = PerformanceSection(**({spec.switch: True} if spec.switch else {}))
     apply_speed_switches(performance, engines.generator.module, engines.discriminator.module, device)
-    batches = probe.uint8_batches(spec.arch, batch=spec.batch, size=image_size(spec.arch, size),
-                                  pin=device.type == "cuda")
+    batches = probe.uint8_batches(spec.arch, batch=spec.batch, size=image_size(spec.arch, size, tiny),
+                                  pin=device.type == "cuda", tiny=tiny)
 
     def run_step():
         return probe.step(recipe, parts, batches, spec.precision, device)
@@ -334,6 +349,10 @@ def section_specs(name: str, args: argparse.Namespace, device: torch.device) -> 
     """The rows of a table section (``essential``, ``speedup``, ``batches``, ...), in order."""
     batch, precision = args.batch, args.precision
     specs = []
+    if name == "switches":  # switch by switch, so the cheap ones run for both models before any compile
+        # cudnn is GPU-only; compiling on the CPU only costs the smoke run time
+        return [Spec(arch, batch, precision, switch=s) for s in SWITCHES for arch in args.archs
+                if device.type == "cuda" or s == "channels_last"]
     for arch in args.archs:
         if name == "essential":
             specs.append(Spec(arch, batch, precision))
@@ -343,10 +362,6 @@ def section_specs(name: str, args: argparse.Namespace, device: torch.device) -> 
             specs += [Spec(arch, b, precision) for b in args.batches if b != batch]
         elif name == "zero":
             specs += [Spec(arch, batch, precision, zero_stage=stage) for stage in (1, 2)]
-        elif name == "switches":
-            # cudnn is GPU-only; compiling on the CPU only costs the smoke run time
-            specs += [Spec(arch, batch, precision, switch=s) for s in SWITCHES
-                      if device.type == "cuda" or s == "channels_last"]
         elif name == "fp32-batches" and precision != "fp32":
             specs += [Spec(arch, b, "fp32") for b in args.batches if b != batch]
     return specs
@@ -362,10 +377,10 @@ def run_rows(name: str, specs: list[Spec], args, device, budget: Budget, estimat
             continue
         guess = f" (~{estimate:.0f} s)" if estimate is not None else ""
         print(f"{budget.stamp()} {name}: {spec.label} batch {spec.batch}{guess}", flush=True)
-        row = measure(spec, args.size, device, steps=args.steps, warmup=args.warmup)
+        row = measure(spec, args.size, device, steps=args.steps, warmup=args.warmup, tiny=args.tiny)
         estimator.record(row)
         rec.add(row)
-        print(f"{budget.stamp()}   {row.images_per_s:.1f} img/s, MFU {100 * row.mfu:.1f} %, "
+        print(f"{budget.stamp()}   {_rate(row.images_per_s)} img/s, MFU {100 * row.mfu:.1f} %, "
               f"{row.flops_per_step / 1e9:.1f} GFLOP/step, peak {row.peak_gib:.2f} GiB, "
               f"{row.syncs_per_step:.1f} syncs/step, {row.seconds:.0f} s", flush=True)
 
@@ -501,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--out", type=Path, help="folder for the rows (default bench/results/gpu-check-DATE-GPU)")
     parser.add_argument("--no-switches", action="store_true", help="skip the ZeRO and speed-switch sections")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke run: one RN residual block, LBAM at 1/16 width and 128² with a stand-in VGG")
     parser.add_argument("--plan", action="store_true", help="print each section's estimated time and stop")
     args = parser.parse_args(argv)
     if args.no_switches:
@@ -527,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             "args": sys.argv[1:] if argv is None else argv,
             "budget_s": args.budget, "peak_bf16_flops": PEAK_BF16_FLOPS}
     rec = Recorder(out, meta)
-    print(f"{budget.stamp()} holefill gpu-check on {name}, torch {torch.__version__}, RN {args.size}² / LBAM 256², "
+    lbam = f"LBAM {image_size('lbam', args.size, args.tiny)}²{' (tiny variants)' if args.tiny else ''}"
+    print(f"{budget.stamp()} holefill gpu-check on {name}, torch {torch.__version__}, RN {args.size}² / {lbam}, "
           f"{args.steps} timed steps, budget {args.budget:.0f} s; MFU against {PEAK_BF16_FLOPS / 1e12:.0f} TFLOPS "
           f"(dense bf16); rows -> {out}", flush=True)
     estimator = Estimator(args.steps, args.warmup)

@@ -117,22 +117,61 @@ def test_rows_are_written_to_the_output_folder_as_they_are_measured(tmp_path):
 
 
 def test_the_check_runs_on_the_cpu_for_both_models_and_the_gpu_tests_skip(tmp_path):
-    """The whole check's logic at tiny sizes (RN 32², LBAM 256² as its discriminator needs, batch 1, fp32: bf16
-    convolutions are ~240x slower on AVX2) in a subprocess (a DeepSpeed process group must not leak here)."""
+    """The check's logic for RN and LBAM (the essential bf16 rows, then the gpu tests, which collect and skip) at
+    the tiny sizes of ``engine_probe`` (RN 32² with one residual block; LBAM at 1/16 width, 128², a stand-in VGG:
+    the same step, gradient penalty included), in a subprocess (a DeepSpeed process group must not leak here)."""
     out = tmp_path / "check"
-    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--precision", "fp32",
-               "--batch", "1", "--size", "32", "--steps", "1", "--warmup", "0", "--sections", "essential", "tests",
+    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--batch", "1",
+               "--size", "32", "--steps", "1", "--warmup", "0", "--sections", "essential", "tests",
                "--budget", "3600", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=850)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    assert [row["label"] for row in rows] == ["rn fp32", "lbam fp32"]
-    rn, lbam = rows
-    assert rn["flops_per_step"] > 0 and lbam["flops_per_step"] > 0
-    assert lbam["flops_per_step"] > 10 * rn["flops_per_step"]  # 256² against 32², the penalty included
-    assert all(row["syncs_per_step"] == 0 and row["images_per_s"] > 0 for row in rows)
-    table = (out / "table.txt").read_text()
-    assert "rn fp32" in table and "lbam fp32" in table and "rn fp32" in result.stdout
+    assert [row["label"] for row in rows] == ["rn bf16", "lbam bf16"]
+    assert all(row["flops_per_step"] > 0 and row["syncs_per_step"] == 0 and row["images_per_s"] > 0 for row in rows)
+    table = (out / "table.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in table[2:]] == [["rn", "bf16"], ["lbam", "bf16"]]
+    assert "lbam bf16" in result.stdout
     notes = (out / "notes.txt").read_text()
     assert "tests: exit 0" in notes and "skipped" in notes, notes  # every gpu test skips without CUDA
     assert "passed" not in (out / "tests.log").read_text()
+
+
+def _args(**overrides):
+    import argparse
+
+    values = dict(archs=["rn", "lbam"], batch=16, batches=[8, 16, 32], precision="bf16", size=256, steps=10, warmup=3,
+                  tiny=False)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_the_essential_rows_come_first_and_compiles_come_after_the_cheap_switches():
+    assert gpu_check.SECTIONS[:2] == ("essential", "tests")
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+    essential = gpu_check.section_specs("essential", _args(), cuda)
+    assert [(s.arch, s.batch, s.precision) for s in essential] == [("rn", 16, "bf16"), ("lbam", 16, "bf16")]
+    switches = [(s.switch, s.arch) for s in gpu_check.section_specs("switches", _args(), cuda)]
+    assert switches[-2:] == [("compile_generator", "rn"), ("compile_generator", "lbam")] and len(switches) == 6
+    assert gpu_check.section_specs("speedup", _args(precision="fp32"), cuda) == []  # nothing to compare
+
+
+def test_a_row_that_does_not_fit_the_budget_is_skipped_with_a_note_and_the_check_goes_on(tmp_path, monkeypatch):
+    clock = _Clock()
+    budget = gpu_check.Budget(60.0, start=0.0, clock=clock)
+    estimator = gpu_check.Estimator(steps=10, warmup=3)
+    recorder = gpu_check.Recorder(tmp_path, {})
+
+    def measure(spec, size, device, *, steps, warmup, tiny=False):  # 10 s per row: 5 s set-up + 14 steps of 1 TFLOP
+        clock.now += 10.0
+        return _row(spec.arch, spec.batch, spec.precision, 100.0, spec.zero_stage, spec.switch, flops=1e12,
+                    setup_s=5.0, step_s=1e12 / 4e12)
+
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    specs = [gpu_check.Spec("rn", 16, "bf16"), gpu_check.Spec("rn", 64, "bf16"), gpu_check.Spec("rn", 8, "bf16")]
+    clock.now = 30.0
+    gpu_check.run_rows("batches", specs, _args(), torch.device("cpu"), budget, estimator, recorder)
+    # batch 64 needs 5 + 14 x 1 s = 19 s (x 1.2 > the 20 s left): skipped; batch 8 (~6.8 s) still runs
+    assert [row.batch for row in recorder.rows] == [16, 8]
+    notes = (tmp_path / "notes.txt").read_text()
+    assert "skipped rn bf16 batch 64: needs ~19 s (measured), 20 s left" in notes
+    assert [json.loads(line)["batch"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == [16, 8]
