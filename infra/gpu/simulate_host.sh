@@ -15,7 +15,9 @@
 #    - the README's command, `make gpu-check-offline`: it must get through the host checks, the venv, the
 #      offline install and the imports, and stop at the CUDA check (this machine has no GPU);
 #    - `pytest tests/gpu` in that venv: every test collected and skipped;
-#    - `bench/gpu_check.py --device cpu` at tiny sizes for RN and LBAM, in that venv;
+#    - `bench/gpu_check.py --device cpu` for RN and LBAM, in that venv: the real models at batch 1 in fp32, then
+#      the tiny variants in bf16 with the gpu tests section;
+#    - the same install for a host whose packages sit in a `pip install --target` folder on PYTHONPATH;
 #    - the one-line answers when the host lacks a package the wheelhouse assumes, or has too old a one.
 # Exits non-zero if any of these does not hold.
 set -euo pipefail
@@ -78,6 +80,25 @@ EOF
     || fail "gpu_check.py --device cpu did not print rows for RN and LBAM"
   say "  -> rows for RN and LBAM in $((SECONDS - began)) s"
 
+  say "bench/gpu_check.py --device cpu --tiny (bf16 essential rows, then the gpu tests section), in .venv-gpu"
+  began=$SECONDS
+  .venv-gpu/bin/python bench/gpu_check.py --device cpu --tiny --batch 1 --size 32 --steps 1 --warmup 0 \
+    --sections essential tests --out "$SIM/cpu-check-tiny" 2>&1 | grep -v "^\[.*WARNING" | tee -a "$SIM/cpu_check.log"
+  grep -q "^rn bf16" "$SIM/cpu-check-tiny/table.txt" && grep -q "^lbam bf16" "$SIM/cpu-check-tiny/table.txt" \
+    && grep -q "tests: exit 0" "$SIM/cpu-check-tiny/notes.txt" || fail "the --tiny check did not hold"
+  say "  -> bf16 rows for RN and LBAM and the tests section in $((SECONDS - began)) s"
+
+  local base site
+  base=$(python3 -c "import sys, os; print(os.path.join(sys.base_prefix, 'bin', 'python3'))")
+  site=$(python3 -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+  say "a host whose packages sit in a \`pip install --target\` folder on PYTHONPATH (python3 = $base):"
+  began=$SECONDS
+  PYTHONPATH="$site" "$base" infra/gpu/offline_install.py --wheelhouse wheelhouse --venv "$SIM/venv-target" \
+    || fail "offline_install.py failed for a PYTHONPATH host"
+  "$SIM/venv-target/bin/python" -c "import torch, deepspeed, pydantic" 2>/dev/null \
+    || fail "the venv of a PYTHONPATH host does not see the host's packages without PYTHONPATH"
+  say "  -> installed and importing in $((SECONDS - began)) s, and still importing without PYTHONPATH"
+
   say "a host that lacks a package the wheelhouse assumes, and one with too old a package:"
   for extra in "not-on-this-host>=1  # simulated" "numpy>=99  # simulated"; do
     rm -rf "$SIM/wheelhouse-check" && cp -r wheelhouse "$SIM/wheelhouse-check"
@@ -127,7 +148,7 @@ PYTHON=${BUILD_PYTHON:-$REPO/.venv/bin/python} bash "$REPO/infra/gpu/build_wheel
   | grep -v "^WARNING: Location"
 
 # 3. A fresh clone.
-rm -rf "$CLONE" "$SIM/naive-venv" "$SIM/venv-check" "$SIM/cpu-check"
+rm -rf "$CLONE" "$SIM/naive-venv" "$SIM/venv-check" "$SIM/venv-target" "$SIM/cpu-check" "$SIM/cpu-check-tiny"
 git clone -q "$REPO" "$CLONE"
 cp -r "$SIM/wheelhouse" "$CLONE/wheelhouse"
 say "fresh clone at $(git -C "$CLONE" rev-parse --short HEAD) in $CLONE, wheelhouse copied in"
