@@ -20,7 +20,6 @@ Conventions: images are float (B,3,H,W) in [0,1]; masks are float (B,1,H,W) with
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Callable, Mapping
 
