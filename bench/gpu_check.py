@@ -240,6 +240,7 @@ class Recorder:
     def __init__(self, out: Path, meta: dict) -> None:
         self.out = out
         self.rows: list[Row] = []
+        self.failures = 0
         out.mkdir(parents=True, exist_ok=True)
         for name in ("rows.jsonl", "notes.txt"):
             (out / name).write_text("")
@@ -257,6 +258,11 @@ class Recorder:
         print(text, flush=True)
         with open(self.out / "notes.txt", "a") as handle:
             handle.write(text + "\n")
+
+    def fail(self, text: str) -> None:
+        """A note that makes the check exit non-zero at the end."""
+        self.failures += 1
+        self.note(text)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -377,7 +383,14 @@ def run_rows(name: str, specs: list[Spec], args, device, budget: Budget, estimat
             continue
         guess = f" (~{estimate:.0f} s)" if estimate is not None else ""
         print(f"{budget.stamp()} {name}: {spec.label} batch {spec.batch}{guess}", flush=True)
-        row = measure(spec, args.size, device, steps=args.steps, warmup=args.warmup, tiny=args.tiny)
+        try:
+            row = measure(spec, args.size, device, steps=args.steps, warmup=args.warmup, tiny=args.tiny)
+        except Exception as exc:  # one row (an OOM, a compile error) must not cost the lease the rest
+            rec.fail(f"{budget.stamp()} {name}: {spec.label} batch {spec.batch} failed: "
+                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         estimator.record(row)
         rec.add(row)
         print(f"{budget.stamp()}   {_rate(row.images_per_s)} img/s, MFU {100 * row.mfu:.1f} %, "
@@ -409,7 +422,11 @@ def run_tests(budget: Budget, rec: Recorder, device: torch.device) -> None:
             code = None
     tail = (rec.out / "tests.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
     outcome = "cut at the budget" if code is None else f"exit {code}"
-    rec.note(f"{budget.stamp()} tests: {outcome} after {time.perf_counter() - began:.0f} s: {tail[0]}")
+    line = f"{budget.stamp()} tests: {outcome} after {time.perf_counter() - began:.0f} s: {tail[0]}"
+    if code in (0, None):
+        rec.note(line)
+    else:
+        rec.fail(line)
 
 
 def _init_group(device: torch.device, rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
@@ -563,8 +580,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_rows(section, section_specs(section, args, device), args, device, budget, estimator, rec)
     print(format_table(rec.rows), flush=True)
-    print(f"{budget.stamp()} done: {len(rec.rows)} rows in {out}", flush=True)
+    failed = f", {rec.failures} failed (notes.txt)" if rec.failures else ""
+    print(f"{budget.stamp()} done: {len(rec.rows)} rows in {out}{failed}", flush=True)
     dist.destroy_process_group()
+    if rec.failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,20 @@ def test_a_row_that_does_not_fit_the_budget_is_skipped_with_a_note_and_the_check
     notes = (tmp_path / "notes.txt").read_text()
     assert "skipped rn bf16 batch 64: needs ~19 s (measured), 20 s left" in notes
     assert [json.loads(line)["batch"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == [16, 8]
+
+
+def test_a_row_that_fails_is_noted_and_the_check_goes_on(tmp_path, monkeypatch):
+    recorder = gpu_check.Recorder(tmp_path, {})
+
+    def measure(spec, size, device, *, steps, warmup, tiny=False):
+        if spec.batch == 32:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return _row(spec.arch, spec.batch, spec.precision, 100.0, flops=1e12, setup_s=1.0, step_s=0.01)
+
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    specs = [gpu_check.Spec("lbam", 32, "bf16"), gpu_check.Spec("lbam", 8, "bf16")]
+    budget = gpu_check.Budget(1e9)
+    gpu_check.run_rows("batches", specs, _args(), torch.device("cpu"), budget, gpu_check.Estimator(10, 3), recorder)
+    assert [row.batch for row in recorder.rows] == [8] and recorder.failures == 1
+    assert "lbam bf16 batch 32 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n" in (
+        tmp_path / "notes.txt").read_text()
