@@ -14,6 +14,14 @@ overhead <= 10 % at batch >= 4 on CPU). On a GPU it also prints images/s in bf16
 and the speed-up over fp32.
 
     python bench/train_overhead.py --arch rn --batch 4 --size 64 --steps 5
+
+``--global-stats`` instead measures what official mode's global-batch statistics cost, on 2 gloo workers (one
+thread each) taking turns with the local version: RN's whole official step (carried D gradient, sigmoid BCE,
+all-reduced hole-L1 normaliser) against the default step, and LBAM's D step (three D forwards and the gradient
+penalty's double backward) with ``GlobalBatchNorm2d`` against per-worker BatchNorm. Neither side all-reduces
+gradients (plain optimisers), so the ratios isolate official mode's own collectives and extra work:
+
+    python bench/train_overhead.py --global-stats --steps 3
 """
 
 from __future__ import annotations
@@ -156,6 +164,81 @@ def ray_train_step_time(arch: str, batch: int, size: int, steps: int, zero_stage
         return result["seconds"]
 
 
+def _global_stats_worker(rank: int, port: int, rounds: int, out: str) -> None:
+    """One of 2 gloo ranks: RN default vs official step, LBAM D step local vs global BatchNorm (see the docstring)."""
+    import copy
+    import json
+
+    import torch.nn as nn
+
+    from models.registry import get_architecture
+    from pipeline.train.global_batch import use_global_batch_norm
+    from pipeline.train.recipes import LBAMOptions, LBAMRecipe, gan_step, torch_updater
+    from pipeline.train.spec import build_recipe, discriminator_options
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cpu = torch.device("cpu")
+    results: dict[str, float] = {}
+
+    steps: dict[str, Step] = {}
+    image, mask = _batch(4, 64, cpu)
+    for label, official in (("rn default", False), ("rn official", True)):
+        recipe = build_recipe("rn", official=official)
+        torch.manual_seed(0)
+        G = get_architecture("rn").generator()
+        D = recipe.prepare_discriminator(get_architecture("rn").discriminator(**discriminator_options("rn")))
+        update_d = torch_updater(recipe.discriminator_optimizer.build(D.parameters(), fused=True))
+        update_g = torch_updater(recipe.generator_optimizer.build(G.parameters(), fused=True))
+        steps[label] = (lambda r, g, d, ud, ug: lambda: gan_step(r, g, d, image, mask, ud, ug))(recipe, G, D, update_d, update_g)
+    results.update(median_step_times(steps, rounds, cpu))
+
+    lbam = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())  # the D loss needs no VGG
+    torch.manual_seed(0)
+    local = get_architecture("lbam").discriminator()
+    global_ = use_global_batch_norm(copy.deepcopy(local))
+    image, mask = _batch(2, 256, cpu)
+    pred = torch.rand_like(image)
+
+    def d_step(D: nn.Module) -> Step:
+        def step() -> None:
+            loss, _ = lbam.discriminator_loss(D, image, mask, pred)
+            loss.backward()
+        return step
+
+    results.update(median_step_times({"lbam D local BN": d_step(local), "lbam D global BN": d_step(global_)}, rounds, cpu))
+    gathered: list[dict[str, float]] = [{}, {}]
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def global_stats_bench(rounds: int) -> None:
+    """Print the cost of official mode's global-batch statistics on 2 gloo workers (ratios, slowest rank)."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.spawn(_global_stats_worker, args=(port, rounds, out), nprocs=2, join=True)
+        ranks = json.loads(Path(out).read_text())
+    slowest = {name: max(r[name] for r in ranks) for name in ranks[0]}
+    print(f"official mode's global statistics, 2 gloo workers x 1 thread, median of {rounds} alternating rounds "
+          f"(slowest rank)")
+    for base, other, what in (("rn default", "rn official", "RN step (batch 4/worker, 64²)"),
+                              ("lbam D local BN", "lbam D global BN", "LBAM D step (batch 2/worker, 256²)")):
+        a, b = slowest[base], slowest[other]
+        print(f"  {what:<36} {base}: {a * 1e3:9.1f} ms   {other}: {b * 1e3:9.1f} ms   ratio {b / a:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="rn", choices=["rn", "lbam"])
@@ -163,7 +246,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="crop size (LBAM: 256 only)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--global-stats", action="store_true",
+                        help="measure official mode's global-batch statistics on 2 gloo workers instead")
     args = parser.parse_args()
+    if args.global_stats:
+        global_stats_bench(args.steps)
+        return
 
     use_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")

@@ -82,7 +82,7 @@ def test_crop_geometry_is_unchanged_random_crop_and_flip():
     from pipeline.data.loaders import random_crop_flip
 
     image, mask = _ramp(80, 112), np.zeros((80, 112), np.uint8)
-    a = train_sample(image, mask, 64, np.random.default_rng(5))
+    a = train_sample(image, mask, 64, np.random.default_rng(5), random_crop_flip=random_crop_flip)
     b = random_crop_flip(image, mask, 64, np.random.default_rng(5))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 

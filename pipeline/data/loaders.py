@@ -364,7 +364,7 @@ def _shuffled(src: Iterator[dict], bufsize: int, seeds: _StreamSeed) -> Iterator
 def _train_crops(
     src: Iterator[dict], crop_size: int, seeds: _StreamSeed, geometry: str = "crop", pool: Any = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from pipeline.data.train_geometry import train_sample  # deferred: it builds on this module's crop
+    from pipeline.data.train_geometry import train_sample  # deferred: import on first use only
 
     rng = np.random.Generator(np.random.PCG64(seeds.derive("crop")))
     for raw in src:
@@ -374,9 +374,11 @@ def _train_crops(
             _warn_and_continue(exc)
             continue
         if pool is None:
-            yield train_sample(sample.image, sample.mask, crop_size, rng, geometry)
+            yield train_sample(sample.image, sample.mask, crop_size, rng, geometry, random_crop_flip=random_crop_flip)
         else:  # a mask drawn anew from the pool at every load of an image, as the official loaders do
-            yield train_sample(sample.image, pool.draw(rng), crop_size, rng, geometry, pooled=True)
+            yield train_sample(
+                sample.image, pool.draw(rng), crop_size, rng, geometry, pooled=True, random_crop_flip=random_crop_flip
+            )
 
 
 def _load_pool(urls: Sequence[str], storage_options: StorageOptionsLike) -> Any:

@@ -22,14 +22,12 @@ Inputs and outputs are uint8 arrays: image (H, W, 3), mask (H, W) with 255 = hol
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from pipeline.data.loaders import random_crop_flip
 
 __all__ = ["GEOMETRIES", "Geometry", "LBAM_LOAD_SIZE", "lbam_geometry", "rn_geometry", "train_sample"]
 
@@ -100,18 +98,24 @@ def lbam_geometry(
     return _flip(rng, image, mask)  # type: ignore[return-value]
 
 
+CropFlip = Callable[[np.ndarray, np.ndarray, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
 def train_sample(
     image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator, geometry: Geometry = "crop",
-    pooled: bool = False,
+    pooled: bool = False, random_crop_flip: CropFlip | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training crop (image, mask) of ``size``² by ``geometry``; ``pooled``: ``mask`` is a pool mask drawn for
-    this load (any size), not the image's own shard mask."""
+    this load (any size), not the image's own shard mask. ``random_crop_flip`` is the ``crop`` geometry's joint
+    crop and flip (the loaders pass ``pipeline.data.loaders.random_crop_flip``, whose module imports this one)."""
     if geometry == "rn":
         return rn_geometry(image, mask, size, rng, pooled)
     if geometry == "lbam":
         return lbam_geometry(image, mask, size, rng, pooled)
     if geometry != "crop":
         raise ValueError(f"train geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+    if random_crop_flip is None:
+        raise ValueError("the crop geometry needs random_crop_flip")
     if pooled:
         mask = _pil_resize(_centre_square(mask), (size, size), Image.Resampling.NEAREST)
         placeholder = np.zeros(image.shape[:2], dtype=np.uint8)
