@@ -36,11 +36,11 @@ def test_jobs_make_relative_paths_absolute_against_the_callers_directory_and_log
     caplog.set_level(logging.INFO)
     status, config = _configured(["--config", TINY_RN, "--set", "data.train_manifest=shards/train-v1/manifest.json",
                                   "--set", "data.eval_manifest=s3://bucket/eval-v1/manifest.json",
-                                  "--set", "model.options.vgg_weights=weights/vgg16.pth"])
+                                  "--set", "model.init_weights=weights/generator.pt"])
     assert status == 0
     assert config.data.train_manifest == str(tmp_path / "shards" / "train-v1" / "manifest.json")
     assert config.data.eval_manifest == "s3://bucket/eval-v1/manifest.json"  # URLs are left alone
-    assert config.model.options.vgg_weights == str(tmp_path / "weights" / "vgg16.pth")
+    assert config.model.init_weights == str(tmp_path / "weights" / "generator.pt")
     assert f"path data.train_manifest: shards/train-v1/manifest.json -> {config.data.train_manifest}" in caplog.text
 
 

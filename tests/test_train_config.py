@@ -189,3 +189,9 @@ def test_this_machines_bf16_support_is_read_from_atens_dispatch_and_the_cpu_flag
     assert support.capability == torch.backends.cpu.get_cpu_capability()
     if not support.capability.startswith("AVX512"):  # e.g. ATEN_CPU_CAPABILITY=avx2, or an AVX2-only CPU
         assert support.native is False
+
+
+def test_paths_inside_typed_options_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(CONFIGS / "train_lbam_cpu_tiny.yaml", ["model.options.vgg_weights=weights/vgg16.pth"])
+    assert config.model.options.vgg_weights == str(tmp_path / "weights" / "vgg16.pth")
