@@ -51,7 +51,9 @@ class ModelSectionBase(Config):
     ``options`` are the recipe's typed options (RN: ``l1_weight``, ``gan_weight``; LBAM: its loss weights,
     ``adversarial``, ``vgg_weights`` / ``allow_random_vgg`` for the VGG16 of its perceptual loss): the validated
     object is handed to the recipe as is. ``generator_options`` are the generator constructor's keywords
-    (RN: ``residual_blocks``, ``threshold``, ``per_sample_stats``), checked against its signature.
+    (RN: ``residual_blocks``, ``threshold``, ``per_sample_stats``; LBAM: ``width``), checked against its signature;
+    ``discriminator_options`` likewise for the discriminator (LBAM: ``input_size``, ``width``; what the recipe fixes,
+    such as RN's ``use_sigmoid``, is not settable). The defaults are the official networks.
     """
 
     arch: str
@@ -71,6 +73,7 @@ def model_section(spec: ArchitectureSpec) -> type[ModelSectionBase]:
         arch=(Literal[spec.name], ...),
         options=(spec.options, Field(default_factory=spec.options)),
         generator_options=(spec.generator_options, Field(default_factory=spec.generator_options)),
+        discriminator_options=(spec.discriminator_config, Field(default_factory=spec.discriminator_config)),
     )
     section.__doc__ = f"``model`` of a {spec.name} training config (see :class:`ModelSectionBase`)."
     globals()[section.__name__] = section  # importable by name: a config pickles by reference (Ray workers)
@@ -262,11 +265,14 @@ def check_train_config(config: TrainJobConfig) -> None:
     _check_cpu_bf16(ds, scaling)
 
     arch = get_spec(config.model.arch).architecture
-    if arch.train_size is not None and data.crop_size != arch.train_size:
+    # A discriminator built for one input size (LBAM: 256 unless model.discriminator_options.input_size says
+    # otherwise) fixes the crop.
+    train_size = getattr(config.model.discriminator_options, "input_size", arch.train_size)
+    if train_size is not None and data.crop_size != train_size:
         raise _fail(
             "data.crop_size",
-            f"{config.model.arch} trains on {arch.train_size}x{arch.train_size} crops only "
-            f"(its discriminator's input size), got {data.crop_size}",
+            f"{config.model.arch} trains on {train_size}x{train_size} crops only "
+            f"(its discriminator's input size, model.discriminator_options.input_size), got {data.crop_size}",
         )
     if data.crop_size % arch.size_multiple:
         raise _fail("data.crop_size", f"must be a multiple of {arch.size_multiple} for {config.model.arch}, got {data.crop_size}")
@@ -276,7 +282,7 @@ def check_train_config(config: TrainJobConfig) -> None:
     if getattr(config.model.options, "official", False) and ds.gradient_accumulation_steps != 1:
         # The official steps have no accumulation, and RN's carried D gradient would be scaled by it.
         raise _fail("deepspeed.gradient_accumulation_steps", "must be 1 with model.options.official (the official step has no accumulation)")
-    _check_generator_options(config.model)
+    _check_network_options(config.model)
 
 
 def _check_cpu_bf16(ds: DeepSpeedSection, scaling: ScalingSection) -> None:
@@ -296,16 +302,20 @@ def _check_cpu_bf16(ds: DeepSpeedSection, scaling: ScalingSection) -> None:
         )
 
 
-def _check_generator_options(model: ModelSectionBase) -> None:
-    """Build the generator on the meta device: a value its constructor refuses fails here, naming the key
-    (names and types of ``model.generator_options`` are already checked against its signature)."""
+def _check_network_options(model: ModelSectionBase) -> None:
+    """Build both networks on the meta device: a value a constructor refuses fails here, naming the key (names
+    and types of ``model.generator_options`` / ``discriminator_options`` are already checked against the
+    constructors' signatures)."""
     import torch
 
-    try:
-        with torch.device("meta"):
-            get_spec(model.arch).build_generator(model.generator_options)
-    except (TypeError, ValueError) as exc:
-        raise _fail("model.generator_options", str(exc).splitlines()[0]) from None
+    spec = get_spec(model.arch)
+    for key, build in (("model.generator_options", lambda: spec.build_generator(model.generator_options)),
+                       ("model.discriminator_options", lambda: spec.build_discriminator(model.discriminator_options))):
+        try:
+            with torch.device("meta"):
+                build()
+        except (TypeError, ValueError) as exc:
+            raise _fail(key, str(exc).splitlines()[0]) from None
 
 
 def load_train_config(

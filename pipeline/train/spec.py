@@ -6,7 +6,9 @@ An :class:`ArchitectureSpec` is the single place that says how an architecture t
 * ``options``: the typed model of ``model.options`` (loss weights, switches), whose defaults are written there
   and nowhere else; the validated object reaches ``recipe`` as is;
 * ``recipe``: builds the :class:`~pipeline.train.recipes.GanRecipe` from that object;
-* ``discriminator_options``: the keyword arguments training builds the discriminator with;
+* ``discriminator_options``: the keyword arguments training always builds the discriminator with;
+* ``discriminator_config``: the typed model of ``model.discriminator_options`` (the discriminator's other
+  constructor keywords, e.g. LBAM's ``input_size`` and ``width``), read off its constructor signature;
 * ``generator_options``: the typed model of ``model.generator_options``; by default read off the generator's
   constructor signature, so its defaults stay where the network is defined.
 
@@ -43,7 +45,7 @@ __all__ = [
 O = TypeVar("O", bound=Config)
 
 
-def options_from_signature(build: Callable[..., Any], name: str) -> type[Config]:
+def options_from_signature(build: Callable[..., Any], name: str, exclude: frozenset[str] = frozenset()) -> type[Config]:
     """A :class:`Config` model of ``build``'s keyword parameters, with their annotations and defaults.
 
     Lets a generator's constructor be the one place its options and their defaults are written, while the
@@ -53,7 +55,7 @@ def options_from_signature(build: Callable[..., Any], name: str) -> type[Config]
     hints = typing.get_type_hints(target)
     fields: dict[str, Any] = {}
     for parameter in inspect.signature(build).parameters.values():
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or parameter.name in exclude:
             continue
         default = ... if parameter.default is parameter.empty else parameter.default
         fields[parameter.name] = (hints.get(parameter.name, Any), default)
@@ -72,11 +74,17 @@ class ArchitectureSpec(Generic[O]):
     recipe: Callable[[O], GanRecipe]
     discriminator_options: Mapping[str, Any] = field(default_factory=dict)
     generator_options: type[Config] | None = None
+    discriminator_config: type[Config] | None = None
 
     def __post_init__(self) -> None:
         if self.generator_options is None:
             derived = options_from_signature(self.architecture.generator, f"{self.name.upper()}GeneratorOptions")
             object.__setattr__(self, "generator_options", derived)
+        if self.discriminator_config is None:
+            # What training fixes (``discriminator_options``) is not the user's to set.
+            derived = options_from_signature(self.architecture.discriminator, f"{self.name.upper()}DiscriminatorOptions",
+                                             exclude=frozenset(self.discriminator_options))
+            object.__setattr__(self, "discriminator_config", derived)
 
     @property
     def name(self) -> str:
@@ -88,9 +96,11 @@ class ArchitectureSpec(Generic[O]):
         options = options if options is not None else self.generator_options()
         return self.architecture.generator(**options.model_dump())
 
-    def build_discriminator(self) -> nn.Module:
-        """The discriminator as training builds it (``discriminator_options``)."""
-        return self.architecture.discriminator(**self.discriminator_options)
+    def build_discriminator(self, options: Config | None = None) -> nn.Module:
+        """The discriminator as training builds it: ``options`` (an instance of :attr:`discriminator_config`;
+        ``None``: its defaults) plus the fixed ``discriminator_options``."""
+        options = options if options is not None else self.discriminator_config()
+        return self.architecture.discriminator(**options.model_dump(), **self.discriminator_options)
 
     def build_recipe(self, options: O | None = None) -> GanRecipe:
         """The training recipe from its typed ``options`` (``None``: the defaults)."""
