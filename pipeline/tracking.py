@@ -22,6 +22,11 @@ What this module promises the training loop (rank 0 owns the run):
 
   MLflow's own HTTP client retries each request a few times underneath; these retries happen on the
   background thread, so a slow or absent server only delays tracking, never a training step.
+
+  Why not MLflow's own ``log_metrics(..., synchronous=False)``: measured side by side (``bench/tracking.py``, 300
+  steps x 8 metrics, local server, contended 2-core CPU) it costs the training thread 1245 us per step against
+  32 here (39x), takes 6.4x longer to deliver (one request per call instead of batches of 1000), and it drops
+  whatever fails: with the server down for the first 30 of 75 steps it lost those 30, this sender none.
 * :func:`redact` masks credentials in anything that is about to be logged.
 """
 
