@@ -11,8 +11,8 @@ Both are exact no-ops with one rank (or without a process group): the local comp
 
 Why not ``nn.SyncBatchNorm``: it refuses CPU tensors (gloo workers) and its backward is differentiable only
 once, while LBAM's gradient penalty differentiates the discriminator twice. ``GlobalBatchNorm2d`` builds
-the statistics from ``torch.distributed.nn.functional.all_reduce``, whose backward is itself an all-reduce,
-so first and second derivatives flow across ranks on gloo and NCCL alike.
+the statistics from an all-reduce whose backward is itself that all-reduce, so first and second derivatives
+flow across ranks on gloo and NCCL alike.
 """
 
 from __future__ import annotations
@@ -46,11 +46,22 @@ def global_mean(value: torch.Tensor) -> torch.Tensor:
     return total / world
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    # Differentiable all-reduce (its backward all-reduces the gradient, and is differentiable again).
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is the same sum of the gradient (itself differentiable: double backward)."""
 
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _AllReduceSum.apply(grad)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
