@@ -78,7 +78,7 @@ SWITCHES = ("cudnn_benchmark", "channels_last", "compile_generator")
 ASSUMED_FLOPS_PER_S = {"bf16": 200e12, "fp32": 60e12}  # ~20 % of the bf16 peak; fp32 convs run as TF32
 ASSUMED_SETUP_S = 15.0  # engines, DeepSpeed's set-up, warm-up steps' one-off costs, the FLOP count
 ASSUMED_COMPILE_S = 120.0  # torch.compile of the generator, on top of the set-up
-ASSUMED_TESTS_S = 120.0  # the gpu tests (13 cases of a few tiny steps, engines built each time)
+ASSUMED_TESTS_S = 120.0  # the gpu tests (a dozen or so cases of a few tiny steps, engines built each time)
 ASSUMED_SPAWN_S = 30.0  # per world size of the scaling table: processes, NCCL, imports
 MARGIN = 1.2  # a row runs only if 1.2 x its estimate fits in what is left
 
