@@ -72,16 +72,16 @@ def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: tor
 
     spec = get_architecture(arch)
     torch.manual_seed(seed)
-    generator, discriminator = spec.generator(), spec.discriminator(**discriminator_options(arch))
-    recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {}))
-    if tiny and arch == "rn":
-        generator = spec.generator(residual_blocks=1)
-    elif tiny and arch == "lbam":
+    if tiny and arch == "lbam":
         from pipeline.train.recipes import LBAMOptions, LBAMRecipe
 
         generator = spec.generator(width=TINY_WIDTH)
         discriminator = spec.discriminator(input_size=TINY_SIZES["lbam"][0], width=TINY_WIDTH)
         recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=StandInFeatures())
+    else:
+        generator = spec.generator(residual_blocks=1) if tiny else spec.generator()
+        discriminator = spec.discriminator(**discriminator_options(arch))
+        recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {}))
     engines = build_engines(
         recipe, generator, discriminator, DeepSpeedSection(zero_stage=zero_stage, precision=precision),
         micro_batch_size=batch or (TINY_SIZES if tiny else SIZES)[arch][1], world_size=dist.get_world_size(), steps_per_epoch=10_000, device=device,
