@@ -358,5 +358,7 @@ def train_worker(payload: WorkerPayload) -> None:
         window.resume()
 
     if tracker is not None:
-        # The tracker sends from a background thread; the worker process may end as soon as we return.
-        tracker.flush(timeout_s=60)
+        # The tracker sends from a background thread; the worker process may end as soon as we return. Wait out a
+        # tracking outage (the driver needs the server to register the model anyway); what is still unsent after
+        # that is counted in a warning.
+        tracker.flush(timeout_s=300)
