@@ -76,6 +76,7 @@ def _report(name: str, stats, objects: dict[str, str]) -> None:
           + ", ".join(f"{label}={stats.requests[path]}" for label, path in objects.items()))
 
 
+@pytest.mark.e2e
 def test_short_storms_are_retried_and_give_the_clean_runs_bytes(world):
     # (The storm, 40 SlowDowns in a row, is absorbed too; it costs ~20 s of backoff, so it is not run here.)
     storms = {0: ("503", 1), 2: ("503", 3), 4: ("503", 8), 6: ("cut", 1), 8: ("cut", 3), 10: ("cut", 8)}
@@ -95,6 +96,7 @@ def test_short_storms_are_retried_and_give_the_clean_runs_bytes(world):
     assert _shard_bytes(world, result.manifest) == _shard_bytes(world, clean)
 
 
+@pytest.mark.e2e
 def test_a_storm_longer_than_the_retry_budget_fails_in_one_line_publishes_nothing_and_a_rerun_resumes(world, capsys):
     from jobs.shard_places2 import shard
 
