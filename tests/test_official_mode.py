@@ -25,7 +25,7 @@ import torch
 
 from official_probe import LOSS_NAMES, deviations, load_reference, replay_with_torch
 
-from pipeline.train.official import CarriedGradient, LBAMOfficialRecipe, RNOfficialRecipe, bce_on_probabilities
+from pipeline.train.official import CarriedGradient, LBAMOfficialRecipe, bce_on_probabilities
 from pipeline.train.recipes import LBAMOptions, gan_step, torch_updater
 from pipeline.train.spec import build_recipe
 
