@@ -220,13 +220,28 @@ def target_report(trained: MethodResult, untrained: MethodResult, mean: MethodRe
 # ------------------------------------------------------------------------------------------------ the real path
 
 
-def _run(what: str, command: Sequence[str], env: Mapping[str, str] | None = None) -> float:
-    """Run one job as a user would (``python jobs/….py …``); its wall time in seconds; exit on failure."""
-    import subprocess
+def _run(what: str, job: str, argv: Sequence[str], attempts: int = 3) -> float:
+    """Run ``jobs/<job>.py`` with ``argv`` as a user would; its wall time in seconds; exit on failure.
 
-    print(f"\n=== {what}\n$ {' '.join(command)}", flush=True)
+    The jobs run in this process (as ``jobs/demo.py`` runs them), so Ray starts once for all of them: on a loaded
+    machine a local Ray start can time out (its raylet has 30 s to register with the GCS). A failed job is run
+    again (``attempts`` in all): every job here resumes (the shard job skips finished shards, training resumes
+    from its last checkpoint under the same run name). The wall time counts every attempt.
+    """
+    import importlib
+
+    main = importlib.import_module(f"jobs.{job}").main
+    print(f"\n=== {what}\n$ python jobs/{job}.py {' '.join(argv)}", flush=True)
     started = time.perf_counter()
-    status = subprocess.call(list(command), cwd=REPO, env={**os.environ, **(env or {})})
+    for attempt in range(1, attempts + 1):
+        try:
+            status = main(list(argv))
+        except Exception as exc:  # noqa: BLE001 - reported, then retried or fatal below
+            print(f"=== {what}: {type(exc).__name__}: {exc}", flush=True)
+            status = 1
+        if status == 0:
+            break
+        print(f"=== {what}: attempt {attempt} of {attempts} failed (exit status {status})", flush=True)
     seconds = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"convergence: {what} failed (exit status {status}); see the log above")
@@ -247,7 +262,7 @@ def prepare_data(work: Path, train_images: int, val_images: int, per_bucket: int
     if not (sample / "places365_val.txt").exists():
         print(f"generating {train_images} train and {val_images} validation images under {sample}", flush=True)
         generate_sample_dataset(str(sample), n_train=train_images, n_val=val_images, seed=0)
-    shard = [sys.executable, "jobs/shard_places2.py", "--store-size", str(store_size)]
+    shard = ["--store-size", str(store_size)]
     manifests = {"train": work / "shards" / "train", "eval": work / "shards" / "eval",
                  "curves": work / "shards" / "curves"}
     jobs = {
@@ -262,7 +277,7 @@ def prepare_data(work: Path, train_images: int, val_images: int, per_bucket: int
     }
     for name, folder in manifests.items():
         if not (folder / "manifest.json").exists():
-            _run(f"shard the {name} set", [*shard, *jobs[name], "--out", str(folder)])
+            _run(f"shard the {name} set", "shard_places2", [*shard, *jobs[name], "--out", str(folder)])
     return {name: str(folder / "manifest.json") for name, folder in manifests.items()}
 
 
@@ -293,10 +308,10 @@ def train(arch: str, manifests: Mapping[str, str], work: Path, tracking_uri: str
         *overrides,
     ]
     config = load_train_config(config_path, sets)
-    command = [sys.executable, f"jobs/train_{arch}.py", "--config", str(config_path)]
+    argv = ["--config", str(config_path)]
     for item in sets:
-        command += ["--set", item]
-    seconds = _run(f"train {arch.upper()} ({config.train.max_steps} steps)", command)
+        argv += ["--set", item]
+    seconds = _run(f"train {arch.upper()} ({config.train.max_steps} steps)", f"train_{arch}", argv)
     run = latest_run(arch, config, tracking_uri)
     run.seconds = seconds  # the whole job as a user waits for it: Ray start, data, training, registration
     return run
