@@ -346,6 +346,9 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     evaluator = RegistryEvaluator(tracking_uri, config.eval_manifest, config.evaluation)
     log.info("retrain: %d new items -> data version %d at %s", len(fresh), number, out)
     sharded = run_shard_job(shard_config)
+    # Train on what the shard job published: a folder already holding another version gets a version folder of
+    # its own beside it, so the planned URL is only a placeholder for validating the config up front.
+    train_config = derive(train_config, {"data": {"train_manifest": sharded.manifest_url}})
     champion = _champion(client, config.registered_model)  # read now: a hand-moved alias is honoured
     if champion is not None:
         init_url = export_champion_weights(tracking_uri, config.registered_model, champion,
