@@ -33,7 +33,9 @@ def test_official_gpu_configs_keep_the_papers_global_batch():
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.precision=fp16"], "deepspeed.precision"),  # CPU config
         (["scaling.use_gpu=true", "deepspeed.precision=fp16"], "deepspeed.precision"),  # refused: needs loss scaling
-        (["data.crop_size=128"], "data.crop_size"),  # LBAM's D takes 256x256 only
+        (["data.crop_size=256"], "data.crop_size"),  # this LBAM D is built for 128x128 only
+        (["model.discriminator_options.input_size=96"], "model.discriminator_options"),
+        (["model.discriminator_options.use_sigmoid=true"], "model.discriminator_options.use_sigmoid"),  # fixed
         (["train.max_steps=0"], "train.max_steps"),
         (["scaling.num_workers=0"], "scaling.num_workers"),
         (["model.options.vgg_wieghts=x.pth"], "model.options.vgg_wieghts"),
