@@ -20,7 +20,7 @@ from models.losses import (
 from pipeline.train.recipes import LBAMOptions, RNOptions
 
 # The official weights, from the one place they are written: the recipes' typed options.
-RN_WEIGHTS = RNOptions().model_dump()
+RN_WEIGHTS = RNOptions().model_dump(include={"l1_weight", "gan_weight"})
 LBAM_WEIGHTS = LBAMOptions(allow_random_vgg=True).model_dump(include={"hole", "valid", "perceptual", "style"})
 
 
