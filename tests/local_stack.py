@@ -56,6 +56,7 @@ __all__ = [
     "RayWorkerNode",
     "add_worker_node",
     "mlflow_server",
+    "ray_driver",
     "ray_head",
     "running_mlflow_server",
     "running_ray_head",
@@ -189,6 +190,23 @@ def ray_head(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(home), "XDG_CACHE_HOME": cache}
     with running_ray_head(num_cpus=4, env=env) as head:
         yield head
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_head: RayHead):
+    """This module's Ray driver, connected to the session's Ray head; yields the ``ray`` module.
+
+    One cluster serves the whole suite: an embedded ``ray.init()`` per module cost 10-20 s of start-up each on a
+    2-core machine. The driver passes its ``sys.path`` to the workers, so they import the repository and
+    ``tests/`` as the test process does.
+    """
+    import ray
+
+    ray.init(address=ray_head.address, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def _get_json(url: str) -> dict:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from local_stack import mlflow_server  # noqa: F401  (fixture)
 from metrics_pattern import metric_pattern_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +37,8 @@ def _write_weight_files(folder: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, mlflow_server):
-    """Embedded Ray, a pinned eval set of 6 images (one per hole bucket, 2 shards), weight files, a champion."""
-    import ray
+def world(tmp_path_factory, mlflow_server, ray_driver):
+    """The session's Ray, a pinned eval set of 6 images (one per hole bucket, 2 shards), weight files, a champion."""
     import torch
 
     from models.registry import get_architecture
@@ -51,28 +49,24 @@ def world(tmp_path_factory, mlflow_server):
 
     root = tmp_path_factory.mktemp("evaluation")
     sample = generate_sample_dataset(str(root / "places"), n_train=0, n_val=24, size=(96, 80), include_package_photos=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        evaluation = run_shard_job(ShardJobConfig.model_validate({
-            "source": {"url": sample.val_list, "root": sample.val_root}, "out": str(root / "eval"),
-            "samples_per_shard": 3, "store_size": CROP, "eval": {"enabled": True, "per_bucket": 1},
-        }))
-        versions = []
-        run = RunTracker.start_or_resume(mlflow_server, "holefill-eval-e2e", "generators")
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            image, mask = torch.rand(1, 3, 32, 32), (torch.rand(1, 1, 32, 32) > 0.7).float()
-            versions.append(log_and_register_generator(mlflow_server, run.run_id, get_architecture("rn").generator(),
-                                                       image, mask, MODEL, arch="rn").version)
-        run.finish()
-        from mlflow import MlflowClient
+    evaluation = run_shard_job(ShardJobConfig.model_validate({
+        "source": {"url": sample.val_list, "root": sample.val_root}, "out": str(root / "eval"),
+        "samples_per_shard": 3, "store_size": CROP, "eval": {"enabled": True, "per_bucket": 1},
+    }))
+    versions = []
+    run = RunTracker.start_or_resume(mlflow_server, "holefill-eval-e2e", "generators")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        image, mask = torch.rand(1, 3, 32, 32), (torch.rand(1, 1, 32, 32) > 0.7).float()
+        versions.append(log_and_register_generator(mlflow_server, run.run_id, get_architecture("rn").generator(),
+                                                   image, mask, MODEL, arch="rn").version)
+    run.finish()
+    from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-        client.set_registered_model_alias(MODEL, "champion", versions[0])
-        yield {"root": root, "eval": evaluation.manifest_url, "tracking_uri": mlflow_server, "client": client,
-               "versions": versions, "weights": _write_weight_files(root)}
-    finally:
-        ray.shutdown()
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    client.set_registered_model_alias(MODEL, "champion", versions[0])
+    yield {"root": root, "eval": evaluation.manifest_url, "tracking_uri": mlflow_server, "client": client,
+           "versions": versions, "weights": _write_weight_files(root)}
 
 
 def _settings(world) -> dict:

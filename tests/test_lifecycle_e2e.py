@@ -1,4 +1,4 @@
-"""The model lifecycle: the retrain lock (fast), then end to end on a real MLflow server, embedded Ray, real
+"""The model lifecycle: the retrain lock (fast), then end to end on a real MLflow server, the session's Ray head, real
 shards and real LBAM training: first champion, a zero-step challenger refused, a better-trained challenger
 promoted, retrain no-op, retrain on new images (only the new ones sharded, fine-tuned, gated), and two
 overlapping retrains."""
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from local_stack import mlflow_server  # noqa: F401  (fixture)
 from pipeline.lifecycle.retraining import LockHeld, RetrainLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,9 +71,8 @@ RUINOUS_LR = ["train.lr_scale=1000"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, mlflow_server):
-    """Embedded Ray, a directory of 8 source images sharded as the base version, a pinned eval set."""
-    import ray
+def world(tmp_path_factory, mlflow_server, ray_driver):
+    """The session's Ray, a directory of 8 source images sharded as the base version, a pinned eval set."""
 
     from pipeline.data.sample_data import generate_sample_dataset
     from pipeline.data.sharding import ShardJobConfig, run_shard_job
@@ -82,19 +80,15 @@ def world(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("lifecycle")
     sample = generate_sample_dataset(str(root / "places"), n_train=8, n_val=24, size=(288, 256),
                                      include_package_photos=False)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        base = run_shard_job(ShardJobConfig.model_validate({
-            "source": {"url": sample.train_root}, "out": str(root / "base"), "samples_per_shard": 4, "store_size": 256,
-        }))
-        evaluation = run_shard_job(ShardJobConfig.model_validate({
-            "source": {"url": sample.val_list, "root": sample.val_root}, "out": str(root / "eval"),
-            "samples_per_shard": 3, "store_size": 256, "eval": {"enabled": True, "per_bucket": 1},
-        }))
-        yield {"root": root, "sample": sample, "base": base.manifest_url, "eval": evaluation.manifest_url,
-               "tracking_uri": mlflow_server}
-    finally:
-        ray.shutdown()
+    base = run_shard_job(ShardJobConfig.model_validate({
+        "source": {"url": sample.train_root}, "out": str(root / "base"), "samples_per_shard": 4, "store_size": 256,
+    }))
+    evaluation = run_shard_job(ShardJobConfig.model_validate({
+        "source": {"url": sample.val_list, "root": sample.val_root}, "out": str(root / "eval"),
+        "samples_per_shard": 3, "store_size": 256, "eval": {"enabled": True, "per_bucket": 1},
+    }))
+    yield {"root": root, "sample": sample, "base": base.manifest_url, "eval": evaluation.manifest_url,
+           "tracking_uri": mlflow_server}
 
 
 def _train_yaml(world) -> str:

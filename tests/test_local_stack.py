@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from local_stack import RayHead, add_worker_node, mlflow_server, ray_head, submit_job  # noqa: F401  (fixtures)
+from local_stack import RayHead, add_worker_node, submit_job
 
 from infra.local.mlflow_server import MlflowServerSpec, mlflow_server_argv
 from infra.local.processes import ProcessHandle, ServiceStartError, launch_detached, stop_session, wait_for

@@ -18,10 +18,6 @@ from pipeline.lifecycle.promotion import (
     promote,
 )
 
-try:
-    from local_stack import mlflow_server  # noqa: F401
-except ImportError:
-    from test_tracking import mlflow_server  # noqa: F401
 
 
 def summary(psnr: float, ssim: float = 0.8, l1: float = 0.05, count: int = 60, bucket_psnr: dict | None = None) -> dict:

@@ -24,11 +24,8 @@ STORE = 48
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_cluster(ray_driver):
+    return ray_driver
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from local_stack import mlflow_server, ray_head  # noqa: F401  (fixtures)
 from infra.local.ray_node import venv_bin
 
 pytestmark = pytest.mark.e2e

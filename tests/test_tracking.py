@@ -31,43 +31,6 @@ from pipeline.tracking import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-try:  # the infra helper's shared fixtures, when present
-    from local_stack import mlflow_server  # noqa: F401
-except ImportError:  # a minimal stand-in: one real MLflow server per test module
-
-    def _free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    @pytest.fixture(scope="module")
-    def mlflow_server(tmp_path_factory):
-        root = tmp_path_factory.mktemp("mlflow")
-        port = _free_port()
-        mlflow_bin = Path(sys.executable).with_name("mlflow")
-        log_file = open(root / "server.log", "wb")
-        proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                check_tracking_server(uri, timeout_s=1)
-                break
-            except ValueError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield uri
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log_file.close()
-
 
 def _closed_port_uri() -> str:
     with socket.socket() as s:

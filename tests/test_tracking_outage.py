@@ -29,12 +29,10 @@ MAX_STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def embedded_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def embedded_ray(ray_driver):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the step callback travels by value
     yield
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
 
 
 @dataclass(frozen=True)

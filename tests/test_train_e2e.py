@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from local_stack import add_worker_node, mlflow_server, ray_head, submit_job  # noqa: F401  (fixtures)
+from local_stack import add_worker_node, submit_job
 from s3_server import s3_endpoint  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Training RN and LBAM in-process on an embedded Ray with 2 CPU workers, DeepSpeed engines and MLflow (SQLite).
+"""Training RN and LBAM in-process on the session's Ray head with 2 CPU workers, DeepSpeed engines and MLflow (SQLite).
 
 One RN run and one LBAM run (module-scoped, shared by the assertions) do everything a real run does on
 tiny shards written by the real shard job: resume after a killed worker (killed by a step callback this test
@@ -48,14 +48,12 @@ class KillWorkerOnce:
 
 
 @pytest.fixture(scope="module")
-def embedded_ray():
-    # 4 logical CPUs on a 2-core machine: 2 training workers plus the shard tasks, without waiting on each other.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    # The workers cannot import this test module: the step callback travels by value.
+def embedded_ray(ray_driver):
+    # The session's Ray head (4 logical CPUs: 2 training workers plus the shard tasks). The workers cannot import
+    # this test module: the step callback travels by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +74,16 @@ def shards(embedded_ray, tmp_path_factory) -> dict[str, str]:
 
 def job_config(arch: str, shards: dict[str, str], tmp: Path, **sections) -> TrainJobConfig:
     """A tiny 2-worker CPU config; ``sections`` override whole keys, e.g. ``train={...}``."""
+    # LBAM at 1/16 width on 128 px crops (its discriminator built for them): the official layers and step at a
+    # CPU cost of seconds; the official 256 px networks train in tests/gpu.
     tiny = {
-        "rn": {"crop_size": 64, "batch_size": 2, "options": {}},
-        "lbam": {"crop_size": 256, "batch_size": 1, "options": {"allow_random_vgg": True}},
+        "rn": {"crop_size": 64, "batch_size": 2, "model": {"options": {}}},
+        "lbam": {"crop_size": 128, "batch_size": 1, "model": {
+            "options": {"allow_random_vgg": True}, "generator_options": {"width": 1 / 16},
+            "discriminator_options": {"input_size": 128, "width": 1 / 16}}},
     }[arch]
     settings = {
-        "model": {"arch": arch, "options": tiny["options"]},
+        "model": {"arch": arch, **tiny["model"]},
         "data": {"train_manifest": shards["train"], "eval_manifest": shards["eval"], "crop_size": tiny["crop_size"],
                  "loader_workers": 0, "eval_batch_size": 2},
         "train": {"max_steps": 2, "batch_size": tiny["batch_size"], "log_every": 1, "ckpt_every": 0, "steps_per_epoch": 2},
@@ -185,8 +187,13 @@ def test_zero_stage_trains_one_step(shards, tmp_path, arch, stage):
     assert result.model_version is None
 
 
-def test_rn_zero2_trains_and_resubmission_resumes_from_the_last_checkpoint(shards, tmp_path):
-    config = job_config("rn", shards, tmp_path, train={"max_steps": 1}, deepspeed={"zero_stage": 2}, mlflow={"tracking_uri": "", "enabled": False})
+def test_rn_zero2_bf16_trains_and_resubmission_resumes_from_the_last_checkpoint(shards, tmp_path):
+    # ZeRO-2 bf16 end to end on a CPU that may lack native bf16 (~240x slower than fp32): one residual block on
+    # 32 px crops keeps each bf16 step to seconds; the override key is the one a user on such a CPU would set.
+    config = job_config("rn", shards, tmp_path, train={"max_steps": 1}, data={"crop_size": 32},
+                        model={"arch": "rn", "generator_options": {"residual_blocks": 1}},
+                        deepspeed={"zero_stage": 2, "precision": "bf16", "allow_slow_cpu_bf16": True},
+                        mlflow={"tracking_uri": "", "enabled": False})
     first = run_training(config)
     assert first.final_step == 1
     # Same run name + storage path: Ray hands the workers the step-1 checkpoint; only step 2 runs.
