@@ -328,7 +328,7 @@ def latest_run(arch: str, config, tracking_uri: str) -> TrainedRun:
     latest = max(versions, key=lambda v: int(v.version))
     info = client.get_run(latest.run_id).info
     seconds = ((info.end_time or info.start_time) - info.start_time) / 1000
-    history = client.get_metric_history(latest.run_id, "g_loss")
+    history = client.get_metric_history(latest.run_id, "train/g_loss")
     steps = max((m.step for m in history), default=config.train.max_steps)
     return TrainedRun(arch, seconds, steps, latest.run_id, str(latest.version), config)
 
@@ -351,7 +351,9 @@ def trained_generator(run: TrainedRun, tracking_uri: str) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ pictures
 
-_CURVE_KEYS = {"rn": ("g_l1", "g_adv", "d_loss"), "lbam": ("g_hole", "g_valid", "g_style", "g_adv", "d_loss")}
+# Training logs its losses as train/<name> (validation as val/<metric>[/<bucket>]).
+_CURVE_KEYS = {"rn": ("train/g_l1", "train/g_adv", "train/d_loss"),
+               "lbam": ("train/g_hole", "train/g_valid", "train/g_adv", "train/d_loss")}
 
 
 def learning_curves(runs: Sequence[TrainedRun], tracking_uri: str, out: Path) -> None:
@@ -369,8 +371,8 @@ def learning_curves(runs: Sequence[TrainedRun], tracking_uri: str, out: Path) ->
         for key in _CURVE_KEYS[run.arch]:
             history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)
             if history:
-                axis.plot([m.step for m in history], [m.value for m in history], label=key, linewidth=1)
-        axis.set_yscale("log")
+                axis.plot([m.step for m in history], [abs(m.value) for m in history], label=f"|{key[6:]}|", linewidth=1)
+        axis.set_yscale("log")  # losses of different scales; WGAN terms can be negative, so magnitudes
         axis.set_title(f"{run.arch.upper()} train losses")
         axis.set_xlabel("step")
         axis.legend(fontsize=7)
