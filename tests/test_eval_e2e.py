@@ -76,8 +76,9 @@ def _settings(world) -> dict:
 
 
 @pytest.mark.e2e
-def test_evaluate_job_prints_and_records_every_metric_per_bucket_with_n_and_weight_hashes(world):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": world["tracking_uri"]}
+def test_evaluate_job_prints_and_records_every_metric_per_bucket_with_n_and_weight_hashes(world, ray_head):
+    # The job joins the session's Ray head, as a job submitted to a cluster does (no Ray start of its own).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": world["tracking_uri"], "RAY_ADDRESS": ray_head.address}
     sets = [f"--set=evaluation.{key}={value}" for key, value in _settings(world).items() if key != "perceptual"]
     sets += [f"--set=evaluation.perceptual.{key}={value}" for key, value in _settings(world)["perceptual"].items()]
     done = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", f"models:/{MODEL}@champion",
