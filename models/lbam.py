@@ -253,6 +253,7 @@ class LBAMGenerator(nn.Module):
 
     def __init__(self, width: float = 1.0) -> None:
         super().__init__()
+        self.constructor_kwargs = {"width": width}  # what rebuilds this network from its state dict
         encoder = _scaled(_ENCODER_CHANNELS, width)
         reverse = encoder[: len(_REVERSE_CHANNELS)]
         # dc_k's output meets reverse map k from the inside out; its input is the innermost encoder output, then

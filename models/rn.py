@@ -296,6 +296,9 @@ class RNGenerator(nn.Module):
         super().__init__()
         if residual_blocks < 0:
             raise ValueError(f"residual_blocks must be >= 0, got {residual_blocks}")
+        # What rebuilds this network from its state dict (a registered model records it).
+        self.constructor_kwargs = {"residual_blocks": residual_blocks, "threshold": threshold,
+                                   "per_sample_stats": per_sample_stats}
         self.per_sample_stats = per_sample_stats
         self.encoder_prePad = nn.ReflectionPad2d(3)
         self.encoder_conv1 = nn.Conv2d(3, 64, kernel_size=7)

@@ -215,7 +215,8 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
     ``(example_image, example_mask)`` ((1,3,H,W) in [0,1], (1,1,H,W) with a hole; keep them small: MLflow runs
     the model on them to validate serving) become the PNG input example. ``serving`` sets the pixel limit and
     the high-resolution strategy of the served model. ``tags`` (redacted) go on the new model version, with
-    ``holefill.arch``. Returns the ``ModelVersion``.
+    ``holefill.arch``. ``generator_kwargs`` rebuild the network at load time; by default the ones ``model`` was
+    built with (its ``constructor_kwargs``). Returns the ``ModelVersion``.
     """
     import mlflow
     from mlflow.models import Model
@@ -234,7 +235,9 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
         weights = Path(tmp) / "generator.pt"
         spec = Path(tmp) / "generator.json"
         torch.save(state, weights)
-        spec.write_text(json.dumps({"arch": arch, "generator_kwargs": dict(generator_kwargs or {}),
+        if generator_kwargs is None:
+            generator_kwargs = getattr(model, "constructor_kwargs", {})
+        spec.write_text(json.dumps({"arch": arch, "generator_kwargs": dict(generator_kwargs),
                                     "format": MODEL_FORMAT}))
         code = _bundle_models_package(Path(tmp))
         # MLflow validates the input example by loading the saved model, which prepends its code folder (in
