@@ -94,9 +94,8 @@ def world(tmp_path_factory, mlflow_server, ray_driver):
 def _train_yaml(world) -> str:
     path = world["root"] / "train_lbam.yaml"
     path.write_text(textwrap.dedent(f"""
-        model: {{arch: {ARCH}, options: {{allow_random_vgg: true}}, generator_options: {{width: 0.0625}},
-                discriminator_options: {{input_size: 128, width: 0.0625}}}}
-        data: {{train_manifest: {world['base']}, eval_manifest: {world['eval']}, crop_size: 128, loader_workers: 0,
+        model: {{arch: {ARCH}, options: {{allow_random_vgg: true}}}}
+        data: {{train_manifest: {world['base']}, eval_manifest: {world['eval']}, crop_size: 256, loader_workers: 0,
                 eval_batch_size: 3}}
         train: {{max_steps: 2, batch_size: 1, log_every: 1, ckpt_every: 0}}
         scaling: {{num_workers: 2, use_gpu: false}}
