@@ -14,6 +14,7 @@ engines, discriminator caller and updaters of ``train_worker``, fed uint8 batche
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -101,14 +102,20 @@ def step(recipe, parts, batches, precision: str, device: torch.device = torch.de
 
 def syncs(arch: str, zero_stage: int, precision: str, steps: int = 2) -> dict:
     from pipeline.train.host_sync import count_host_reads
+    from pipeline.train.recipes import logs_to_floats
 
-    recipe, _, parts = build(arch, zero_stage, precision, tiny=True)
+    recipe, engines, parts = build(arch, zero_stage, precision, tiny=True)
+    before = {name: [p.detach().float().clone() for p in engine.module.parameters()]
+              for name, engine in (("generator", engines.generator), ("discriminator", engines.discriminator))}
     batches = uint8_batches(arch, tiny=True)
-    step(recipe, parts, batches, precision)  # first step: DeepSpeed's one-off set-up
+    losses = logs_to_floats(step(recipe, parts, batches, precision))  # first step: DeepSpeed's one-off set-up
     with count_host_reads() as count:
         for _ in range(steps):
             step(recipe, parts, batches, precision)
-    return {"per_step": count.total / steps, "sites": count.report()}
+    moved = {name: any(not torch.equal(a, b.detach().float()) for a, b in zip(params, engine.module.parameters()))
+             for (name, params), engine in zip(before.items(), (engines.generator, engines.discriminator))}
+    return {"per_step": count.total / steps, "sites": count.report(), "moved": moved,
+            "finite": all(math.isfinite(v) for v in losses.values())}
 
 
 def resume(arch: str, zero_stage: int, precision: str, device: torch.device = torch.device("cpu")) -> dict:
