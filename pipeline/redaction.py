@@ -14,11 +14,14 @@ __all__ = ["REDACTED", "is_secret_name", "redact"]
 REDACTED = "***"
 
 
+# Both patterns start a match only where a run of their name characters starts (the look-behinds). Matches are
+# the same as without them (a match inside a run extends to the run's start), but a long run that matches nothing
+# is scanned once instead of once per character: a 10,000-character parameter took 19 s to redact without them.
 # scheme://user:password@host -> scheme://user:***@host
-_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*):(?P<secret>[^/@\s]+)@")
+_URL_USERINFO = re.compile(r"(?<![A-Za-z])(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*):(?P<secret>[^/@\s]+)@")
 # name=value pairs in query strings / command lines whose name looks secret
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?P<name>[A-Za-z0-9_\-.]*(?:secret|password|passwd|pwd|token|key|signature|credential)[A-Za-z0-9_\-]*)"
+    r"(?<![A-Za-z0-9_\-.])(?P<name>[A-Za-z0-9_\-.]*(?:secret|password|passwd|pwd|token|key|signature|credential)[A-Za-z0-9_\-]*)"
     r"(?P<sep>=|:\s*)(?P<value>[^&\s,;'\"]+)",
     re.IGNORECASE,
 )
