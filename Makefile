@@ -38,13 +38,15 @@ learn: $(STAMP)
 
 # torch comes from pip (TORCH_SPEC: pip finds the CPU wheel on this disk or the CUDA index given); the rest from uv,
 # which resolves and downloads in parallel (measured on a 2-core VM, cold caches: 13 s against pip's 141 s), with
-# pip as the fallback. pillow-simd's wheel compiles (~35 s) while those downloads run.
+# pip as the fallback. pillow-simd's wheel compiles (~35 s) while those downloads run. --compile-bytecode: pip writes
+# .pyc files at install, uv does not, and where PYTHONDONTWRITEBYTECODE is set (CI images) every process would then
+# compile Ray, MLflow and DeepSpeed from source at each start: the suite's process-heavy tests ran ~2x slower.
 $(STAMP): pyproject.toml infra/install_pillow_simd.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
 	bash infra/install_pillow_simd.sh $(PY) --build-only > $(VENV)/pillow-simd-build.log 2>&1 & simd=$$!; \
 	  $(PY) -m pip install -q $(TORCH_SPEC) \
-	  && { $(PY) -m uv pip install -q --python $(PY) -e ".[test]" || $(PY) -m pip install -q -e ".[test]"; }; \
+	  && { $(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e ".[test]" || $(PY) -m pip install -q -e ".[test]"; }; \
 	  status=$$?; wait $$simd; exit $$status
 	bash infra/install_pillow_simd.sh $(PY)
 	touch $(STAMP)
