@@ -34,13 +34,14 @@ TINY_WIDTH = 1 / 16
 
 
 class StandInFeatures(torch.nn.Module):
-    """Three ReLU conv stages with a 2x2 max-pool after each, like VGG16's pool1..pool3, at 8/16/32 channels."""
+    """Three ReLU conv stages with a 2x2 max-pool after each, like VGG16's pool1..pool3 (``widths`` channels):
+    LBAM's perceptual and style terms keep their shape at a cost tiny tests can pay."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (8, 16, 32)) -> None:
         super().__init__()
         self.stages = torch.nn.ModuleList(
             torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
-            for i, o in ((3, 8), (8, 16), (16, 32))
+            for i, o in zip((3, *widths[:-1]), widths)
         )
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -105,15 +106,15 @@ def syncs(arch: str, zero_stage: int, precision: str, steps: int = 2) -> dict:
     from pipeline.train.recipes import logs_to_floats
 
     recipe, engines, parts = build(arch, zero_stage, precision, tiny=True)
-    before = {name: [p.detach().float().clone() for p in engine.module.parameters()]
-              for name, engine in (("generator", engines.generator), ("discriminator", engines.discriminator))}
+    networks = {"generator": engines.generator.module, "discriminator": engines.discriminator.module}
+    before = {name: [p.detach().float().clone() for p in net.parameters()] for name, net in networks.items()}
     batches = uint8_batches(arch, tiny=True)
     losses = logs_to_floats(step(recipe, parts, batches, precision))  # first step: DeepSpeed's one-off set-up
     with count_host_reads() as count:
         for _ in range(steps):
             step(recipe, parts, batches, precision)
-    moved = {name: any(not torch.equal(a, b.detach().float()) for a, b in zip(params, engine.module.parameters()))
-             for (name, params), engine in zip(before.items(), (engines.generator, engines.discriminator))}
+    moved = {name: any(not torch.equal(a, b.detach().float()) for a, b in zip(before[name], net.parameters()))
+             for name, net in networks.items()}
     return {"per_step": count.total / steps, "sites": count.report(), "moved": moved,
             "finite": all(math.isfinite(v) for v in losses.values())}
 

@@ -27,30 +27,17 @@ def _write(*fields: str) -> None:
         log.write("\t".join(fields) + "\n")
 
 
-def pytest_configure(config) -> None:
-    # Under pytest-xdist the controller sees every worker's reports: only it writes, so each line appears once.
-    global _is_worker
-    _is_worker = hasattr(config, "workerinput")
-
-
-_is_worker = False
-
-
 def pytest_sessionstart(session) -> None:
-    if not _is_worker:  # one log per session, started afresh
+    if not hasattr(session.config, "workerinput"):  # one log per session, started afresh
         _log_path().write_text("", encoding="utf-8")
 
 
 def pytest_runtest_logstart(nodeid: str, location) -> None:
-    if _is_worker:
-        return
     _started[nodeid] = time.monotonic()
     _write("start", nodeid)
 
 
 def pytest_runtest_logreport(report) -> None:
-    if _is_worker:
-        return
     # One outcome per test over its three phases: failed beats skipped beats passed.
     if report.failed:
         _outcomes[report.nodeid] = "failed"
@@ -59,7 +46,5 @@ def pytest_runtest_logreport(report) -> None:
 
 
 def pytest_runtest_logfinish(nodeid: str, location) -> None:
-    if _is_worker:
-        return
     seconds = time.monotonic() - _started.pop(nodeid, time.monotonic())
     _write(f"{seconds:.1f}", _outcomes.pop(nodeid, "passed"), nodeid)

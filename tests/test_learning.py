@@ -21,6 +21,7 @@ from pipeline.data.masks import make_mask
 from pipeline.data.sample_data import render_scene
 from pipeline.train.recipes import LBAMOptions, LBAMRecipe, gan_step, torch_updater
 from pipeline.train.spec import get_spec
+from engine_probe import StandInFeatures
 
 
 def scenes(first: int, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,26 +54,14 @@ def train_steps(recipe, G: nn.Module, D: nn.Module, image: torch.Tensor, mask: t
         gan_step(recipe, G, D, image[pick], mask[pick], update_d, update_g)
 
 
-class PyramidFeatures(nn.Module):
-    """A stand-in for VGG16's pool1..pool3 at 1/16 of its width (frozen random convs): LBAM's perceptual and style
-    terms keep their shape and weights, at a cost a seconds-long test can pay. Random VGG16 features would be no more
-    meaningful (see ``bench/convergence.py``) and cost ~100x more."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-            for cin, cout in ((3, 4), (4, 8), (8, 16))
-        )
-        self.requires_grad_(False)
-
-    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        features, x = [], image
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+def held_out_hole_l1(recipe, G: nn.Module, D: nn.Module, size: int, train: int, held: int, steps: int,
+                     batch: int) -> tuple[float, float]:
+    """Hole L1 on ``held`` unseen scenes before and after ``steps`` steps (10x the recipe's rates) on ``train`` others."""
+    train_image, train_mask = scenes(0, train, size)
+    held_image, held_mask = scenes(100, held, size)
+    before = hole_l1(G, held_image, held_mask)
+    train_steps(recipe, G, D, train_image, train_mask, steps=steps, lr_scale=10.0, batch=batch)
+    return before, hole_l1(G, held_image, held_mask)
 
 
 def test_rn_learns_to_fill_scenes_it_has_not_seen():
@@ -81,13 +70,9 @@ def test_rn_learns_to_fill_scenes_it_has_not_seen():
     recipe = spec.build_recipe()
     G = RNGenerator(residual_blocks=1)
     D = RNDiscriminator(**spec.discriminator_options)
-    train_image, train_mask = scenes(0, 8, 32)
-    held_image, held_mask = scenes(100, 6, 32)
-    before = hole_l1(G, held_image, held_mask)
     # 10x the recipe's rates: the budget is a few dozen steps (as in jobs/configs/train_rn_cpu_learn.yaml).
     # Measured: 0.342 -> 0.239 after 20 steps, -> 0.148 after 30.
-    train_steps(recipe, G, D, train_image, train_mask, steps=24, lr_scale=10.0, batch=4)
-    after = hole_l1(G, held_image, held_mask)
+    before, after = held_out_hole_l1(recipe, G, D, size=32, train=8, held=6, steps=24, batch=4)
     assert after < 0.8 * before, f"RN's hole L1 on unseen scenes did not fall: {before:.4f} -> {after:.4f}"
 
 
@@ -96,13 +81,12 @@ def test_lbam_learns_to_fill_scenes_it_has_not_seen():
     # measure random features, and the style term (weight 120) then keeps the N(0, 0.02)-initialised generator's
     # hole output at its initial grey: measured here, 48 steps with them change the held-out hole L1 by < 0.1 %,
     # without them it falls 0.209 -> 0.180. The networks are LBAM's at 1/16 width, D at 128² (its input-size option).
-    torch.manual_seed(0)
-    recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True, perceptual=0.0, style=0.0), vgg=PyramidFeatures())
+    # The VGG16 stand-in is engine_probe's, 1/16 of VGG16's width (random VGG16 features would be no more meaningful,
+    # see bench/convergence.py, and cost ~100x more).
+    torch.manual_seed(1)
+    vgg = StandInFeatures(widths=(4, 8, 16)).requires_grad_(False)
+    recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True, perceptual=0.0, style=0.0), vgg=vgg)
     G = LBAMGenerator(width=1 / 16)
     D = LBAMDiscriminator(input_size=128, width=1 / 16)
-    train_image, train_mask = scenes(0, 4, 128)
-    held_image, held_mask = scenes(100, 3, 128)
-    before = hole_l1(G, held_image, held_mask)
-    train_steps(recipe, G, D, train_image, train_mask, steps=48, lr_scale=10.0, batch=2)
-    after = hole_l1(G, held_image, held_mask)
+    before, after = held_out_hole_l1(recipe, G, D, size=128, train=4, held=3, steps=48, batch=2)
     assert after < 0.95 * before, f"LBAM's hole L1 on unseen scenes did not fall: {before:.4f} -> {after:.4f}"
