@@ -8,23 +8,28 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.holefill-installed
+SIMD_STAMP  := $(VENV)/.pillow-simd-tried
 PYTEST_ARGS ?=
 WHEELHOUSE  ?= wheelhouse
 GPU_VENV    ?= .venv-gpu
 GPU_CHECK_BUDGET ?= 480
 GPU_CHECK_ARGS ?=
+# Python writes the bytecode of what it imports into the venv the first time, so each later process (a Ray worker,
+# a job CLI) starts from it. Images that set PYTHONDONTWRITEBYTECODE (many CI images do) would otherwise make every
+# process compile Ray, MLflow and DeepSpeed from source at each start: the suite's process-heavy tests ran ~2x slower.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test install clean-venv bench gpu-check gpu-check-offline gpu-check-run wheelhouse
 
-demo: $(STAMP)
+demo: $(SIMD_STAMP)
 	$(PY) jobs/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-install: $(STAMP)
+install: $(SIMD_STAMP)
 
-bench: $(STAMP)
+bench: $(SIMD_STAMP)
 	$(PY) bench/models.py
 
 # It learns: RN and LBAM trained ~20 min each on the CPU through the real path (shard job, Ray Train + DeepSpeed,
@@ -32,30 +37,35 @@ bench: $(STAMP)
 # (bench/convergence.py; README "It learns"). LEARN_ARGS e.g. "--only rn" or "--set rn:train.max_steps=50".
 LEARN_ARGS ?=
 .PHONY: learn
-learn: $(STAMP)
+learn: $(SIMD_STAMP)
 	$(PY) -c "import cv2" 2>/dev/null || $(PY) -m pip install -q opencv-python-headless
 	$(PY) bench/convergence.py $(LEARN_ARGS)
 
 # torch comes from pip (TORCH_SPEC: pip finds the CPU wheel on this disk or the CUDA index given); the rest from uv,
 # which resolves and downloads in parallel (measured on a 2-core VM, cold caches: 13 s against pip's 141 s), with
-# pip as the fallback. pillow-simd's wheel compiles (~35 s) while those downloads run. --compile-bytecode: pip writes
-# .pyc files at install, uv does not, and where PYTHONDONTWRITEBYTECODE is set (CI images) every process would then
-# compile Ray, MLflow and DeepSpeed from source at each start: the suite's process-heavy tests ran ~2x slower.
-$(STAMP): pyproject.toml infra/install_pillow_simd.sh
+# pip as the fallback. Nothing is compiled to bytecode at install (pip --no-compile; uv never does): compiling all
+# 22,000 files of the venv took 60 s on 2 cores, and pip spent 30 of its 42 s on torch doing it; the processes
+# compile the ~5,000 files they import, once (see unexport above).
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	bash infra/install_pillow_simd.sh $(PY) --build-only > $(VENV)/pillow-simd-build.log 2>&1 & simd=$$!; \
-	  $(PY) -m pip install -q $(TORCH_SPEC) \
-	  && { $(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e ".[test]" || $(PY) -m pip install -q -e ".[test]"; }; \
-	  status=$$?; wait $$simd; exit $$status
-	bash infra/install_pillow_simd.sh $(PY)
+	$(PY) -m pip install -q --no-compile $(TORCH_SPEC)
+	$(PY) -m uv pip install -q --python $(PY) -e ".[test]" || $(PY) -m pip install -q --no-compile -e ".[test]"
 	touch $(STAMP)
+
+# pillow-simd (the same PIL API with AVX2 resize kernels) replaces Pillow for everything but the test suite: its
+# wheel compiles from source in 77 s on 2 cores, more than the rest of the install, and the suite checks behaviour
+# that both builds share (tests/test_imageops.py names which one ran). Re-run after every install: installing a
+# Pillow dependant puts Pillow back.
+$(SIMD_STAMP): $(STAMP) infra/install_pillow_simd.sh
+	bash infra/install_pillow_simd.sh $(PY)
+	touch $(SIMD_STAMP)
 
 # The GPU proof, sized to a lease: bench/gpu_check.py runs the essential rows (RN and LBAM, batch 16, bf16), the
 # `gpu` tests, then the rest of the table, each section skipped with a note once GPU_CHECK_BUDGET seconds (all in)
 # are spent; rows land in bench/results/gpu-check-DATE-GPU/ as they are measured. Needs a CUDA torch in the venv,
 # e.g. make gpu-check TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-gpu-check: $(STAMP)
+gpu-check: $(SIMD_STAMP)
 	$(MAKE) --no-print-directory gpu-check-run PY=$(PY)
 
 # On an air-gapped GPU host whose python3 (a venv is fine) has a CUDA torch and infra/gpu/host_packages.txt, with a

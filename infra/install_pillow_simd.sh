@@ -4,7 +4,6 @@
 # Never fails the install: without AVX2, a compiler or the libjpeg/zlib headers, plain Pillow stays.
 set -u
 PY=${1:-python3}
-BUILD_ONLY=0; [ "${2:-}" = "--build-only" ] && BUILD_ONLY=1  # compile the wheel only (runs beside the main install)
 SIMD_VERSION=${PILLOW_SIMD_VERSION:-12.1.1.post0}
 
 notice() { echo "holefill: $*; keeping plain Pillow"; exit 0; }
@@ -29,7 +28,6 @@ if ! ls "$cache"/pillow_simd-"$SIMD_VERSION"-*.whl >/dev/null 2>&1; then
     tail -3 "$cache/build.log"; notice "pillow-simd build failed"
   fi
 fi
-[ "$BUILD_ONLY" = "1" ] && { echo "holefill: pillow-simd wheel ready in $cache"; exit 0; }
 "$PY" -m pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1
 "$PY" -m pip install -q --no-deps "$cache"/pillow_simd-"$SIMD_VERSION"-*.whl \
   && echo "holefill: pillow-simd $SIMD_VERSION installed (AVX2)"
