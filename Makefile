@@ -24,8 +24,12 @@ unexport PYTHONDONTWRITEBYTECODE
 demo: $(SIMD_STAMP)
 	$(PY) jobs/demo.py
 
+# Two pytest-xdist workers: the end-to-end tests (one group, one set of services) in one, the rest spread over
+# both; on 2 cores the e2e tests leave one idle while a process imports or waits (tests/conftest.py).
+# TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 install: $(SIMD_STAMP)
 

@@ -170,7 +170,8 @@ class LBAMReconstructionLoss(nn.Module):
         perceptual = Σ_i L1(φ_i(out), φ_i(gt)) + L1(φ_i(comp), φ_i(gt))   (weight ``perceptual``, official 0.01)
         style      = Σ_i L1(G(φ_i(out)), G(φ_i(gt))) + L1(G(φ_i(comp)), G(φ_i(gt)))  (``style``, official 120)
 
-    with ``comp = mask·out + (1−mask)·gt`` and ``G`` the Gram matrix ``f·fᵀ/(C·h·w)``.
+    with ``comp = mask·out + (1−mask)·gt`` and ``G`` the Gram matrix ``f·fᵀ/(C·h·w)``. With both feature
+    weights 0 the network is not run, and ``parts`` holds ``hole`` and ``valid`` only.
     """
 
     def __init__(
@@ -211,6 +212,12 @@ class LBAMReconstructionLoss(nn.Module):
         hole = F.l1_loss(hole_mask * out32, hole_mask * gt32)
         valid = F.l1_loss(valid_mask * out32, valid_mask * gt32)
 
+        w = self.weights
+        if w["perceptual"] == 0 and w["style"] == 0:
+            # Neither feature term counts (e.g. no ImageNet VGG16 at hand): skip the network, which with its
+            # backward pass is most of a CPU step. The parts hold the terms that were computed.
+            return LossTerms(total=w["hole"] * hole + w["valid"] * valid, parts={"hole": hole, "valid": valid})
+
         comp = composite(out, image.to(out.dtype), mask.to(out.dtype))
         batch = out.shape[0]
         # One VGG pass for output and composite together (same weights, no batch statistics in VGG);
@@ -230,7 +237,6 @@ class LBAMReconstructionLoss(nn.Module):
                 perceptual = perceptual + F.l1_loss(features.float(), gt_features)
                 style = style + F.l1_loss(gram_matrix(features), gt_gram)
 
-        w = self.weights
         total = w["hole"] * hole + w["valid"] * valid + w["perceptual"] * perceptual + w["style"] * style
         return LossTerms(
             total=total, parts={"hole": hole, "valid": valid, "perceptual": perceptual, "style": style}

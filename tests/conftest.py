@@ -24,11 +24,24 @@ for path in (REPO, REPO / "tests"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker keeps to one core's worth of threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# Tests that use the suite's services (one Ray head, one MLflow server, one S3 endpoint per session), or start
+# clusters and servers of their own, run in one xdist worker: the services start once, and two e2e tests never
+# fight over the same 2 cores' worth of Ray workers. Everything else spreads over both workers, filling the
+# core that the e2e tests leave idle while one process imports or waits.
+SERVICE_FIXTURES = frozenset({"ray_head", "ray_driver", "mlflow_server", "s3_endpoint"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """``gpu``-marked tests need CUDA: skipped elsewhere with the reason (``make gpu-check`` runs them)."""
+    """``gpu``-marked tests need CUDA: skipped elsewhere with the reason (``make gpu-check`` runs them).
+    Service users and ``e2e`` tests share one xdist group (see ``SERVICE_FIXTURES``)."""
+    services = pytest.mark.xdist_group("services")
+    for item in items:
+        if "e2e" in item.keywords or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(services)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check)")

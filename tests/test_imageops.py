@@ -116,7 +116,8 @@ def test_cmyk_jpeg_is_converted_to_rgb_colours():
 
 def test_16_bit_png_is_scaled_not_clipped_to_white():
     ramp = np.tile(np.linspace(0, 65535, 128).astype(np.uint16), (64, 1))
-    im = Image.fromarray(ramp, "I;16")
+    im = Image.fromarray(ramp)  # a 16-bit grey image (mode I;16)
+    assert im.mode == "I;16"
     prepared = prepare_image(_encode(im, "PNG"), store_size=64)
     pixels = np.asarray(_decoded(prepared), np.float32)[..., 0]
     assert pixels[:, :8].mean() < 20 and pixels[:, -8:].mean() > 235

@@ -120,6 +120,17 @@ def test_lbam_reconstruction_terms_by_hand():
     assert terms.total.item() == pytest.approx(expected)
 
 
+def test_lbam_reconstruction_without_feature_terms_never_runs_the_feature_network():
+    class Refuses(torch.nn.Module):
+        def forward(self, images):
+            raise AssertionError("the feature network ran although both of its weights are 0")
+
+    pred, image, mask = one_hole_batch()
+    terms = LBAMReconstructionLoss(Refuses(), hole=6.0, valid=1.0, perceptual=0.0, style=0.0)(pred, image, mask)
+    assert set(terms.parts) == {"hole", "valid"}
+    assert terms.total.item() == pytest.approx(6 * 0.125 + 1 * 0.375)
+
+
 def test_lbam_reconstruction_is_zero_for_a_perfect_output_and_never_trains_the_vgg():
     from models.vgg import VGG16Features
 

@@ -30,8 +30,29 @@ from pipeline.train.recipes import LBAMOptions, gan_step, torch_updater
 from pipeline.train.spec import build_recipe
 
 PROBE = Path(__file__).with_name("official_probe.py")
-LOSS_TOLERANCE = 1e-5
-PRED_TOLERANCE = 1e-4
+# Iteration 1 starts from the same weights everywhere: losses and prediction agree up to the BCE-from-logits
+# rounding (<= 1.2e-7). From iteration 2 on the loop amplifies the CPU's rounding: Adam with beta1 = 0 makes every
+# near-zero gradient a full-size step of either sign, and one RN-L response sits 5.8e-5 from its threshold
+# (tests/official_probe.py). Measured on three CPUs (AMD EPYC AVX2; Intel AMX with and without
+# ATEN_CPU_CAPABILITY=avx2): losses drift by up to 9.4e-5, predictions by up to 6e-3 in iteration 2 and 0.4 at the
+# threshold pixel in iteration 3, D's weights by up to 8.6e-6. So later iterations compare the losses within 5e-4,
+# which still tells the official loop from its clean variant (their G GAN, D real and D fake losses differ by
+# 5.5e-3 to 1.1e-2), and D's weights within 2e-5 (the clean variant's D is 4.8e-5 away after 3 steps).
+FIRST_LOSS_TOLERANCE = 1e-5
+LATER_LOSS_TOLERANCE = 5e-4
+FIRST_PRED_TOLERANCE = 1e-4
+D_TOLERANCE = 2e-5
+
+
+def loss_tolerance(iteration: int) -> float:
+    """How close holefill's losses must be to the reference in ``iteration`` (0-based), see above."""
+    return FIRST_LOSS_TOLERANCE if iteration == 0 else LATER_LOSS_TOLERANCE
+
+
+def assert_matches_reference(per_iteration: list[dict], what: str = "") -> None:
+    for i, worst in enumerate(per_iteration):
+        assert worst["loss"] < loss_tolerance(i), f"{what}iteration {i + 1}: losses differ by {worst['loss']:.2e}"
+    assert per_iteration[0]["pred"] < FIRST_PRED_TOLERANCE, f"{what}prediction differs by {per_iteration[0]['pred']:.2e}"
 
 
 @pytest.fixture
@@ -56,22 +77,20 @@ def test_reference_file_is_the_official_loop(reference):
 
 def test_rn_official_mode_reproduces_the_official_training_loop(reference, one_thread):
     result = deviations(replay_with_torch(build_recipe("rn", official=True)), reference)
-    for i, worst in enumerate(result["per_iteration"]):
-        assert worst["loss"] < LOSS_TOLERANCE, f"iteration {i + 1}: losses differ by {worst['loss']:.2e}"
-        assert worst["pred"] < PRED_TOLERANCE, f"iteration {i + 1}: prediction differs by {worst['pred']:.2e}"
-    # D after 3 steps, weights and spectral-norm vectors: the carried gradient is in every D step.
-    assert result["per_iteration"][-1]["D"] < 1e-6
+    assert_matches_reference(result["per_iteration"])
+    # D after 3 steps: the carried gradient is in every D step.
+    assert result["per_iteration"][-1]["D"] < D_TOLERANCE
 
 
 def test_rn_default_recipe_is_not_the_official_loop_but_its_clean_variant(reference, one_thread):
     result = deviations(replay_with_torch(build_recipe("rn")), reference)
     # Iteration 1 has no carried gradient yet: identical. From iteration 2 on the official D also stepped with
     # G's loss gradient, which the default recipe never lets reach D.
-    assert result["per_iteration"][0]["loss"] < LOSS_TOLERANCE
+    assert result["per_iteration"][0]["loss"] < FIRST_LOSS_TOLERANCE
     assert result["per_iteration"][1]["loss"] > 1e-3
     clean = reference["clean_variant"]["losses"]
     for i, losses in enumerate(result["losses"]):
-        assert max(abs(losses[name] - clean[name][i]) for name in LOSS_NAMES) < LOSS_TOLERANCE
+        assert max(abs(losses[name] - clean[name][i]) for name in LOSS_NAMES) < loss_tolerance(i)
 
 
 @pytest.mark.timeout(600)  # a subprocess importing DeepSpeed, then two sets of engines and a plain replay
@@ -88,12 +107,8 @@ def test_rn_official_mode_reproduces_it_on_deepspeed_engines(reference):
     results = json.loads(lines[-1][len("RESULT "):])
     for stage in ("0", "2"):
         assert "error" not in results[stage], f"ZeRO {stage}: {results[stage]}"
-        for i, worst in enumerate(results[stage]["per_iteration"]):
-            assert worst["loss"] < LOSS_TOLERANCE, f"ZeRO {stage} iteration {i + 1}: losses differ by {worst['loss']:.2e}"
-        for i, worst in enumerate(results[stage]["per_iteration"][:2]):
-            assert worst["pred"] < PRED_TOLERANCE, f"ZeRO {stage} iteration {i + 1}: prediction differs by {worst['pred']:.2e}"
-        # Iteration 3's prediction sits on an RN-L threshold knife-edge that the engines' fused Adam tips over (see
-        # the probe): there the engines must agree with plain PyTorch running the same fused Adam.
+        assert_matches_reference(results[stage]["per_iteration"], f"ZeRO {stage} ")
+        # Exactly: the engines against plain PyTorch running the same fused Adam on this CPU.
         same = results[stage]["vs_plain_fused"]
         assert max(same["pred"]) < 1e-6 and same["D"] < 1e-6, f"ZeRO {stage} vs plain PyTorch: {same}"
 

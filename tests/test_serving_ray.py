@@ -54,8 +54,9 @@ def served(ray_head, mlflow_server):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Two replicas: the admin refresh reaches both whichever the proxy picks. The periodic one is slow enough
-    # (20 s) that only the broadcast can explain the second replica catching up at once.
-    config = ServeConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=20, max_batch_size=4,
+    # (6 s; the checks after the admin call take milliseconds) that only the broadcast can explain the second
+    # replica catching up at once.
+    config = ServeConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=6, max_batch_size=4,
                          batch_wait_timeout_s=0.5, num_cpus=0.5, num_replicas=2, port=port)
     ray.init(address=ray_head.address, log_to_driver=False)
     try:
