@@ -4,7 +4,8 @@ One run (module-scoped, shared by the assertions) meets the faults a long run me
 real run does, on tiny shards written by the real shard job: a worker dies at step 2 (Ray Train restarts the group
 from the step-1 checkpoint), then the MLflow server is stopped for ``OUTAGE_S`` seconds from step 3 while training
 goes on (the metrics logged meanwhile arrive once it is back); the run validates per bucket, checkpoints, logs to
-exactly one MLflow run and registers its generator (while the server is still down: registration waits for it). A resubmission then resumes from its last checkpoint.
+exactly one MLflow run and registers its generator (while the server is still down: registration waits for it).
+A resubmission then resumes from its last checkpoint.
 
 It runs in bf16 on a CPU that may lack native bf16 (~240x slower than fp32 there): one residual block on 32 px
 crops keeps each step to a second, and the override key is the one a user on such a CPU would set. RN in fp32 with
