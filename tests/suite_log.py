@@ -22,75 +22,69 @@ from pathlib import Path
 import pytest
 
 _REPO = Path(__file__).resolve().parents[1]
-_started: dict[str, float] = {}
-_outcomes: dict[str, str] = {}
-_is_xdist_worker = False  # under pytest-xdist the controller writes the log; its workers forward it their events
 
 
 def _log_path() -> Path:
     return Path(os.environ.get("HOLEFILL_SUITE_LOG") or _REPO / ".pytest-suite.tsv")
 
 
-def _write(*fields: str) -> None:
-    with open(_log_path(), "a", encoding="utf-8") as log:
-        log.write("\t".join(fields) + "\n")
-
-
-_stacks = None  # the worker's stack-dump file, opened when the worker starts
-
-
 def pytest_configure(config) -> None:
-    global _is_xdist_worker, _stacks
-    _is_xdist_worker = hasattr(config, "workerinput")
-    if _is_xdist_worker:
-        _stacks = open(f"{_log_path()}.{config.workerinput['workerid']}.stacks", "w", encoding="utf-8")
+    # Under pytest-xdist the controller writes the log (its workers forward it their events) and each worker
+    # watches its own tests; in one process, the log is written here and pytest-timeout watches.
+    if hasattr(config, "workerinput"):
+        config.pluginmanager.register(WorkerWatchdog(config.workerinput["workerid"]), "holefill-watchdog")
+    else:
+        config.pluginmanager.register(SuiteLog(), "holefill-suite-log")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_timeout_set_timer(item, settings):
-    if not _is_xdist_worker:
-        return None  # pytest-timeout's own watchdog
-    if settings.timeout and settings.timeout > 0:
-        _stacks.write(f"{item.nodeid}: past its budget of {settings.timeout:.0f} s; every thread's stack:\n")
-        _stacks.flush()
-        faulthandler.dump_traceback_later(settings.timeout, exit=True, file=_stacks)
-    return True
+class SuiteLog:
+    """Writes ``start`` and outcome lines to the suite log as tests begin and end."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.outcomes: dict[str, str] = {}
+
+    @staticmethod
+    def write(*fields: str) -> None:
+        with open(_log_path(), "a", encoding="utf-8") as log:
+            log.write("\t".join(fields) + "\n")
+
+    def pytest_sessionstart(self, session) -> None:
+        _log_path().write_text("", encoding="utf-8")  # one log per session, started afresh
+
+    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+        self.started[nodeid] = time.monotonic()
+        self.write("start", nodeid)
+
+    def pytest_runtest_logreport(self, report) -> None:
+        # One outcome per test over its three phases: failed beats skipped beats passed.
+        if report.failed:
+            self.outcomes[report.nodeid] = "failed"
+        elif report.skipped:
+            self.outcomes.setdefault(report.nodeid, "skipped")
+
+    def pytest_runtest_logfinish(self, nodeid: str, location) -> None:
+        seconds = time.monotonic() - self.started.pop(nodeid, time.monotonic())
+        self.write(f"{seconds:.1f}", self.outcomes.pop(nodeid, "passed"), nodeid)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_timeout_cancel_timer(item):
-    if not _is_xdist_worker:
-        return None
-    faulthandler.cancel_dump_traceback_later()
-    _stacks.seek(0)
-    _stacks.truncate()  # the test ended in time: nothing to show
-    return True
+class WorkerWatchdog:
+    """pytest-timeout's timer in an xdist worker: faulthandler's, dumping every thread's stack to a file."""
 
+    def __init__(self, worker_id: str) -> None:
+        self.stacks = open(f"{_log_path()}.{worker_id}.stacks", "w", encoding="utf-8")
 
-def pytest_sessionstart(session) -> None:
-    if not _is_xdist_worker:  # one log per session, started afresh
-        _log_path().write_text("", encoding="utf-8")
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_timeout_set_timer(self, item, settings):
+        if settings.timeout and settings.timeout > 0:
+            self.stacks.write(f"{item.nodeid}: past its budget of {settings.timeout:.0f} s; every thread's stack:\n")
+            self.stacks.flush()
+            faulthandler.dump_traceback_later(settings.timeout, exit=True, file=self.stacks)
+        return True
 
-
-def pytest_runtest_logstart(nodeid: str, location) -> None:
-    if _is_xdist_worker:
-        return
-    _started[nodeid] = time.monotonic()
-    _write("start", nodeid)
-
-
-def pytest_runtest_logreport(report) -> None:
-    # One outcome per test over its three phases: failed beats skipped beats passed.
-    if _is_xdist_worker:
-        return
-    if report.failed:
-        _outcomes[report.nodeid] = "failed"
-    elif report.skipped:
-        _outcomes.setdefault(report.nodeid, "skipped")
-
-
-def pytest_runtest_logfinish(nodeid: str, location) -> None:
-    if _is_xdist_worker:
-        return
-    seconds = time.monotonic() - _started.pop(nodeid, time.monotonic())
-    _write(f"{seconds:.1f}", _outcomes.pop(nodeid, "passed"), nodeid)
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_timeout_cancel_timer(self, item):
+        faulthandler.cancel_dump_traceback_later()
+        self.stacks.seek(0)
+        self.stacks.truncate()  # the test ended in time: nothing to show
+        return True

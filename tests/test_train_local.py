@@ -168,6 +168,7 @@ def rn_run(shards, tmp_path_factory):
     """RN, ZeRO 2 bf16, MAX_STEPS steps, a checkpoint after each; rank 1 dies at KILL_AT_STEP of the first attempt,
     the MLflow server is down from OUTAGE_AT_STEP for OUTAGE_S seconds."""
     tmp = tmp_path_factory.mktemp("rn")
+    # A server of its own, not the session's: the outage stops it.
     (port,) = find_free_port_block(1)
     spec = MlflowServerSpec(data_dir=tmp / "mlflow", port=port)
     outage = Outage(spec, start_mlflow_server(spec, tmp / "mlflow.log", timeout_s=300), tmp, OUTAGE_S)
@@ -181,15 +182,15 @@ def rn_run(shards, tmp_path_factory):
     callbacks = [KillWorkerOnce(rank=1, at_step=KILL_AT_STEP, marker=str(tmp / "killed")),
                  AskForOutage(OUTAGE_AT_STEP, str(tmp))]
     try:
-        started = time.time()
-        result = run_training(config, step_callbacks=callbacks)
-        finished = time.time()
-        outage.cancelled.set()
-        outage.join(timeout=600)
+        try:
+            started = time.time()
+            result = run_training(config, step_callbacks=callbacks)
+            finished = time.time()
+        finally:
+            outage.cancelled.set()  # the server is back (or never went down) before anything reads from it
+            outage.join(timeout=600)
         yield FaultyRun(config, result, outage, started, finished)
     finally:
-        outage.cancelled.set()
-        outage.join(timeout=600)
         stop_mlflow_server(outage.leader)
 
 
