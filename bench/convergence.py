@@ -125,7 +125,7 @@ def load_eval_images(eval_manifest: str, crop_size: int | None = 256, limit: int
 
 def hole_metrics(output: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Hole PSNR and hole L1 (over hole pixels and channels only) and SSIM of the composited image, one image."""
-    from pipeline.metrics import ssim
+    from pipeline.evaluation.metrics import ssim
 
     hole = mask.expand_as(truth) > 0.5
     diff = (output.float() - truth.float())[hole]

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data.imageops import encode_mask_png, prepare_image  # noqa: E402
 from pipeline.joblog import pillow_flavour  # noqa: E402
 from pipeline.data.loaders import make_train_loader  # noqa: E402
-from pipeline.data.masks import describe, hole_ratio, make_mask  # noqa: E402
+from pipeline.data.masks.generators import describe, hole_ratio, make_mask  # noqa: E402
 from pipeline.data.sample_data import generate_sample_dataset  # noqa: E402
 
 BATCH = 8

@@ -9,7 +9,7 @@ producing the same kind of sample (256-px RGB JPEG + gray PNG mask + JSON in a t
 * naive: full-size decode, Pillow ``convert`` + bicubic ``resize``, JPEG encode (same quality and chroma
   subsampling as holefill, so both store the same image quality), PNG mask at Pillow's default
   compression, ``tarfile`` with default headers;
-* holefill: :func:`pipeline.data.sharding.write_shard` itself (no Ray), i.e. header checks, a ``draft()`` decode
+* holefill: :func:`pipeline.data.shardjob.run.write_shard` itself (no Ray), i.e. header checks, a ``draft()`` decode
   at the DCT scale that covers the target (683x512 -> 342x256 directly, no resize), kept bytes when
   possible, a mask PNG written without Pillow, tar headers from a template, hashing and atomic publish.
 
@@ -60,9 +60,9 @@ def _load_holefill() -> None:
     global ShardJobConfig, ShardPlan, write_shard, SourceItem
     from pipeline.data.imageops import encode_jpeg
     from pipeline.joblog import pillow_flavour
-    from pipeline.data.masks import hole_ratio, make_mask
+    from pipeline.data.masks.generators import hole_ratio, make_mask
     from pipeline.data.sample_data import render_scene
-    from pipeline.data.sharding import ShardJobConfig, ShardPlan, write_shard
+    from pipeline.data.shardjob.run import ShardJobConfig, ShardPlan, write_shard
     from pipeline.data.sources import SourceItem
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config  # noqa: E402
 from pipeline.jobcli import run_job  # noqa: E402
-from pipeline.data.masks import generator_names, get_generator, hole_ratio_stats  # noqa: E402
+from pipeline.data.masks.generators import generator_names, get_generator, hole_ratio_stats  # noqa: E402
 
 # LaMa's measured hole-ratio means of its own generators (PLATFORM.md), for side-by-side comparison.
 LAMA_MEASURED_MEANS: dict[str, float] = {

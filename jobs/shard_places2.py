@@ -11,7 +11,7 @@
 
 Runs on the Ray cluster named by RAY_ADDRESS, else on an embedded local Ray. Re-running after a crash skips
 the shards already published. Prints the manifest URL and its hash at the end. Every key of the config is in
-``pipeline/data/sharding.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
+``pipeline/data/shardjob/run.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.manifest import ManifestError  # noqa: E402
-from pipeline.data.sharding import ShardJobConfig, ShardJobError, run_shard_job  # noqa: E402
+from pipeline.data.shardjob.run import ShardJobConfig, ShardJobError, run_shard_job  # noqa: E402
 from pipeline.jobcli import Flag, run_job  # noqa: E402
 
 FLAGS = {
@@ -31,7 +31,7 @@ FLAGS = {
     "root": Flag("source.root", "image folder of a file list / folder inside a tar archive"),
     "out": Flag("out", "dataset folder for the shards and manifest.json"),
     "samples_per_shard": Flag("samples_per_shard", options={"type": int}),
-    "masks": Flag("masks.name", "mask generator name (pipeline.data.masks), default lama_train_mix"),
+    "masks": Flag("masks.name", "mask generator name (pipeline.data.masks.generators), default lama_train_mix"),
     "seed": Flag("seed", options={"type": int}),
     "store_size": Flag("store_size", "short side of stored images in px (default 256)", options={"type": int}),
     "eval": Flag("eval.enabled", "build the pinned, bucket-balanced eval set", const=True),

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.registry import get_architecture
-from models.validation import check_mask
+from models.input_checks import check_mask
 
 __all__ = ["CropStrategy", "Fit", "composite", "hole_windows", "inpaint_tensor"]
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.registry import Architecture, register_architecture
-from models.validation import check_image, check_inpainting_inputs, check_mask
+from models.input_checks import check_image, check_inpainting_inputs, check_mask
 
 __all__ = [
     "Float32Sigmoid",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from models.registry import Architecture, register_architecture
-from models.validation import check_inpainting_inputs
+from models.input_checks import check_inpainting_inputs
 
 __all__ = [
     "region_normalize",

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.convert import extract_state_dict, load_weights_file
-from models.validation import check_image
+from models.input_checks import check_image
 
 __all__ = ["VGG16Features", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_FULL_LAYOUT", "build_vgg16_features"]
 

@@ -21,7 +21,7 @@ from pipeline.data.manifest import (
     keys_digest,
     write_manifest,
 )
-from pipeline.data.masks import hole_ratio
+from pipeline.data.masks.generators import hole_ratio
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:

@@ -16,7 +16,7 @@ from metrics_pattern import metric_pattern_state_dict
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.evaluation.perceptual import MetricWeights, PerceptualAccumulator, perceptual_summary
 from pipeline.lifecycle.promotion import GateConfig, evaluate_gate
-from pipeline.metrics import BucketedMetrics
+from pipeline.evaluation.metrics import BucketedMetrics
 
 N, SIZE, HOLE = 4, 64, slice(16, 48)
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from eval_helpers import mask_with_holes, picture, write_eval_set
 from pipeline.buckets import bucket_of, check_buckets, hole_ratios
-from pipeline.data.masks import hole_ratio
+from pipeline.data.masks.generators import hole_ratio
 from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice, merge_slices
 from pipeline.evaluation.perceptual import MetricWeights
 
@@ -71,7 +71,7 @@ def test_invalid_custom_buckets_are_refused_in_one_line(buckets, message):
 
 def test_the_shard_job_refuses_invalid_custom_buckets_naming_the_key():
     from pipeline.config import ConfigError, load_config
-    from pipeline.data.sharding import ShardJobConfig
+    from pipeline.data.shardjob.run import ShardJobConfig
 
     base = ["source.url=/data/list.txt", "out=/tmp/out", "eval.enabled=true"]
     with pytest.raises(ConfigError, match=r"eval\.buckets.*share the label 0\.01-0\.01"):

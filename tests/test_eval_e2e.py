@@ -43,7 +43,7 @@ def world(tmp_path_factory, mlflow_server, ray_driver):
 
     from models.registry import get_architecture
     from pipeline.data.sample_data import generate_sample_dataset
-    from pipeline.data.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
     from pipeline.lifecycle.packaging import log_and_register_generator
     from pipeline.tracking import RunTracker
 

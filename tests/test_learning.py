@@ -17,7 +17,7 @@ import torch.nn as nn
 import pipeline.train.architectures  # noqa: F401  (registers the training specs)
 from models.lbam import LBAMDiscriminator, LBAMGenerator
 from models.rn import RNDiscriminator, RNGenerator
-from pipeline.data.masks import make_mask
+from pipeline.data.masks.generators import make_mask
 from pipeline.data.sample_data import render_scene
 from pipeline.train.recipes import LBAMOptions, LBAMRecipe, gan_step, torch_updater
 from pipeline.train.spec import get_spec

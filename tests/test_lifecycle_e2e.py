@@ -80,7 +80,7 @@ def world(tmp_path_factory, mlflow_server, ray_driver):
     """The session's Ray, a directory of 8 source images sharded as the base version, a pinned eval set."""
 
     from pipeline.data.sample_data import generate_sample_dataset
-    from pipeline.data.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 
     root = tmp_path_factory.mktemp("lifecycle")
     sample = generate_sample_dataset(str(root / "places"), n_train=8, n_val=24, size=(288, 256),

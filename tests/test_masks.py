@@ -16,8 +16,8 @@ from PIL import Image
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import ConfigError, load_config
 from pipeline.data.imageops import decode_mask_png
-from pipeline.data.mask_import import bucket_counts, import_mask, import_mask_folder, write_imported_masks
-from pipeline.data.masks import MaskSpec, describe, generator_names, hole_ratio, hole_ratio_stats, make_mask
+from pipeline.data.masks.importer import bucket_counts, import_mask, import_mask_folder, write_imported_masks
+from pipeline.data.masks.generators import MaskSpec, describe, generator_names, hole_ratio, hole_ratio_stats, make_mask
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_GENERATORS = generator_names()
@@ -50,7 +50,7 @@ def test_same_seed_and_key_give_the_same_mask_and_others_differ(name):
 def test_masks_are_identical_in_a_fresh_process():
     """The random stream comes from blake2b, not the per-process salted hash()."""
     code = (
-        "import hashlib; from pipeline.data.masks import make_mask;"
+        "import hashlib; from pipeline.data.masks.generators import make_mask;"
         "print(hashlib.sha256(make_mask('lama_train_mix', 11, 'x_y_1', 64, 80).tobytes()).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.buckets import BUCKET_NAMES
-from pipeline.metrics import BucketedMetrics, l1, psnr, ssim
+from pipeline.evaluation.metrics import BucketedMetrics, l1, psnr, ssim
 
 
 def reference_ssim(x: torch.Tensor, y: torch.Tensor) -> float:

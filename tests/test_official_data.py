@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.loaders import make_train_loader
-from pipeline.data.mask_import import TRAINING_LEAKAGE_WARNING, import_training_pool
-from pipeline.data.mask_pool import MaskPool, generated_masks, write_mask_pool
+from pipeline.data.masks.importer import TRAINING_LEAKAGE_WARNING, import_training_pool
+from pipeline.data.masks.pool import MaskPool, generated_masks, write_mask_pool
 from pipeline.data.train_geometry import lbam_geometry, rn_geometry, train_sample
 from test_loaders import _write_shards
 

@@ -26,9 +26,9 @@ from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.config import ConfigError, load_config
 from pipeline.data.imageops import decode_mask_png
 from pipeline.data.manifest import load_manifest, manifest_hash, read_keys, verify_shards
-from pipeline.data.masks import hole_ratio
+from pipeline.data.masks.generators import hole_ratio
 from pipeline.data.sample_data import generate_sample_dataset
-from pipeline.data.sharding import ShardJobConfig, ShardPlan, derive_mask_seed, plan_shards, run_shard_job, write_shard
+from pipeline.data.shardjob.run import ShardJobConfig, ShardPlan, derive_mask_seed, plan_shards, run_shard_job, write_shard
 from pipeline.data.sources import SourceItem
 from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 

@@ -37,7 +37,7 @@ def _shards(address: str, root: Path) -> dict[str, str]:
     import ray
 
     from pipeline.data.sample_data import generate_sample_dataset
-    from pipeline.data.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 
     sample = generate_sample_dataset(str(root / "sample"), n_train=4, n_val=12, size=(288, 256),
                                      include_package_photos=False)

@@ -154,13 +154,13 @@ def test_cpu_workers_never_build_deepspeeds_shared_memory_op():
 
 
 def _cpu(native: bool):
-    from pipeline.cpu_precision import CpuBf16Support
+    from pipeline.train.cpu_precision import CpuBf16Support
 
     return lambda: CpuBf16Support(capability="AVX512" if native else "AVX2", native=native)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_naming_the_key_and_the_fixes(monkeypatch):
-    monkeypatch.setattr("pipeline.cpu_precision.cpu_bf16_support", _cpu(native=False))
+    monkeypatch.setattr("pipeline.train.cpu_precision.cpu_bf16_support", _cpu(native=False))
     with pytest.raises(ConfigError) as refused:
         load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.precision=bf16"])
     message = str(refused.value)
@@ -174,18 +174,18 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line_naming_the_key
     ["scaling.use_gpu=true"],  # GPU workers compute bf16 on the GPU
 ])
 def test_bf16_on_such_a_cpu_runs_when_overridden_or_on_gpu_workers(monkeypatch, overrides):
-    monkeypatch.setattr("pipeline.cpu_precision.cpu_bf16_support", _cpu(native=False))
+    monkeypatch.setattr("pipeline.train.cpu_precision.cpu_bf16_support", _cpu(native=False))
     config = load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.precision=bf16", *overrides])
     assert config.deepspeed.precision == "bf16"
 
 
 def test_bf16_on_a_cpu_with_native_bf16_needs_no_override(monkeypatch):
-    monkeypatch.setattr("pipeline.cpu_precision.cpu_bf16_support", _cpu(native=True))
+    monkeypatch.setattr("pipeline.train.cpu_precision.cpu_bf16_support", _cpu(native=True))
     assert load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["deepspeed.precision=bf16"]).deepspeed.precision == "bf16"
 
 
 def test_this_machines_bf16_support_is_read_from_atens_dispatch_and_the_cpu_flags():
-    from pipeline.cpu_precision import cpu_bf16_support
+    from pipeline.train.cpu_precision import cpu_bf16_support
 
     support = cpu_bf16_support()
     assert support.capability == torch.backends.cpu.get_cpu_capability()

@@ -18,7 +18,7 @@ mlflow = pytest.importorskip("mlflow")
 
 
 def _shard(source_list: str, root: str, out: str, storage_options: dict, **extra) -> str:
-    from pipeline.data.sharding import ShardJobConfig, run_shard_job
+    from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 
     config = ShardJobConfig.model_validate({
         "source": {"url": source_list, "root": root}, "out": out, "samples_per_shard": 4, "store_size": 256,

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from pipeline.data.sample_data import generate_sample_dataset
-from pipeline.data.sharding import ShardJobConfig, run_shard_job
+from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 from pipeline.train.checkpoint import load_generator_state, read_state
 from pipeline.train.config import TrainJobConfig
 from pipeline.lifecycle.training import train_and_register as run_training

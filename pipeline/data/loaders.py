@@ -385,7 +385,7 @@ def _load_pool(urls: Sequence[str], storage_options: StorageOptionsLike) -> Any:
     """The training mask pool (read once, in the main process; workers share it), or None without one."""
     if not urls:
         return None
-    from pipeline.data.mask_pool import MaskPool
+    from pipeline.data.masks.pool import MaskPool
 
     return MaskPool.load(list(urls), storage_options)
 
@@ -483,7 +483,7 @@ def make_train_loader(
     warning naming it, and another is drawn: a multi-day run is not killed by one bad object.
 
     ``geometry`` (``crop``, ``rn``, ``lbam``: :mod:`pipeline.data.train_geometry`) turns a stored image into a
-    crop as holefill or as each paper's loader did. ``mask_pool`` (pool index URLs, :mod:`pipeline.data.mask_pool`)
+    crop as holefill or as each paper's loader did. ``mask_pool`` (pool index URLs, :mod:`pipeline.data.masks.pool`)
     replaces each sample's shard mask by one drawn from the pools at every load, seeded like the crops.
     """
     from pipeline.data.train_geometry import GEOMETRIES

@@ -5,7 +5,7 @@ validation run it. It reads its rank's share of the eval manifest exactly once
 (``pipeline.data.loaders.make_eval_loader``), inpaints every sample with the generator in eval mode
 (:func:`models.inpaint.inpaint_tensor`, so the numbers are of *composited* outputs, as in the papers' tables,
 and each image's output is what it gets alone: see ``models/rn.py``), and accumulates PSNR/SSIM/L1
-(:class:`pipeline.metrics.BucketedMetrics`), the perceptual records (:mod:`pipeline.evaluation.perceptual`) and
+(:class:`pipeline.evaluation.metrics.BucketedMetrics`), the perceptual records (:mod:`pipeline.evaluation.perceptual`) and
 a few sample pictures per bucket, filed under the eval set's own buckets (those its manifest records).
 :func:`merge_slices` turns the workers' parts into one summary. Spreading the slices over Ray workers is
 :mod:`pipeline.evaluation.ray_eval`; training all-reduces them (``pipeline.train.loop.validate``). Results are
@@ -141,7 +141,7 @@ class EvaluationResult:
     """Metrics of one model on one eval set.
 
     ``summary`` has ``psnr``, ``ssim``, ``l1``, ``count`` and ``<metric>/<bucket>`` keys (see
-    :class:`pipeline.metrics.BucketedMetrics`), plus ``fid``, ``lpips`` (overall and per bucket) and ``p_ids``,
+    :class:`pipeline.evaluation.metrics.BucketedMetrics`), plus ``fid``, ``lpips`` (overall and per bucket) and ``p_ids``,
     ``u_ids`` when computed. ``count`` / ``count/<bucket>`` is N for every number. ``weights`` maps each metric
     network to the sha256 of its weights file (``random`` for random weights); ``metric_set`` identifies the
     metrics, their weights and the settings that change the numbers (the evaluation cache key with the model
@@ -255,7 +255,7 @@ def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings
     shards (default: ``settings.storage_options``). The generator runs in eval mode and is handed back in the mode
     it came in."""
     from pipeline.data.loaders import make_eval_loader
-    from pipeline.metrics import BucketedMetrics
+    from pipeline.evaluation.metrics import BucketedMetrics
 
     storage_options = storage_options if storage_options is not None else (settings.storage_options or None)
     buckets = check_buckets(buckets) if buckets is not None else _buckets_of(eval_manifest, storage_options)
@@ -291,7 +291,7 @@ def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings
 def merge_slices(parts: Sequence[SlicePart], metrics: Sequence[str],
                  samples_per_bucket: int) -> tuple[dict[str, float], list[Sample], PerceptualPart]:
     """One summary, the kept samples (smallest keys per bucket) and the merged per-image records of every part."""
-    from pipeline.metrics import BucketedMetrics
+    from pipeline.evaluation.metrics import BucketedMetrics
 
     if sum(p.images for p in parts) == 0:
         raise ValueError("the eval set yielded no samples")

@@ -116,7 +116,7 @@ def load_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
 
 def generated_mask(height: int, width: int, key: str, spec: str = "lama_medium_256", seed: int = 0) -> torch.Tensor:
     """A deterministic mask for ``key`` from a registered generator, as (1,1,H,W) float (1 = hole)."""
-    from pipeline.data.masks import make_mask
+    from pipeline.data.masks.generators import make_mask
 
     return torch.from_numpy(make_mask(spec, seed, key, height, width) > 127).float()[None, None]
 

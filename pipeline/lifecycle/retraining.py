@@ -32,7 +32,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping
 from pydantic import Field, ValidationError, create_model
 
 from pipeline.config import Config, ConfigError, derive, first_error
-from pipeline.data.sharding import ShardJobConfig
+from pipeline.data.shardjob.run import ShardJobConfig
 from pipeline.data.sources import SourceSpec
 from pipeline.evaluation.evaluate import EvaluationSettings
 from pipeline.fsutil import StorageOptions, is_remote, join_url, publish_bytes, url_to_fs
@@ -322,7 +322,7 @@ def _train_config(config: RetrainJobConfig, tracking_uri: str, manifest_url: str
 
 def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
     from pipeline.data.manifest import load_manifest, manifest_url_for
-    from pipeline.data.sharding import run_shard_job
+    from pipeline.data.shardjob.run import run_shard_job
     from pipeline.data.sources import list_source, new_items
     from pipeline.lifecycle.evaluations import RegistryEvaluator
     from pipeline.lifecycle.promotion import promote

@@ -105,7 +105,7 @@ class DataSection(Config):
     )
     mask_pool: Annotated[str | None, LocalPath()] = Field(
         None,
-        description="a mask pool's index.json (pipeline.data.mask_pool): each image gets a mask drawn anew from the "
+        description="a mask pool's index.json (pipeline.data.masks.pool): each image gets a mask drawn anew from the "
         "pool at every load, as the official loaders did, instead of the mask its shard stores",
     )
 
@@ -291,7 +291,7 @@ def _check_cpu_bf16(ds: DeepSpeedSection, scaling: ScalingSection) -> None:
     homogeneous CPU cluster); GPU workers compute bf16 on the GPU and are never refused."""
     if ds.precision != "bf16" or scaling.use_gpu or ds.allow_slow_cpu_bf16:
         return
-    from pipeline.cpu_precision import SLOWDOWN_ORDER, cpu_bf16_support
+    from pipeline.train.cpu_precision import SLOWDOWN_ORDER, cpu_bf16_support
 
     cpu = cpu_bf16_support()
     if not cpu.native:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from models.validation import mask_values_trusted
+from models.input_checks import mask_values_trusted
 from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
 from pipeline.train.config import PerformanceSection, TrainJobConfig
 from pipeline.train.engines import DiscriminatorCaller, GanEngines, build_engines, init_distributed, precision_context, step_updater
@@ -205,7 +205,7 @@ def validate(generator: torch.nn.Module, arch: str, config: TrainJobConfig, rank
     """
     from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
     from pipeline.evaluation.perceptual import MetricWeights
-    from pipeline.metrics import BucketedMetrics
+    from pipeline.evaluation.metrics import BucketedMetrics
 
     settings = EvaluationSettings(batch_size=config.data.eval_batch_size, crop_size=config.data.crop_size,
                                   device=str(device), samples_per_bucket=0)

@@ -92,7 +92,7 @@ def test_cuda_rng_state_is_saved_and_restored_for_the_ranks_own_device_only(nccl
 
 
 def test_bucketed_metrics_all_reduce_on_nccl(nccl):
-    from pipeline.metrics import BucketedMetrics
+    from pipeline.evaluation.metrics import BucketedMetrics
 
     torch.manual_seed(0)
     target = torch.rand(4, 3, 32, 32, device=DEVICE)

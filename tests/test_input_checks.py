@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.validation import check_inpainting_inputs, mask_values_trusted
+from models.input_checks import check_inpainting_inputs, mask_values_trusted
 from pipeline.train.host_sync import count_host_reads
 
 

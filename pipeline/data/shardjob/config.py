@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.fsutil import ReadRetry, StorageOptions
 from pipeline.paths import LocalPath, OutputPathStr
 from pipeline.data.imageops import DEFAULT_MAX_PIXELS
-from pipeline.data.masks import MaskSpec
+from pipeline.data.masks.generators import MaskSpec
 from pipeline.data.sources import SourceSpec
 
 __all__ = ["EXECUTION_ONLY", "EvalSettings", "ShardJobConfig"]

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.data.manifest import HoleRatioHistogram, RejectedInput, canonical_json
-from pipeline.data.masks import describe
-from pipeline.data.shardconfig import ShardJobConfig
+from pipeline.data.masks.generators import describe
+from pipeline.data.shardjob.config import ShardJobConfig
 from pipeline.data.sources import SourceItem
 
 __all__ = [

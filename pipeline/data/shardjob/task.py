@@ -31,9 +31,9 @@ from pipeline.fsutil import (
 )
 from pipeline.data.imageops import BadImageError, encode_mask_png, prepare_image
 from pipeline.data.manifest import HoleRatioHistogram, RejectedInput, canonical_json
-from pipeline.data.masks import describe, hole_ratio, make_mask
-from pipeline.data.shardconfig import ShardJobConfig
-from pipeline.data.shardplan import (
+from pipeline.data.masks.generators import describe, hole_ratio, make_mask
+from pipeline.data.shardjob.config import ShardJobConfig
+from pipeline.data.shardjob.plan import (
     FillPlan,
     ShardPlan,
     ShardResult,

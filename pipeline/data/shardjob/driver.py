@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 
 from pipeline.fsutil import TransientReadError
 from pipeline.raycluster import ensure_ray
-from pipeline.data.shardconfig import ShardJobConfig
-from pipeline.data.shardplan import FillPlan, ShardPlan, ShardResult
+from pipeline.data.shardjob.config import ShardJobConfig
+from pipeline.data.shardjob.plan import FillPlan, ShardPlan, ShardResult
 
 __all__ = ["Progress", "ShardJobError", "failure_line", "run_tasks"]
 

@@ -5,7 +5,7 @@ A pool is a folder with ``masks.tar`` (one ``KEY.mask.png`` per mask, 8-bit gray
 ``index.json`` (format id, count, size, source, per-mask key and hole ratio). One file to read keeps worker
 start-up to one request however many masks the pool holds (NVIDIA's 12,000 irregular masks are ~20 MB of PNGs).
 
-Pools are written by :func:`write_mask_pool` from imported masks (``pipeline.data.mask_import.import_training_pool``:
+Pools are written by :func:`write_mask_pool` from imported masks (``pipeline.data.masks.importer.import_training_pool``:
 the NVIDIA irregular masks, as both papers trained) or from a registered generator (:func:`generated_masks`:
 e.g. LBAM's ``lbam_random_field``, its 6,000 extra masks). :class:`MaskPool` loads one or more pools and draws
 from them with the loader's seeded generator, so a run is reproducible and an image meets a new mask each time.
@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.fsutil import StorageOptionsLike, join_url, open_url
 from pipeline.data.imageops import decode_mask_png, encode_mask_png
-from pipeline.data.masks import MaskSpec, hole_ratio, make_mask
+from pipeline.data.masks.generators import MaskSpec, hole_ratio, make_mask
 
 __all__ = ["POOL_FORMAT", "MaskPool", "generated_masks", "write_mask_pool"]
 

@@ -5,9 +5,9 @@ Shape of a run (:func:`run_shard_job`):
 1. list the source (sorted, unique keys), keep only new items for an incremental version, apply ``limit``;
 2. choose where this version goes (:func:`destination`): ``out`` itself, unless ``out`` already holds a
    published version of another plan; then a folder of its own beside it, ``out/version-<fingerprint>``;
-3. plan shards deterministically (:mod:`pipeline.data.shardplan`): the i-th block of ``samples_per_shard`` items
+3. plan shards deterministically (:mod:`pipeline.data.shardjob.plan`): the i-th block of ``samples_per_shard`` items
    becomes ``shard-%06d.tar`` (a file list's missing images counted first: too many fail the job here);
-4. run ONE Ray task per shard (:mod:`pipeline.data.sharddriver`, :func:`pipeline.data.shardtask.write_shard`),
+4. run ONE Ray task per shard (:mod:`pipeline.data.shardjob.driver`, :func:`pipeline.data.shardjob.task.write_shard`),
    at most ``max_in_flight`` at a time. A task first checks whether its shard is already written and verifies
    (the ``.tar.json`` sidecar records the plan's fingerprint, size and sha256); if so it returns the recorded
    result, otherwise it writes the shard to a temporary name, publishes it atomically, then its sidecar;
@@ -15,7 +15,7 @@ Shape of a run (:func:`run_shard_job`):
 6. write the key list (watermark) and ``manifest.json`` atomically.
 
 **A published version is immutable.** A run never writes a file that a published manifest lists with other
-bytes: a re-run into a folder whose manifest has the same plan fingerprint (:func:`~pipeline.data.shardplan.
+bytes: a re-run into a folder whose manifest has the same plan fingerprint (:func:`~pipeline.data.shardjob.plan.
 run_fingerprint`: config, inputs and parent) resumes or repairs exactly that version; any other run writes
 beside it. So a failed, interrupted or different run leaves every published version verifiable, and each
 version's ``keys.txt.gz`` belongs to it (readers check it against the manifest's ``keys_sha256``).
@@ -83,9 +83,9 @@ from pipeline.data.manifest import (
     write_keys,
     write_manifest,
 )
-from pipeline.data.shardconfig import EvalSettings, ShardJobConfig
-from pipeline.data.sharddriver import Progress, ShardJobError, failure_line, run_tasks
-from pipeline.data.shardplan import (
+from pipeline.data.shardjob.config import EvalSettings, ShardJobConfig
+from pipeline.data.shardjob.driver import Progress, ShardJobError, failure_line, run_tasks
+from pipeline.data.shardjob.plan import (
     SHARD_FORMAT,
     FillPlan,
     ShardPlan,
@@ -98,7 +98,7 @@ from pipeline.data.shardplan import (
     run_fingerprint,
     shard_name,
 )
-from pipeline.data.shardtask import encode_sample, write_fill_shard, write_shard
+from pipeline.data.shardjob.task import encode_sample, write_fill_shard, write_shard
 from pipeline.data.sources import SourceItem, list_source, new_items, suggest_root
 
 __all__ = [

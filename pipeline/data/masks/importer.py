@@ -8,7 +8,7 @@ with *nearest* so no gray values appear - and files each mask under its hole-rat
 
 Mainly for evaluation: RN and LBAM were *trained* on the NVIDIA masks, so training on them leaks the test
 masks into training (and the shard job never reads them). Reproducing the papers' recipe needs exactly that,
-so :func:`import_training_pool` imports a folder as a training mask pool (:mod:`pipeline.data.mask_pool`) on
+so :func:`import_training_pool` imports a folder as a training mask pool (:mod:`pipeline.data.masks.pool`) on
 explicit request, with the leakage warning logged and written into the pool's index.
 """
 
@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.fsutil import StorageOptionsLike, join_url, open_url, url_to_fs
 from pipeline.data.imageops import encode_mask_png
-from pipeline.data.masks import hole_ratio
+from pipeline.data.masks.generators import hole_ratio
 
 __all__ = [
     "MASK_EXTENSIONS",
@@ -173,7 +173,7 @@ def import_training_pool(
     ``size`` defaults to NVIDIA's native 512: the loader resizes pool masks to the crop itself, with each paper's
     own resampling (RN: bilinear then > 0; LBAM: nearest).
     """
-    from pipeline.data.mask_pool import write_mask_pool  # deferred: keeps this module's imports light
+    from pipeline.data.masks.pool import write_mask_pool  # deferred: keeps this module's imports light
 
     log.warning("%s (source: %s)", TRAINING_LEAKAGE_WARNING, source)
     masks = import_mask_folder(
