@@ -64,11 +64,15 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The offline GPU venv (`make gpu-check-offline`) does not install holefill: this checkout's packages, and tests/
+# for `support.engine_probe`.
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from pipeline.errors import one_line  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM, dense bf16 tensor-core peak
 DEFAULT_BUDGET_S = 480.0
@@ -84,7 +88,7 @@ MARGIN = 1.2  # a row runs only if 1.2 x its estimate fits in what is left
 
 
 @dataclass(frozen=True)
-class Spec:
+class Case:
     """One configuration to measure."""
 
     arch: str
@@ -99,9 +103,9 @@ class Spec:
         return f"{self.arch} {self.precision}{extra}"
 
     @property
-    def base(self) -> Spec:
+    def base(self) -> Case:
         """The plain (ZeRO 0, no switch) configuration this one is compared against."""
-        return Spec(self.arch, self.batch, self.precision)
+        return Case(self.arch, self.batch, self.precision)
 
 
 @dataclass
@@ -127,8 +131,8 @@ class Row:
         return mfu(self.flops_per_step, self.images_per_s / self.batch)
 
     @property
-    def spec(self) -> Spec:
-        return Spec(self.arch, self.batch, self.precision, self.zero_stage, self.switch)
+    def case(self) -> Case:
+        return Case(self.arch, self.batch, self.precision, self.zero_stage, self.switch)
 
 
 def mfu(flops_per_step: float, steps_per_s: float, peak: float = PEAK_BF16_FLOPS) -> float:
@@ -211,26 +215,26 @@ class Estimator:
         self.setup[row.arch] = max(self.setup.get(row.arch, 0.0), row.setup_s)
         self.measured.add(f"setup {row.arch}")
 
-    def flops(self, spec: Spec) -> float | None:
-        per_image = self.flops_per_image.get(spec.arch)
-        return None if per_image is None else per_image * spec.batch
+    def flops(self, case: Case) -> float | None:
+        per_image = self.flops_per_image.get(case.arch)
+        return None if per_image is None else per_image * case.batch
 
-    def estimate(self, spec: Spec) -> float | None:
-        """Seconds ``spec`` needs, or None when its model's FLOPs are not known yet."""
-        flops = self.flops(spec)
+    def estimate(self, case: Case) -> float | None:
+        """Seconds ``case`` needs, or None when its model's FLOPs are not known yet."""
+        flops = self.flops(case)
         if flops is None:
             return None
-        rate = self.rate.get(spec.precision) or ASSUMED_FLOPS_PER_S[spec.precision]
-        seconds = self.setup.get(spec.arch, ASSUMED_SETUP_S) + (self.warmup + 1 + self.steps) * flops / rate
-        if spec.switch == "compile_generator":
-            seconds += self.compile_extra.get(spec.arch, ASSUMED_COMPILE_S)
+        rate = self.rate.get(case.precision) or ASSUMED_FLOPS_PER_S[case.precision]
+        seconds = self.setup.get(case.arch, ASSUMED_SETUP_S) + (self.warmup + 1 + self.steps) * flops / rate
+        if case.switch == "compile_generator":
+            seconds += self.compile_extra.get(case.arch, ASSUMED_COMPILE_S)
         return seconds
 
-    def basis(self, spec: Spec) -> str:
-        """Whether the estimate of ``spec`` rests on this run's measurements or on the assumptions."""
-        parts = [f"rate {spec.precision}", f"setup {spec.arch}"]
-        if spec.switch == "compile_generator":
-            parts.append(f"compile {spec.arch}")
+    def basis(self, case: Case) -> str:
+        """Whether the estimate of ``case`` rests on this run's measurements or on the assumptions."""
+        parts = [f"rate {case.precision}", f"setup {case.arch}"]
+        if case.switch == "compile_generator":
+            parts.append(f"compile {case.arch}")
         return "measured" if all(p in self.measured for p in parts) else "assumed"
 
 
@@ -268,15 +272,15 @@ class Recorder:
 def format_table(rows: list[Row]) -> str:
     """A fixed-width table. ``bf16 x``: a bf16 row's speed over the same row in fp32; ``vs base``: a ZeRO or
     switch row's speed over the same configuration without it."""
-    by_spec = {row.spec: row for row in rows}
+    by_case = {row.case: row for row in rows}
     header = (f"{'config':<34}{'batch':>6}{'img/s/GPU':>11}{'MFU':>8}{'peak GiB':>10}{'syncs/step':>12}"
               f"{'bf16 x':>8}{'vs base':>9}{'row s':>7}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        spec = row.spec
-        plain_bf16 = spec == spec.base and row.precision == "bf16"
-        fp32 = by_spec.get(Spec(spec.arch, spec.batch, "fp32")) if plain_bf16 else None
-        base = by_spec.get(spec.base) if spec != spec.base else None
+        case = row.case
+        plain_bf16 = case == case.base and row.precision == "bf16"
+        fp32 = by_case.get(Case(case.arch, case.batch, "fp32")) if plain_bf16 else None
+        base = by_case.get(case.base) if case != case.base else None
         speedup = f"{row.images_per_s / fp32.images_per_s:.2f}" if fp32 else ""
         versus = f"{row.images_per_s / base.images_per_s:.2f}" if base else ""
         lines.append(
@@ -299,7 +303,7 @@ def _synchronize(device: torch.device) -> None:
 def image_size(arch: str, size: int, tiny: bool = False) -> int:
     """RN's crop is ``size``; LBAM's discriminator takes 256² only (its fusion conv turns a 4x4 map into one
     score), or the tiny variant's 128²."""
-    from engine_probe import TINY_SIZES
+    from support.engine_probe import TINY_SIZES
 
     from models.lbam import DISCRIMINATOR_SIZE
 
@@ -308,25 +312,25 @@ def image_size(arch: str, size: int, tiny: bool = False) -> int:
     return TINY_SIZES["lbam"][0] if tiny else DISCRIMINATOR_SIZE
 
 
-def measure(spec: Spec, size: int, device: torch.device, *, steps: int, warmup: int, tiny: bool = False) -> Row:
-    """Build the engines like a training worker and time ``steps`` optimiser steps of ``spec`` (``tiny``: the
-    CPU variants of ``tests/engine_probe.py``: one RN residual block, LBAM at 1/16 width with a stand-in VGG)."""
-    import engine_probe as probe
+def measure(case: Case, size: int, device: torch.device, *, steps: int, warmup: int, tiny: bool = False) -> Row:
+    """Build the engines like a training worker and time ``steps`` optimiser steps of ``case`` (``tiny``: the
+    CPU variants of ``tests/support/engine_probe.py``: one RN residual block, LBAM at 1/16 width with a stand-in VGG)."""
+    from support import engine_probe as probe
 
-    from pipeline.train.config import PerformanceSection
+    from pipeline.train.config import PerformanceSettings
     from pipeline.train.host_sync import count_cuda_syncs, count_host_reads
     from pipeline.train.loop import apply_speed_switches
 
     began = time.perf_counter()
-    recipe, engines, parts = probe.build(spec.arch, spec.zero_stage, spec.precision, device=device, batch=spec.batch,
+    recipe, engines, parts = probe.build(case.arch, case.zero_stage, case.precision, device=device, batch=case.batch,
                                          tiny=tiny)
-    performance = PerformanceSection(**({spec.switch: True} if spec.switch else {}))
+    performance = PerformanceSettings(**({case.switch: True} if case.switch else {}))
     apply_speed_switches(performance, engines.generator.module, engines.discriminator.module, device)
-    batches = probe.uint8_batches(spec.arch, batch=spec.batch, size=image_size(spec.arch, size, tiny),
+    batches = probe.uint8_batches(case.arch, batch=case.batch, size=image_size(case.arch, size, tiny),
                                   pin=device.type == "cuda", tiny=tiny)
 
     def run_step():
-        return probe.step(recipe, parts, batches, spec.precision, device)
+        return probe.step(recipe, parts, batches, case.precision, device)
 
     for _ in range(warmup):
         run_step()
@@ -346,48 +350,48 @@ def measure(spec: Spec, size: int, device: torch.device, *, steps: int, warmup: 
     del recipe, engines, parts
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Row(spec.label, spec.batch, steps * spec.batch / seconds, flops, peak, syncs.total / steps,
-               arch=spec.arch, precision=spec.precision, zero_stage=spec.zero_stage, switch=spec.switch,
+    return Row(case.label, case.batch, steps * case.batch / seconds, flops, peak, syncs.total / steps,
+               arch=case.arch, precision=case.precision, zero_stage=case.zero_stage, switch=case.switch,
                setup_s=start - began, step_s=seconds / steps, seconds=time.perf_counter() - began)
 
 
-def section_specs(name: str, args: argparse.Namespace, device: torch.device) -> list[Spec]:
+def section_cases(name: str, args: argparse.Namespace, device: torch.device) -> list[Case]:
     """The rows of a table section (``essential``, ``speedup``, ``batches``, ...), in order."""
     batch, precision = args.batch, args.precision
-    specs = []
+    cases = []
     if name == "switches":  # switch by switch, so the cheap ones run for both models before any compile
         # cudnn is GPU-only; compiling on the CPU only costs the smoke run time
-        return [Spec(arch, batch, precision, switch=s) for s in SWITCHES for arch in args.archs
+        return [Case(arch, batch, precision, switch=s) for s in SWITCHES for arch in args.archs
                 if device.type == "cuda" or s == "channels_last"]
     for arch in args.archs:
         if name == "essential":
-            specs.append(Spec(arch, batch, precision))
+            cases.append(Case(arch, batch, precision))
         elif name == "speedup" and precision != "fp32":
-            specs.append(Spec(arch, batch, "fp32"))
+            cases.append(Case(arch, batch, "fp32"))
         elif name == "batches":
-            specs += [Spec(arch, b, precision) for b in args.batches if b != batch]
+            cases += [Case(arch, b, precision) for b in args.batches if b != batch]
         elif name == "zero":
-            specs += [Spec(arch, batch, precision, zero_stage=stage) for stage in (1, 2)]
+            cases += [Case(arch, batch, precision, zero_stage=stage) for stage in (1, 2)]
         elif name == "fp32-batches" and precision != "fp32":
-            specs += [Spec(arch, b, "fp32") for b in args.batches if b != batch]
-    return specs
+            cases += [Case(arch, b, "fp32") for b in args.batches if b != batch]
+    return cases
 
 
-def run_rows(name: str, specs: list[Spec], args, device, budget: Budget, estimator: Estimator, rec: Recorder) -> None:
-    """Measure ``specs`` in order, skipping (with a note) each one whose estimate does not fit the budget."""
-    for spec in specs:
-        estimate = estimator.estimate(spec)
+def run_rows(name: str, cases: list[Case], args, device, budget: Budget, estimator: Estimator, rec: Recorder) -> None:
+    """Measure ``cases`` in order, skipping (with a note) each one whose estimate does not fit the budget."""
+    for case in cases:
+        estimate = estimator.estimate(case)
         if estimate is not None and not budget.fits(estimate):
-            rec.note(f"{budget.stamp()} {name}: skipped {spec.label} batch {spec.batch}: needs ~{estimate:.0f} s "
-                     f"({estimator.basis(spec)}), {max(budget.left(), 0):.0f} s left")
+            rec.note(f"{budget.stamp()} {name}: skipped {case.label} batch {case.batch}: needs ~{estimate:.0f} s "
+                     f"({estimator.basis(case)}), {max(budget.left(), 0):.0f} s left")
             continue
         guess = f" (~{estimate:.0f} s)" if estimate is not None else ""
-        print(f"{budget.stamp()} {name}: {spec.label} batch {spec.batch}{guess}", flush=True)
+        print(f"{budget.stamp()} {name}: {case.label} batch {case.batch}{guess}", flush=True)
         try:
-            row = measure(spec, args.size, device, steps=args.steps, warmup=args.warmup, tiny=args.tiny)
+            row = measure(case, args.size, device, steps=args.steps, warmup=args.warmup, tiny=args.tiny)
         except Exception as exc:  # one row (an OOM, a compile error) must not cost the lease the rest
-            rec.fail(f"{budget.stamp()} {name}: {spec.label} batch {spec.batch} failed: "
-                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            rec.fail(f"{budget.stamp()} {name}: {case.label} batch {case.batch} failed: "
+                     f"{one_line(exc, typed=True)}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -452,7 +456,7 @@ def _scaling_worker(rank: int, world_size: int, port: int, args: argparse.Namesp
     device = torch.device("cuda", rank)
     _init_group(device, rank, world_size, port)
     for arch in args.archs:
-        row = measure(Spec(arch, args.batch, args.precision), args.size, device, steps=args.steps, warmup=args.warmup)
+        row = measure(Case(arch, args.batch, args.precision), args.size, device, steps=args.steps, warmup=args.warmup)
         if rank == 0:
             out.put((arch, row.images_per_s))
     dist.destroy_process_group()
@@ -462,13 +466,13 @@ def run_scaling(args: argparse.Namespace, budget: Budget, estimator: Estimator, 
     """Per-GPU images/s at world size 2..N (batch ``--batch``, ZeRO 0) and efficiency against one GPU."""
     import torch.multiprocessing as mp
 
-    single = {r.arch: r.images_per_s for r in rec.rows if r.spec == Spec(r.arch, args.batch, args.precision)}
+    single = {r.arch: r.images_per_s for r in rec.rows if r.case == Case(r.arch, args.batch, args.precision)}
     if len(single) != len(args.archs):
         rec.note(f"{budget.stamp()} scaling: skipped: it compares against the essential rows, not all measured")
         return
     lines = [f"{'model':<8}{'GPUs':>6}{'img/s/GPU':>11}{'efficiency':>12}"]
     for world_size in range(2, torch.cuda.device_count() + 1):
-        estimate = ASSUMED_SPAWN_S + sum(estimator.estimate(Spec(a, args.batch, args.precision)) for a in args.archs)
+        estimate = ASSUMED_SPAWN_S + sum(estimator.estimate(Case(a, args.batch, args.precision)) for a in args.archs)
         if not budget.fits(estimate):
             rec.note(f"{budget.stamp()} scaling: skipped {world_size} GPUs: needs ~{estimate:.0f} s, "
                      f"{max(budget.left(), 0):.0f} s left")
@@ -486,7 +490,7 @@ def run_scaling(args: argparse.Namespace, budget: Budget, estimator: Estimator, 
 def plan(args: argparse.Namespace, device: torch.device) -> None:
     """Print how long each section would take on one GPU, estimated from FLOPs counted here (batch 1, fp32,
     scaled by batch) and the ``ASSUMED_*`` rates and set-up times: nothing here was timed on a GPU."""
-    import engine_probe as probe
+    from support import engine_probe as probe
 
     estimator = Estimator(args.steps, args.warmup)
     for arch in args.archs:
@@ -506,7 +510,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> None:
         elif name == "scaling":
             seconds, detail = 0.0, "one GPU: none"
         else:
-            estimates = [(spec, estimator.estimate(spec)) for spec in section_specs(name, args, cuda)]
+            estimates = [(case, estimator.estimate(case)) for case in section_cases(name, args, cuda)]
             seconds = sum(e for _, e in estimates)
             detail = ", ".join(f"{s.label} b{s.batch} {e:.0f} s" for s, e in estimates) or "none"
         total += seconds
@@ -578,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_scaling(args, budget, estimator, rec)
                 _init_group(device)
         else:
-            run_rows(section, section_specs(section, args, device), args, device, budget, estimator, rec)
+            run_rows(section, section_cases(section, args, device), args, device, budget, estimator, rec)
     print(format_table(rec.rows), flush=True)
     failed = f", {rec.failures} failed (notes.txt)" if rec.failures else ""
     print(f"{budget.stamp()} done: {len(rec.rows)} rows in {out}{failed}", flush=True)

@@ -46,13 +46,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data.imageops import encode_mask_png, prepare_image  # noqa: E402
-from pipeline.joblog import pillow_flavour  # noqa: E402
-from pipeline.data.loaders import make_train_loader  # noqa: E402
-from pipeline.data.masks.generators import describe, hole_ratio, make_mask  # noqa: E402
-from pipeline.data.sample_data import generate_sample_dataset  # noqa: E402
+from pipeline.data.imageops import encode_mask_png, prepare_image
+from pipeline.joblog import pillow_flavour
+from pipeline.data.loaders import make_train_loader
+from pipeline.data.masks.generators import describe, hole_ratio, make_mask
+from pipeline.data.sample_data import generate_sample_dataset
 
 BATCH = 8
 
@@ -158,7 +156,7 @@ def components(shards: list[str], rounds: int) -> None:
     from webdataset.filters import _shuffle
     from webdataset.tariterators import tar_file_iterator
 
-    from pipeline.data.loaders import MEMBER_WHITELIST
+    from pipeline.data.shard_stream import MEMBER_WHITELIST
     from pipeline.data.tario import tar_members
 
     def wanted(name: str) -> bool:

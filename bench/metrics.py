@@ -24,7 +24,6 @@ from typing import Callable
 # Run as a script, this file's folder leads sys.path and its name would shadow the ``models`` package.
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-sys.path.insert(0, os.path.dirname(_BENCH_DIR))  # this checkout's packages, not an installed copy
 
 import torch  # noqa: E402
 

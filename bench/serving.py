@@ -28,15 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
 _REPO = os.path.dirname(_BENCH_DIR)
-sys.path.insert(0, _REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.registry import get_architecture  # noqa: E402
-from pipeline.lifecycle.packaging import HiresConfig, log_and_register_generator  # noqa: E402
-from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeConfig, build_app  # noqa: E402
+from pipeline.lifecycle.packaging import HiresSettings, log_and_register_generator  # noqa: E402
+from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeJobConfig, build_app  # noqa: E402
 from pipeline.tracking import RunTracker, mlflow_client  # noqa: E402
 
 SIZES = (256, 512)
@@ -118,9 +117,9 @@ def main() -> None:
         tracker.finish()
         mlflow_client(tracking_uri).set_registered_model_alias("bench", "champion", version)
         # Whole-image path at both sizes: the bench measures serving overhead, not the high-resolution strategy.
-        config = ServeConfig(model="bench", tracking_uri=tracking_uri, max_batch_size=args.max_batch_size,
+        config = ServeJobConfig(model="bench", tracking_uri=tracking_uri, max_batch_size=args.max_batch_size,
                              batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=1, use_gpu="auto",
-                             hires=HiresConfig(strategy="whole"))
+                             hires=HiresSettings(strategy="whole"))
         inpainter = AliasFollowingInpainter(config, "cuda" if torch.cuda.is_available() else "cpu")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -44,15 +44,14 @@ from concurrent.futures import ThreadPoolExecutor
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
 _REPO = os.path.dirname(_BENCH_DIR)
-sys.path.insert(0, _REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.registry import get_architecture  # noqa: E402
-from pipeline.lifecycle.packaging import HiresConfig, ServingDefaults, log_and_register_generator  # noqa: E402
-from pipeline.lifecycle.serving import ServeConfig, build_app  # noqa: E402
+from pipeline.lifecycle.packaging import HiresSettings, ServingDefaults, log_and_register_generator  # noqa: E402
+from pipeline.lifecycle.serving import ServeJobConfig, build_app  # noqa: E402
 from pipeline.tracking import RunTracker, mlflow_client  # noqa: E402
 
 SIZES = (64, 96, 128)
@@ -175,7 +174,7 @@ def main() -> None:
         generator = get_architecture("rn").generator(**kwargs).eval()
         example, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
         mask[..., 8:20, 8:20] = 1
-        serving = ServingDefaults(max_pixels=MAX_PIXELS, hires=HiresConfig(strategy="crop"))
+        serving = ServingDefaults(max_pixels=MAX_PIXELS, hires=HiresSettings(strategy="crop"))
         version = log_and_register_generator(tracking_uri, tracker.run_id, generator, example, mask, "bench",
                                              arch="rn", generator_kwargs=kwargs, serving=serving).version
         tracker.finish()
@@ -194,9 +193,9 @@ def main() -> None:
             print(f"{'max_ongoing_requests':>22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}  {'max':>5}  "
                   f"{'batch sizes of good requests':<34} checks")
             alone: list[bytes] | None = None
-            default = ServeConfig(max_batch_size=args.max_batch_size).ongoing_requests()
+            default = ServeJobConfig(max_batch_size=args.max_batch_size).ongoing_requests()
             for name, limit in ((f"5 (Ray Serve default)", 5), (f"{default} (2 x batch + 2)", None)):
-                config = ServeConfig(model="bench", tracking_uri=tracking_uri, max_batch_size=args.max_batch_size,
+                config = ServeJobConfig(model="bench", tracking_uri=tracking_uri, max_batch_size=args.max_batch_size,
                                      batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=1, use_gpu="auto",
                                      max_ongoing_requests=limit)
                 serve.run(build_app(config), name="bench", route_prefix="/inpaint")

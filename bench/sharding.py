@@ -43,9 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 # The holefill imports live in _load_holefill(): the --baseline-only child runs in a venv with only Pillow+numpy.
 

@@ -22,12 +22,9 @@ import socket
 import sys
 import tarfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data.sources import TAR_LIST_BLOCK, scan_tar  # noqa: E402
-from pipeline.fsutil import url_to_fs  # noqa: E402
+from pipeline.data.sources import TAR_LIST_BLOCK, scan_tar
+from pipeline.fsutil import url_to_fs
 
 PLACES2_MEMBERS = 1_803_460
 PLACES2_BYTES = 105 * 10**9

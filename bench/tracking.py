@@ -25,10 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
-from infra.local.mlflow_server import MlflowServerSpec, start_mlflow_server, stop_mlflow_server  # noqa: E402
+from infra.local.mlflow_server import MlflowServerSettings, start_mlflow_server, stop_mlflow_server  # noqa: E402
 from infra.local.ray_node import find_free_port_block  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def timed_loggers(uri: str, steps: int, n: int) -> dict[str, tuple[float, float]
     return results
 
 
-def outage(spec: MlflowServerSpec, workdir: Path, steps: int, outage_steps: int, n: int) -> dict[str, int]:
+def outage(spec: MlflowServerSettings, workdir: Path, steps: int, outage_steps: int, n: int) -> dict[str, int]:
     """Points of metric ``m1`` on the server per logger when the first ``outage_steps`` steps hit a dead server."""
     from mlflow import MlflowClient
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hf-bench-tracking-") as tmp:
         workdir = Path(tmp)
         (port,) = find_free_port_block(1)
-        spec = MlflowServerSpec(data_dir=workdir / "store", port=port)
+        spec = MlflowServerSettings(data_dir=workdir / "store", port=port)
         leader = start_mlflow_server(spec, workdir / "server0.log", timeout_s=300)
         try:
             timed = timed_loggers(spec.tracking_uri, args.steps, args.metrics)

@@ -29,15 +29,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 Step = Callable[[], object]
 
@@ -99,14 +96,14 @@ def engine_step(arch: str, batch: int, size: int, device: torch.device, zero_sta
     from pipeline.train.recipes import gan_step
     from pipeline.train.spec import discriminator_options
     from models.registry import get_architecture
-    from pipeline.train.config import DeepSpeedSection
+    from pipeline.train.config import DeepSpeedSettings
     from pipeline.train.engines import DiscriminatorCaller, build_engines, precision_context, step_updater
 
     spec = get_architecture(arch)
     recipe = _recipe(arch, device)
     engines = build_engines(
         recipe, spec.generator(), spec.discriminator(**discriminator_options(arch)),
-        DeepSpeedSection(zero_stage=zero_stage, precision=precision),
+        DeepSpeedSettings(zero_stage=zero_stage, precision=precision),
         micro_batch_size=batch, world_size=1, steps_per_epoch=10_000, device=device,
     )
     D = DiscriminatorCaller(engines.discriminator)
@@ -173,7 +170,8 @@ def _global_stats_worker(rank: int, port: int, rounds: int, out: str) -> None:
 
     from models.registry import get_architecture
     from pipeline.train.global_batch import use_global_batch_norm
-    from pipeline.train.recipes import LBAMOptions, LBAMRecipe, gan_step, torch_updater
+    from pipeline.train.architectures.lbam import LBAMRecipe, LBAMSettings
+    from pipeline.train.recipes import gan_step, torch_updater
     from pipeline.train.spec import build_recipe, discriminator_options
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -194,7 +192,7 @@ def _global_stats_worker(rank: int, port: int, rounds: int, out: str) -> None:
         steps[label] = (lambda r, g, d, ud, ug: lambda: gan_step(r, g, d, image, mask, ud, ug))(recipe, G, D, update_d, update_g)
     results.update(median_step_times(steps, rounds, cpu))
 
-    lbam = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())  # the D loss needs no VGG
+    lbam = LBAMRecipe(LBAMSettings(allow_random_vgg=True), vgg=nn.Identity())  # the D loss needs no VGG
     torch.manual_seed(0)
     local = get_architecture("lbam").discriminator()
     global_ = use_global_batch_norm(copy.deepcopy(local))
@@ -280,10 +278,10 @@ def main() -> None:
     print(row(f"DeepSpeed ZeRO {args.zero_stage}", engine, medians["plain"]))
     if not use_gpu:
         dist.destroy_process_group()
-        from pipeline.train.config import ScalingSection
+        from pipeline.train.config import ScalingSettings
         from pipeline.train.launch import worker_runtime_env
 
-        holefill_env = worker_runtime_env(ScalingSection(num_workers=1, use_gpu=False))
+        holefill_env = worker_runtime_env(ScalingSettings(num_workers=1, use_gpu=False))
         in_ray = {
             "Ray Train + DeepSpeed": ray_train_step_time(args.arch, args.batch, args.size, args.steps,
                                                          args.zero_stage, holefill_env),

@@ -26,18 +26,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from infra.local.stack import LocalStack
+from jobs import inpaint as inpaint_job
+from jobs import promote as promote_job
+from jobs import shard_places2 as shard_job
+from models.inpaint import inpaint_tensor
+from pipeline.data.manifest import load_manifest
+from pipeline.data.sample_data import generate_sample_dataset, load_sample_dataset
+from pipeline.joblog import setup_job_logging
+from pipeline.lifecycle.inference import load_image, load_mask, load_model_ref
+from pipeline.lifecycle.training import train_and_register
+from pipeline.pictures import captioned_row, show_hole
+from pipeline.train.config import load_train_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from jobs import inpaint as inpaint_job  # noqa: E402
-from jobs import promote as promote_job  # noqa: E402
-from jobs import shard_places2 as shard_job  # noqa: E402
-from pipeline.joblog import setup_job_logging  # noqa: E402
-from pipeline.data.manifest import load_manifest  # noqa: E402
-from pipeline.data.sample_data import generate_sample_dataset, load_sample_dataset  # noqa: E402
-from pipeline.lifecycle.training import train_and_register  # noqa: E402
-from pipeline.train.config import load_train_config  # noqa: E402
-
 CONFIGS = REPO / "jobs" / "configs"
 
 
@@ -93,8 +95,6 @@ def comparison_picture(image, mask, outputs: list[tuple[str, int, object]]):
     ``image`` (1,3,H,W) in [0,1] is the truth, ``mask`` (1,1,H,W) has 1 = hole (shown white in the input),
     ``outputs`` are ``(model name, steps trained, (1,3,H,W) output)``.
     """
-    from pipeline.pictures import captioned_row, show_hole
-
     holed = show_hole(image, mask)
     tiles = [("input + hole", holed)]
     tiles += [(f"{name} after {steps} steps", output) for name, steps, output in outputs]
@@ -104,9 +104,6 @@ def comparison_picture(image, mask, outputs: list[tuple[str, int, object]]):
 
 def _draw_comparison(image_path: str, mask_path: Path, steps: dict[str, int], tracking_uri: str, out: Path) -> None:
     from PIL import Image
-
-    from models.inpaint import inpaint_tensor
-    from pipeline.lifecycle.inference import load_image, load_mask, load_model_ref
 
     image = load_image(image_path)
     mask = load_mask(mask_path, *image.shape[-2:])
@@ -138,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             ui = f"mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
             print("embedded mode: no servers; Ray starts inside this process")
         else:
-            from infra.local.stack import LocalStack
-
             stack = LocalStack(state_dir=str(REPO / ".holefill-local"))
             print(stack.start().report())
             # The jobs below join this cluster and log to this server, as `ray job submit` jobs would.

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.evaluation.perceptual import load_metric_weights  # noqa: E402
-from pipeline.evaluation.records import log_evaluation  # noqa: E402
-from pipeline.jobcli import Flag, run_job  # noqa: E402
-from pipeline.lifecycle.evaluations import (  # noqa: E402
+from pipeline.evaluation.perceptual import load_metric_weights
+from pipeline.evaluation.records import log_evaluation
+from pipeline.jobcli import Flag, run_job
+from pipeline.lifecycle.evaluations import (
     EvaluateJobConfig,
     RegistryEvaluator,
     evaluate_model,
     parse_registered_ref,
 )
-from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
+from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
 FLAGS = {
     "model": Flag("model", "models:/name@alias, models:/name/version, runs:/..., checkpoint or weights file"),
@@ -53,6 +50,7 @@ def evaluate(config: EvaluateJobConfig) -> int:
     weights = load_metric_weights(config.evaluation.perceptual)  # a missing weights file stops here, before any work
     registered = None
     if config.model.startswith("models:/"):
+        # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
         from mlflow import MlflowClient
 
         registered = parse_registered_ref(config.model, MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))

@@ -17,11 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.jobcli import Flag, run_job  # noqa: E402
-from pipeline.lifecycle.evaluations import parse_registered_ref  # noqa: E402
-from pipeline.lifecycle.exporting import (  # noqa: E402
+from pipeline.jobcli import Flag, run_job
+from pipeline.lifecycle.evaluations import parse_registered_ref
+from pipeline.lifecycle.exporting import (
     SUFFIX,
     ExportJobConfig,
     ExportResult,
@@ -29,8 +27,8 @@ from pipeline.lifecycle.exporting import (  # noqa: E402
     log_export,
     verify_export,
 )
-from pipeline.lifecycle.inference import load_model_ref  # noqa: E402
-from pipeline.tracking import check_tracking_server, mlflow_client, resolve_tracking_uri  # noqa: E402
+from pipeline.lifecycle.inference import load_model_ref
+from pipeline.tracking import check_tracking_server, mlflow_client, resolve_tracking_uri
 
 FLAGS = {
     "model": Flag("model", "models:/name@alias (default models:/lbam@champion), models:/name/N, checkpoint, weights"),

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.jobcli import Flag, run_job  # noqa: E402
-from pipeline.lifecycle.inference import InpaintJobConfig, inpaint_paths, load_model_ref  # noqa: E402
-from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
+from pipeline.jobcli import Flag, run_job
+from pipeline.lifecycle.inference import InpaintJobConfig, inpaint_paths, load_model_ref
+from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
 FLAGS = {
     "model": Flag("model", "models:/name@alias (default models:/lbam@champion), models:/name/N, checkpoint, weights"),

@@ -15,12 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.jobcli import Flag, run_job  # noqa: E402
-from pipeline.lifecycle.evaluations import RegistryEvaluator  # noqa: E402
-from pipeline.lifecycle.promotion import PromoteJobConfig, promote, resolve_version  # noqa: E402
-from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
+from pipeline.jobcli import Flag, run_job
+from pipeline.lifecycle.evaluations import RegistryEvaluator
+from pipeline.lifecycle.promotion import PromoteJobConfig, promote, resolve_version
+from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
 DEFAULT_CONFIG = str(Path(__file__).with_name("configs") / "promote.yaml")
 FLAGS = {
@@ -34,6 +32,7 @@ def run_promotion(config: PromoteJobConfig) -> int:
     """Evaluate challenger and champion, apply the gate, print the decision."""
     tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ, local_store=False)
     check_tracking_server(tracking_uri)
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

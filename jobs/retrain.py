@@ -13,10 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.jobcli import run_job  # noqa: E402
-from pipeline.lifecycle.retraining import RetrainJobConfig, run_retraining  # noqa: E402
+from pipeline.jobcli import run_job
+from pipeline.lifecycle.retraining import RetrainJobConfig, run_retraining
 
 DEFAULT_CONFIG = str(Path(__file__).with_name("configs") / "retrain.yaml")
 

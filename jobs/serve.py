@@ -19,11 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ray
+from ray import serve
 
-from pipeline.jobcli import Flag, run_job  # noqa: E402
-from pipeline.lifecycle.serving import ServeConfig, build_app  # noqa: E402
-from pipeline.tracking import check_tracking_server, resolve_tracking_uri  # noqa: E402
+from pipeline.jobcli import Flag, run_job
+from pipeline.lifecycle.serving import ServeJobConfig, build_app
+from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
 FLAGS = {
     "model": Flag("model", "registered model name to serve (default lbam)"),
@@ -32,11 +33,8 @@ FLAGS = {
 }
 
 
-def serve_champion(config: ServeConfig) -> int:
+def serve_champion(config: ServeJobConfig) -> int:
     """Start Ray Serve and the application, then block until interrupted."""
-    import ray
-    from ray import serve
-
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
     check_tracking_server(config.tracking_uri)
     ray.init(log_to_driver=True)  # the cluster in RAY_ADDRESS (or the one `ray job submit` ran us on), else local
@@ -47,7 +45,7 @@ def serve_champion(config: ServeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
-    return run_job("serve", __doc__, ServeConfig, serve_champion, argv, FLAGS,
+    return run_job("serve", __doc__, ServeJobConfig, serve_champion, argv, FLAGS,
                    default_config=str(Path(__file__).resolve().parent / "configs" / "serve.yaml"))
 
 

@@ -11,20 +11,16 @@
 
 Runs on the Ray cluster named by RAY_ADDRESS, else on an embedded local Ray. Re-running after a crash skips
 the shards already published. Prints the manifest URL and its hash at the end. Every key of the config is in
-``pipeline/data/shardjob/run.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
+``pipeline/data/shardjob/config.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# Run as a script (`python jobs/shard_places2.py`, also inside a Ray job's working dir): make the repo importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data.manifest import ManifestError  # noqa: E402
-from pipeline.data.shardjob.run import ShardJobConfig, ShardJobError, run_shard_job  # noqa: E402
-from pipeline.jobcli import Flag, run_job  # noqa: E402
+from pipeline.data.manifest import ManifestError
+from pipeline.data.shardjob.run import ShardJobConfig, ShardJobError, run_shard_job
+from pipeline.jobcli import Flag, run_job
 
 FLAGS = {
     "source": Flag("source.url", "file list (.txt), tar archive (.tar) or image folder; any fsspec URL"),

@@ -15,10 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script (`python jobs/train_lbam.py`, also inside a Ray job's working dir): make the repo importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.lifecycle.training import training_main  # noqa: E402
+from pipeline.lifecycle.training import training_main
 
 
 def main(argv: list[str] | None = None) -> int:

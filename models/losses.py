@@ -3,8 +3,8 @@
 Conventions: images are (B,3,H,W) in [0,1]; ``mask`` is (B,1,H,W) with **1 = hole** (LBAM's own
 1 = valid convention never leaves ``models/lbam.py``). Every loss returns a :class:`LossTerms`: the
 weighted ``total`` to backpropagate and its unweighted ``parts`` for logging. Weights and modes are required
-arguments: the training recipes pass them from their typed options (``pipeline.train.recipes.RNOptions``,
-``LBAMOptions``), the one place their defaults (the official values quoted below) are written.
+arguments: the training recipes pass them from their typed options (``pipeline.train.architectures.rn.RNSettings``,
+``LBAMSettings``), the one place their defaults (the official values quoted below) are written.
 
 RN (``geekyutao/RN``)
     D: ``½[BCE(D(gt), 1) + BCE(D(pred), 0)]`` on the raw prediction (not the composite), from D's logits

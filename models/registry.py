@@ -6,7 +6,8 @@ from ``models`` sees them all. The arrow runs one way (model file -> registry), 
 can be added, or registered from a test, without editing this module.
 
 A new architecture is a model file that ends with ``register_architecture(Architecture(...))``, listed in
-``models/__init__.py``; training it needs one spec beside the two in ``pipeline/train/architectures/``.
+``models/__init__.py``; training it needs one module (settings, recipes, spec) beside the two in
+``pipeline/train/architectures/``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.errors import one_line
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -96,7 +98,7 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"config file {path}: not valid YAML ({one_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data

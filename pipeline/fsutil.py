@@ -16,9 +16,10 @@ moves it into place. What "atomic" means differs per backend:
 
 Reads that fail for a passing reason (throttling, 5xx, timeouts, connection resets, truncated bodies) are
 not the data's fault. They are retried in three layers: botocore's own retries of each S3 request
-(``StorageOptions.retry_mode``, ``adaptive`` by default: exponential backoff with jitter plus client-side
+(``StorageSettings.retry_mode``, ``adaptive`` by default: exponential backoff with jitter plus client-side
 rate limiting after throttling), s3fs's retries of throttling and payload errors around them, and
-:func:`with_retries` around a whole read (exponential backoff with full jitter, :class:`ReadRetry`). When
+:func:`with_retries` around a whole read, or :func:`retry_stream` around a streamed one, resuming where it broke
+(exponential backoff with full jitter, :class:`ReadRetry`; one loop serves both). When
 those run out, :class:`TransientReadError` names the object and the error: the caller fails, it never
 mistakes the object for a bad input. :func:`is_transient` is the one rule for which errors are passing ones.
 """
@@ -34,17 +35,18 @@ import posixpath
 import random
 import time
 import uuid
-from typing import IO, Any, Callable, Iterator, Literal, Mapping, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs as _fsspec_url_to_fs
 from pydantic import Field, SecretStr
 
 from pipeline.config import Config
+from pipeline.errors import one_line
 
 __all__ = [
     "ReadRetry",
-    "StorageOptions",
+    "StorageSettings",
     "TransientReadError",
     "atomic_write",
     "exists",
@@ -55,6 +57,7 @@ __all__ = [
     "protocol_of",
     "publish_bytes",
     "read_bytes",
+    "retry_stream",
     "sha256_of_url",
     "size_of_url",
     "url_to_fs",
@@ -70,7 +73,7 @@ _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 _CHUNK = 1 << 20
 
 
-class StorageOptions(Config):
+class StorageSettings(Config):
     """Credentials and endpoint for object storage (S3 or an S3-compatible server).
 
     The secret is a :class:`pydantic.SecretStr`, so printing or logging a config never shows it.
@@ -130,8 +133,7 @@ class TransientReadError(OSError):
     """
 
     def __init__(self, url: str, cause: BaseException, attempts: int) -> None:
-        first_line = (str(cause).strip().splitlines() or [""])[0][:300]
-        self.url, self.cause, self.attempts = url, f"{type(cause).__name__}: {first_line}".rstrip(": "), attempts
+        self.url, self.cause, self.attempts = url, one_line(cause, 300, typed=True), attempts
         super().__init__(f"reading {url} failed {attempts} times ({self.cause})")
 
     def __reduce__(self):  # crosses process boundaries (Ray tasks) intact
@@ -176,17 +178,27 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def with_retries(read: Callable[[], T], url: str, policy: ReadRetry | None = None, *,
-                 sleep: Callable[[float], None] = time.sleep, on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
-    """``read()``, retried with backoff and jitter while it fails transiently (:func:`is_transient`).
+def retry_stream(items: Callable[[], Iterable[T]], url: str, policy: ReadRetry | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[int, BaseException, float], None] | None = None) -> Iterator[T]:
+    """The items of ``items()``, which reads ``url``; a read that fails transiently (:func:`is_transient`) part way
+    is started again with backoff and jitter and resumes after the items already yielded (none twice).
 
-    Permanent errors propagate unchanged at once. When ``policy.attempts`` tries all failed transiently, raises
-    :class:`TransientReadError` naming ``url``. Each retry is logged as a warning (or passed to ``on_retry``).
+    The one retry loop of holefill's reads (:func:`with_retries` is its one-item case). Permanent errors propagate
+    unchanged at once; when ``policy.attempts`` tries all failed transiently, raises :class:`TransientReadError`
+    naming ``url``. Each retry is logged as a warning, or passed to ``on_retry(attempt, error, delay)``.
     """
     policy = policy or ReadRetry()
+    yielded = 0
     for attempt in range(1, policy.attempts + 1):
+        stream: Iterable[T] = ()
         try:
-            return read()
+            stream = items()
+            for index, item in enumerate(stream):
+                if index >= yielded:  # items before were yielded by an earlier attempt
+                    yielded += 1
+                    yield item
+            return
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -196,13 +208,29 @@ def with_retries(read: Callable[[], T], url: str, policy: ReadRetry | None = Non
             if on_retry is not None:
                 on_retry(attempt, exc, delay)
             else:
-                log.warning("reading %s failed (%s: %s); retry %d/%d in %.1f s", url, type(exc).__name__,
-                            (str(exc).splitlines() or [""])[0][:200], attempt, policy.attempts - 1, delay)
+                log.warning("reading %s failed (%s); retry %d/%d in %.1f s", url, one_line(exc, 200, typed=True),
+                            attempt, policy.attempts - 1, delay)
             sleep(delay)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:  # a generator: release what it opened now, not when it is collected
+                close()
     raise AssertionError("unreachable")
 
 
-StorageOptionsLike = StorageOptions | Mapping[str, Any] | None
+def with_retries(read: Callable[[], T], url: str, policy: ReadRetry | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+    """``read()``, retried with backoff and jitter while it fails transiently (:func:`retry_stream` of one item).
+
+    Permanent errors propagate unchanged at once. When ``policy.attempts`` tries all failed transiently, raises
+    :class:`TransientReadError` naming ``url``. Each retry is logged as a warning (or passed to ``on_retry``).
+    """
+    (value,) = retry_stream(lambda: (read(),), url, policy, sleep=sleep, on_retry=on_retry)
+    return value
+
+
+StorageOptionsLike = StorageSettings | Mapping[str, Any] | None
 
 
 def protocol_of(url: str) -> str:
@@ -220,9 +248,9 @@ def _options_for(url: str, storage_options: StorageOptionsLike) -> dict[str, Any
     # Local paths never get credentials: LocalFileSystem would silently accept and ignore them at best.
     if storage_options is None or not is_remote(url):
         return {}
-    if not isinstance(storage_options, StorageOptions) and set(storage_options) <= set(StorageOptions.model_fields):
-        storage_options = StorageOptions.model_validate(dict(storage_options))  # holefill's keys, retries included
-    if isinstance(storage_options, StorageOptions):
+    if not isinstance(storage_options, StorageSettings) and set(storage_options) <= set(StorageSettings.model_fields):
+        storage_options = StorageSettings.model_validate(dict(storage_options))  # holefill's keys, retries included
+    if isinstance(storage_options, StorageSettings):
         return storage_options.for_s3fs() if protocol_of(url) in {"s3", "s3a"} else {}
     return dict(storage_options)  # raw filesystem keyword arguments
 

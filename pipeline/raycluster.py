@@ -13,6 +13,7 @@ def ensure_ray(address: str | None = None) -> Any:
     ``address=None`` lets Ray follow its own convention: ``RAY_ADDRESS`` (set by ``ray job submit``) when
     present, else a fresh local instance. Workers' logs reach the driver's log.
     """
+    # lazy: importing Ray takes seconds, paid only by the callers that start or join a cluster
     import ray
 
     if not ray.is_initialized():

@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from pipeline.errors import one_line
 from pipeline.paths import ray_working_dir_copy
 from pipeline.pictures import captioned_row, sample_grid, to_hwc_uint8  # noqa: F401  (re-exported: older import path)
 from pipeline.redaction import REDACTED, is_secret_name, redact  # noqa: F401  (re-exported: older import path)
@@ -142,6 +143,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def mlflow_client(uri: str):
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -269,6 +271,7 @@ class RunTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metric values for ``step`` (never blocks on the network)."""
+        # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
@@ -306,6 +309,7 @@ class RunTracker:
         if self._system_monitor is not None:
             return
         try:
+            # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval_s, resume_logging=True,
@@ -392,6 +396,7 @@ class RunTracker:
         return self._logged_params
 
     def _send_params(self, chunk: Mapping[str, str]) -> None:
+        # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
         from mlflow.entities import Param
 
         self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk.items()])
@@ -435,7 +440,7 @@ class RunTracker:
                         self._operations.popleft()
                     self.losses.operations_dropped.append(operation.describe)
                     log.warning("MLflow tracking: dropped %s after %d failed attempts: %s",
-                                operation.describe, operation.attempts, redact(str(exc).splitlines()[0] if str(exc) else exc))
+                                operation.describe, operation.attempts, redact(one_line(exc)))
                 else:
                     self._warn(f"sending {operation.describe} failed, will retry: {redact(str(exc)[:300])}")
                 return
@@ -473,6 +478,7 @@ def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 def get_or_create_experiment(client, name: str) -> str:
     """The id of experiment ``name``, created (artifacts beside a SQLite store) when missing."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -500,6 +506,7 @@ def tag_dict(tags: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _tag_entities(tags: Mapping[str, str]):
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow.entities import RunTag
 
     return [RunTag(k, v) for k, v in tags.items()]

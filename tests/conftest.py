@@ -15,11 +15,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-REPO = Path(__file__).resolve().parents[1]
-# Jobs are scripts under jobs/; tests import helpers from tests/ and the packages from the repo root.
-for path in (REPO, REPO / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+TESTS = Path(__file__).resolve().parent
+# The shared helpers are the `support` package in tests/ (pytest puts this folder first on sys.path too); holefill's
+# packages come from the editable install (`make test`).
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -57,4 +57,4 @@ def _seed_everything():
 
 # Session fixtures as plugins: one MLflow server / Ray head / registered tiny model for every module that uses them
 # without importing them (a fixture imported into a module is a new fixture there, started again per module).
-pytest_plugins = ["local_stack", "serving_helpers", "suite_log"]
+pytest_plugins = ["support.local_stack", "support.serving_helpers", "support.suite_log"]

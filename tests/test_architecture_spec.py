@@ -1,9 +1,11 @@
-"""Adding an architecture is one model file plus one spec: a toy one, registered here, is configured and trains.
+"""Adding an architecture is a model file under ``models/`` plus one module in ``pipeline/train/architectures/``:
+a toy one, registered here, is configured and trains.
 
 The "model file" is the two networks below (they know nothing of training) and the line that registers them;
-the "spec" is its typed options, its recipe and the line that registers them. Nothing else in holefill is
-edited: the training config accepts ``model.arch: toy`` with its typed options, and the worker's own
-building blocks (spec -> generator, discriminator, recipe; ``optimiser_step``) train it.
+the "architecture module" (as ``pipeline/train/architectures/rn.py``) is its typed settings, its recipe and the
+line that registers its spec. Nothing else in holefill is edited: the training config accepts ``model.arch: toy``
+with its typed settings, and the worker's own building blocks (spec -> generator, discriminator, recipe;
+``optimiser_step``) train it.
 """
 
 from pathlib import Path
@@ -18,7 +20,7 @@ import models.registry as model_registry
 import pipeline.train.spec as spec_registry
 from models.registry import Architecture, register_architecture
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.train.config import TrainJobConfig, model_section_union
+from pipeline.train.config import TrainJobConfig, model_settings_union
 from pipeline.train.loop import optimiser_step
 from pipeline.train.recipes import GanRecipe, OptimizerSettings, torch_updater
 from pipeline.train.spec import ArchitectureSpec, get_spec, register_spec
@@ -54,10 +56,10 @@ def register_toy_architecture() -> Architecture:
     return register_architecture(Architecture("toy", ToyGenerator, ToyDiscriminator, size_multiple=4, train_size=None))
 
 
-# ----------------------------------------------------------------------------------------- the "spec"
+# ------------------------------------------------------------------------------ the "architecture module"
 
 
-class ToyOptions(Config):
+class ToySettings(Config):
     l1_weight: float = Field(1.0, ge=0)
 
 
@@ -66,7 +68,7 @@ class ToyRecipe(GanRecipe):
 
     name = "toy"
 
-    def __init__(self, options: ToyOptions) -> None:
+    def __init__(self, options: ToySettings) -> None:
         self.options = options
         self.generator_optimizer = OptimizerSettings(lr=1e-2, betas=(0.5, 0.9))
         self.discriminator_optimizer = OptimizerSettings(lr=1e-2, betas=(0.5, 0.9))
@@ -83,7 +85,7 @@ class ToyRecipe(GanRecipe):
 
 
 def register_toy_spec(architecture: Architecture) -> ArchitectureSpec:
-    return register_spec(ArchitectureSpec(architecture, options=ToyOptions, recipe=ToyRecipe,
+    return register_spec(ArchitectureSpec(architecture, options=ToySettings, recipe=ToyRecipe,
                                           discriminator_options={"use_sigmoid": False}))
 
 
@@ -100,7 +102,7 @@ def toy(monkeypatch) -> ArchitectureSpec:
 
 def toy_job_config() -> type[TrainJobConfig]:
     """The training config as the job builds it, its ``model`` union taken from the registry now."""
-    return create_model("ToyJobConfig", __base__=TrainJobConfig, model=(model_section_union(), ...))
+    return create_model("ToyJobConfig", __base__=TrainJobConfig, model=(model_settings_union(), ...))
 
 
 def loader_batches(batch: int = 2, size: int = 16):
@@ -115,7 +117,7 @@ def test_a_toy_architecture_is_configured_with_its_typed_options(toy):
     config_type = toy_job_config()
     config = load_config(config_type, TINY_RN, ["model.arch=toy", "model.options.l1_weight=2",
                                                  "model.generator_options.width=8"])
-    assert isinstance(config.model.options, ToyOptions) and config.model.options.l1_weight == 2.0
+    assert isinstance(config.model.options, ToySettings) and config.model.options.l1_weight == 2.0
     assert config.model.generator_options.width == 8
     with pytest.raises(ConfigError, match=r"^config key model\.options\.gan_weight: unknown key$"):  # RN's, not toy's
         load_config(config_type, TINY_RN, ["model.arch=toy", "model.options.gan_weight=1"])

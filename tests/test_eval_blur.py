@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics_pattern import metric_pattern_state_dict
+from support.metrics_pattern import metric_pattern_state_dict
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.evaluation.perceptual import MetricWeights, PerceptualAccumulator, perceptual_summary
-from pipeline.lifecycle.promotion import GateConfig, evaluate_gate
+from pipeline.lifecycle.promotion import GateSettings, evaluate_gate
 from pipeline.evaluation.metrics import BucketedMetrics
 
 N, SIZE, HOLE = 4, 64, slice(16, 48)
@@ -78,7 +78,7 @@ def test_a_blurred_fill_wins_on_psnr_and_loses_on_fid_and_lpips(scores):
 
 def test_the_default_gate_refuses_the_blurry_challenger_a_psnr_gate_would_promote(scores):
     sharp, blurry = scores["sharp"], scores["blurry"]
-    decision = evaluate_gate(blurry, sharp, GateConfig())
+    decision = evaluate_gate(blurry, sharp, GateSettings())
     assert not decision.passed and decision.basis.startswith("default FID + LPIPS rules")
     assert any(r.startswith("fid overall: improvement -") for r in decision.reasons)
     assert any(r.startswith("lpips overall: improvement -") for r in decision.reasons)
@@ -86,9 +86,9 @@ def test_the_default_gate_refuses_the_blurry_challenger_a_psnr_gate_would_promot
     def psnr_only(summary):
         return {k: v for k, v in summary.items() if not k.startswith(("fid", "lpips"))}
 
-    fallback = evaluate_gate(psnr_only(blurry), psnr_only(sharp), GateConfig())
+    fallback = evaluate_gate(psnr_only(blurry), psnr_only(sharp), GateSettings())
     assert fallback.basis.startswith("default PSNR rules: FID/LPIPS weights are not configured")
-    psnr_gate = GateConfig.model_validate({"rules": [{"metric": "psnr", "min_improvement": 0.01},
+    psnr_gate = GateSettings.model_validate({"rules": [{"metric": "psnr", "min_improvement": 0.01},
                                                      {"metric": "psnr", "scope": "each_bucket", "min_improvement": -0.5}]})
     assert evaluate_gate(blurry, sharp, psnr_gate).passed  # a gate on PSNR alone is fooled by the blur
 
@@ -96,13 +96,13 @@ def test_the_default_gate_refuses_the_blurry_challenger_a_psnr_gate_would_promot
 def test_gate_rules_on_fid_and_lpips_are_configurable_per_bucket(scores):
     sharp, blurry = scores["sharp"], scores["blurry"]
     bucket = BUCKET_NAMES[2]
-    lenient = GateConfig.model_validate({"rules": [
+    lenient = GateSettings.model_validate({"rules": [
         {"metric": "psnr", "min_improvement": 0.0},
         {"metric": "fid", "scope": bucket, "min_improvement": -1e9},  # tolerate any FID rise in this bucket
     ]})
     decision = evaluate_gate(blurry, sharp, lenient)
     assert decision.passed and decision.basis.startswith("configured rules: psnr overall >= +0")
-    strict = GateConfig.model_validate({"rules": [{"metric": "lpips", "scope": "each_bucket", "min_improvement": 0.0}]})
+    strict = GateSettings.model_validate({"rules": [{"metric": "lpips", "scope": "each_bucket", "min_improvement": 0.0}]})
     refused = evaluate_gate(blurry, sharp, strict)
     assert refused.reasons == [f"lpips {bucket}: improvement {sharp['lpips'] - blurry['lpips']:+.4f} < required +0.0000"]
     assert [c.scope for c in refused.checks] == [bucket] and not refused.passed

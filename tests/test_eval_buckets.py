@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from eval_helpers import mask_with_holes, picture, write_eval_set
+from support.eval_helpers import mask_with_holes, picture, write_eval_set
 from pipeline.buckets import bucket_of, check_buckets, hole_ratios
 from pipeline.data.masks.generators import hole_ratio
 from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice, merge_slices

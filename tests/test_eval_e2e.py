@@ -1,7 +1,7 @@
 """Evaluation end to end: ``jobs/evaluate.py`` on a registered model with two Ray workers and weight files for
 FID, LPIPS and P-IDS/U-IDS; then a promotion that reuses the champion's cached evaluation and records the
 per-bucket table and pictures. Real MLflow server, real Ray, real eval shards; the weight files hold the
-reference-checked pattern weights (tests/metrics_pattern.py), in the layouts of the released files."""
+reference-checked pattern weights (tests/support/metrics_pattern.py), in the layouts of the released files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from metrics_pattern import metric_pattern_state_dict
+from support.metrics_pattern import metric_pattern_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "rn-eval"
@@ -124,13 +124,13 @@ def test_promotion_reuses_the_cached_champion_evaluation_and_records_table_and_p
     from pipeline.evaluation.evaluate import EvaluationSettings, GeneratorSpec, evaluate_slice, merge_slices
     from pipeline.lifecycle.evaluations import RegistryEvaluator
     from pipeline.lifecycle.packaging import load_generator
-    from pipeline.lifecycle.promotion import GateConfig, promote
+    from pipeline.lifecycle.promotion import GateSettings, promote
 
     client, (champion, challenger) = world["client"], world["versions"]
     settings = EvaluationSettings.model_validate(_settings(world))
     evaluator = RegistryEvaluator(world["tracking_uri"], world["eval"], settings)
     runs_before = client.search_runs([client.get_experiment_by_name("holefill-evaluation").experiment_id])
-    outcome = promote(client, MODEL, challenger, evaluator, GateConfig(), eval_set=evaluator.manifest_hash)
+    outcome = promote(client, MODEL, challenger, evaluator, GateSettings(), eval_set=evaluator.manifest_hash)
 
     # The job above kept the truths' Inception features of this eval set: the challenger only paid for its outputs.
     assert len(list((world["root"] / "features").glob("truth-pool3-*-crop64.npz"))) == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics_pattern import load_metrics_reference, metric_pattern_state_dict
+from support.metrics_pattern import load_metrics_reference, metric_pattern_state_dict
 from models.inception import FIDInceptionV3, resize_like_tensorflow1x, to_uint8
 from models.lpips import LPIPS
 from pipeline.evaluation.fid import fid_from_features, frechet_distance

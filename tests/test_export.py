@@ -11,7 +11,7 @@ import torch
 
 from models.registry import get_architecture
 from pipeline.lifecycle.exporting import CompositedGenerator, export_generator, verification_sizes, verify_export
-from serving_helpers import TINY_CHAMPION, TINY_RN
+from support.serving_helpers import TINY_CHAMPION, TINY_RN
 
 REPO = Path(__file__).resolve().parents[1]
 

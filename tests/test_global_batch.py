@@ -126,10 +126,9 @@ def test_global_batch_norm_is_plain_batch_norm_on_one_rank_and_keeps_the_state_d
 
 def test_lbam_official_recipe_gives_its_discriminator_global_batch_norm():
     from models.lbam import LBAMDiscriminator
-    from pipeline.train.official import LBAMOfficialRecipe
-    from pipeline.train.recipes import LBAMOptions
+    from pipeline.train.architectures.lbam import LBAMOfficialRecipe, LBAMSettings
 
-    recipe = LBAMOfficialRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())
+    recipe = LBAMOfficialRecipe(LBAMSettings(allow_random_vgg=True), vgg=nn.Identity())
     with torch.device("meta"):
         D = recipe.prepare_discriminator(LBAMDiscriminator())
     norms = [m for m in D.modules() if isinstance(m, nn.BatchNorm2d)]

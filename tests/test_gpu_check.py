@@ -62,8 +62,8 @@ def test_mfu_is_achieved_flops_over_the_bf16_peak():
 
 
 def _row(arch, batch, precision, images_per_s, zero_stage=0, switch=None, flops=1e12, **kw):
-    spec = gpu_check.Spec(arch, batch, precision, zero_stage, switch)
-    return gpu_check.Row(spec.label, batch, images_per_s, flops, 1.5, 0.0, arch=arch, precision=precision,
+    case = gpu_check.Case(arch, batch, precision, zero_stage, switch)
+    return gpu_check.Row(case.label, batch, images_per_s, flops, 1.5, 0.0, arch=arch, precision=precision,
                          zero_stage=zero_stage, switch=switch, **kw)
 
 
@@ -91,15 +91,15 @@ def test_rows_are_estimated_from_measured_flop_rates_and_skipped_when_they_do_no
     clock = _Clock()
     budget = gpu_check.Budget(100.0, start=0.0, clock=clock)
     estimator = gpu_check.Estimator(steps=10, warmup=3)
-    assert estimator.estimate(gpu_check.Spec("rn", 16, "bf16")) is None  # nothing known: the first row just runs
+    assert estimator.estimate(gpu_check.Case("rn", 16, "bf16")) is None  # nothing known: the first row just runs
     # rn bf16 at batch 16: 1.6 TFLOP per step, 10 ms per step (160 TFLOP/s), 5 s of set-up
     estimator.record(_row("rn", 16, "bf16", 1600.0, flops=1.6e12, setup_s=5.0, step_s=0.01))
-    assert estimator.estimate(gpu_check.Spec("rn", 32, "bf16")) == pytest.approx(5.0 + 14 * 0.02)
-    assert estimator.basis(gpu_check.Spec("rn", 32, "bf16")) == "measured"
-    fp32 = gpu_check.Spec("rn", 16, "fp32")  # no fp32 row yet: the assumed fp32 rate
+    assert estimator.estimate(gpu_check.Case("rn", 32, "bf16")) == pytest.approx(5.0 + 14 * 0.02)
+    assert estimator.basis(gpu_check.Case("rn", 32, "bf16")) == "measured"
+    fp32 = gpu_check.Case("rn", 16, "fp32")  # no fp32 row yet: the assumed fp32 rate
     assert estimator.estimate(fp32) == pytest.approx(5.0 + 14 * 1.6e12 / gpu_check.ASSUMED_FLOPS_PER_S["fp32"])
     assert estimator.basis(fp32) == "assumed"
-    compiled = gpu_check.Spec("rn", 16, "bf16", switch="compile_generator")
+    compiled = gpu_check.Case("rn", 16, "bf16", switch="compile_generator")
     assert estimator.estimate(compiled) == pytest.approx(5.0 + 0.14 + gpu_check.ASSUMED_COMPILE_S)
     clock.now = 95.0
     assert budget.fits(4.0) and not budget.fits(4.5)  # 1.2 x the estimate must fit in the 5 s left
@@ -148,11 +148,11 @@ def _args(**overrides):
 def test_the_essential_rows_come_first_and_compiles_come_after_the_cheap_switches():
     assert gpu_check.SECTIONS[:2] == ("essential", "tests")
     cuda = torch.device("cuda")  # a device object only: nothing runs
-    essential = gpu_check.section_specs("essential", _args(), cuda)
+    essential = gpu_check.section_cases("essential", _args(), cuda)
     assert [(s.arch, s.batch, s.precision) for s in essential] == [("rn", 16, "bf16"), ("lbam", 16, "bf16")]
-    switches = [(s.switch, s.arch) for s in gpu_check.section_specs("switches", _args(), cuda)]
+    switches = [(s.switch, s.arch) for s in gpu_check.section_cases("switches", _args(), cuda)]
     assert switches[-2:] == [("compile_generator", "rn"), ("compile_generator", "lbam")] and len(switches) == 6
-    assert gpu_check.section_specs("speedup", _args(precision="fp32"), cuda) == []  # nothing to compare
+    assert gpu_check.section_cases("speedup", _args(precision="fp32"), cuda) == []  # nothing to compare
 
 
 def test_a_row_that_does_not_fit_the_budget_is_skipped_with_a_note_and_the_check_goes_on(tmp_path, monkeypatch):
@@ -161,15 +161,15 @@ def test_a_row_that_does_not_fit_the_budget_is_skipped_with_a_note_and_the_check
     estimator = gpu_check.Estimator(steps=10, warmup=3)
     recorder = gpu_check.Recorder(tmp_path, {})
 
-    def measure(spec, size, device, *, steps, warmup, tiny=False):  # 10 s per row: 5 s set-up + 14 steps of 1 TFLOP
+    def measure(case, size, device, *, steps, warmup, tiny=False):  # 10 s per row: 5 s set-up + 14 steps of 1 TFLOP
         clock.now += 10.0
-        return _row(spec.arch, spec.batch, spec.precision, 100.0, spec.zero_stage, spec.switch, flops=1e12,
+        return _row(case.arch, case.batch, case.precision, 100.0, case.zero_stage, case.switch, flops=1e12,
                     setup_s=5.0, step_s=1e12 / 4e12)
 
     monkeypatch.setattr(gpu_check, "measure", measure)
-    specs = [gpu_check.Spec("rn", 16, "bf16"), gpu_check.Spec("rn", 64, "bf16"), gpu_check.Spec("rn", 8, "bf16")]
+    cases = [gpu_check.Case("rn", 16, "bf16"), gpu_check.Case("rn", 64, "bf16"), gpu_check.Case("rn", 8, "bf16")]
     clock.now = 30.0
-    gpu_check.run_rows("batches", specs, _args(), torch.device("cpu"), budget, estimator, recorder)
+    gpu_check.run_rows("batches", cases, _args(), torch.device("cpu"), budget, estimator, recorder)
     # batch 64 needs 5 + 14 x 1 s = 19 s (x 1.2 > the 20 s left): skipped; batch 8 (~6.8 s) still runs
     assert [row.batch for row in recorder.rows] == [16, 8]
     notes = (tmp_path / "notes.txt").read_text()
@@ -180,15 +180,15 @@ def test_a_row_that_does_not_fit_the_budget_is_skipped_with_a_note_and_the_check
 def test_a_row_that_fails_is_noted_and_the_check_goes_on(tmp_path, monkeypatch):
     recorder = gpu_check.Recorder(tmp_path, {})
 
-    def measure(spec, size, device, *, steps, warmup, tiny=False):
-        if spec.batch == 32:
+    def measure(case, size, device, *, steps, warmup, tiny=False):
+        if case.batch == 32:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-        return _row(spec.arch, spec.batch, spec.precision, 100.0, flops=1e12, setup_s=1.0, step_s=0.01)
+        return _row(case.arch, case.batch, case.precision, 100.0, flops=1e12, setup_s=1.0, step_s=0.01)
 
     monkeypatch.setattr(gpu_check, "measure", measure)
-    specs = [gpu_check.Spec("lbam", 32, "bf16"), gpu_check.Spec("lbam", 8, "bf16")]
+    cases = [gpu_check.Case("lbam", 32, "bf16"), gpu_check.Case("lbam", 8, "bf16")]
     budget = gpu_check.Budget(1e9)
-    gpu_check.run_rows("batches", specs, _args(), torch.device("cpu"), budget, gpu_check.Estimator(10, 3), recorder)
+    gpu_check.run_rows("batches", cases, _args(), torch.device("cpu"), budget, gpu_check.Estimator(10, 3), recorder)
     assert [row.batch for row in recorder.rows] == [8] and recorder.failures == 1
     assert "lbam bf16 batch 32 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n" in (
         tmp_path / "notes.txt").read_text()

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import picture, write_eval_set
+from support.eval_helpers import picture, write_eval_set
 from models.codec import encode_png
 from models.inpaint import composite, inpaint_tensor
 from models.rn import RNGenerator, init_rn_weights
 from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
 from pipeline.evaluation.perceptual import MetricWeights
 from pipeline.lifecycle.packaging import MODEL_FORMAT, PYFUNC_MODEL_FILE, LoadedModel, ServingDefaults
-from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeConfig
-from serving_helpers import encode
+from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeJobConfig
+from support.serving_helpers import encode
 
 # 64 px: bit-exactness also needs convolution kernels that do not change with the batch size, which oneDNN's
 # are at these shapes (not at every shape: see tests/test_rn.py).
@@ -94,7 +94,7 @@ def test_the_registered_pyfunc_model(rn, pixels, expected, tmp_path):
 
 def test_a_serving_batch(rn, pixels, expected):
     loaded = LoadedModel(copy.deepcopy(rn), "rn", {"arch": "rn"}, MODEL_FORMAT, ServingDefaults())
-    inpainter = AliasFollowingInpainter(ServeConfig(model="m"), loader=lambda uri, _: loaded, resolver=lambda: "1")
+    inpainter = AliasFollowingInpainter(ServeJobConfig(model="m"), loader=lambda uri, _: loaded, resolver=lambda: "1")
     import base64
 
     items = [inpainter.decode({"image": base64.b64encode(encode(image)).decode(),

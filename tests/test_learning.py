@@ -19,9 +19,10 @@ from models.lbam import LBAMDiscriminator, LBAMGenerator
 from models.rn import RNDiscriminator, RNGenerator
 from pipeline.data.masks.generators import make_mask
 from pipeline.data.sample_data import render_scene
-from pipeline.train.recipes import LBAMOptions, LBAMRecipe, gan_step, torch_updater
+from pipeline.train.architectures.lbam import LBAMRecipe, LBAMSettings
+from pipeline.train.recipes import gan_step, torch_updater
 from pipeline.train.spec import get_spec
-from engine_probe import StandInFeatures
+from support.engine_probe import StandInFeatures
 
 
 def scenes(first: int, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def test_lbam_learns_to_fill_scenes_it_has_not_seen():
     # see bench/convergence.py, and cost ~100x more).
     torch.manual_seed(1)
     vgg = StandInFeatures(widths=(4, 8, 16)).requires_grad_(False)
-    recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True, perceptual=0.0, style=0.0), vgg=vgg)
+    recipe = LBAMRecipe(LBAMSettings(allow_random_vgg=True, perceptual=0.0, style=0.0), vgg=vgg)
     G = LBAMGenerator(width=1 / 16)
     D = LBAMDiscriminator(input_size=128, width=1 / 16)
     before, after = held_out_hole_l1(recipe, G, D, size=128, train=4, held=3, steps=48, batch=2)

@@ -134,7 +134,7 @@ def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refus
     import torch
 
     from pipeline.lifecycle.evaluations import registry_evaluator
-    from pipeline.lifecycle.promotion import GateConfig, current_champion, promote
+    from pipeline.lifecycle.promotion import GateSettings, current_champion, promote
     from pipeline.lifecycle.packaging import load_generator, log_and_register_generator
     from pipeline.tracking import RunTracker
     from pipeline.train.config import load_train_config
@@ -143,7 +143,7 @@ def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refus
     result = run_training(load_train_config(_train_yaml(world), RUINOUS_LR))
     client = mlflow_client(world)
     evaluator = registry_evaluator(world["tracking_uri"], world["eval"])
-    first = promote(client, MODEL, result.model_version, evaluator, GateConfig(), eval_set="eval")
+    first = promote(client, MODEL, result.model_version, evaluator, GateSettings(), eval_set="eval")
     assert first.action == "first_champion" and current_champion(client, MODEL) == result.model_version
     assert first.challenger_metrics["count"] == 6  # one eval image per hole-ratio bucket
 
@@ -153,7 +153,7 @@ def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refus
     image, mask = torch.rand(1, 3, 128, 128), (torch.rand(1, 1, 128, 128) > 0.7).float()
     zero = log_and_register_generator(world["tracking_uri"], run.run_id, champion_weights, image, mask, MODEL, arch=arch)
     run.finish()
-    refused = promote(client, MODEL, zero.version, evaluator, GateConfig(), eval_set="eval")
+    refused = promote(client, MODEL, zero.version, evaluator, GateSettings(), eval_set="eval")
     assert refused.action == "refused" and current_champion(client, MODEL) == result.model_version
     assert refused.challenger_metrics == refused.champion_metrics  # same weights, same pinned eval set
     assert refused.decision.reasons[0].startswith("psnr overall: improvement +0.0000 < required +0.0100")
@@ -167,7 +167,7 @@ def test_first_trained_lbam_becomes_champion_and_a_zero_step_challenger_is_refus
 @pytest.mark.e2e
 def test_a_better_trained_lbam_is_promoted_and_the_old_champion_kept_as_previous(world):
     from pipeline.lifecycle.evaluations import registry_evaluator
-    from pipeline.lifecycle.promotion import PREVIOUS_CHAMPION, GateConfig, current_champion, promote
+    from pipeline.lifecycle.promotion import PREVIOUS_CHAMPION, GateSettings, current_champion, promote
     from pipeline.train.config import load_train_config
     from pipeline.lifecycle.training import train_and_register as run_training
 
@@ -179,7 +179,7 @@ def test_a_better_trained_lbam_is_promoted_and_the_old_champion_kept_as_previous
     assert result.final_step == 2 and result.metrics["val/count"] == 6
     assert all(math.isfinite(v) for k, v in result.metrics.items() if k.startswith("train/"))
     evaluator = registry_evaluator(world["tracking_uri"], world["eval"])
-    decision = promote(client, MODEL, result.model_version, evaluator, GateConfig(), eval_set="eval")
+    decision = promote(client, MODEL, result.model_version, evaluator, GateSettings(), eval_set="eval")
     assert decision.action == "promoted", decision.decision.reasons
     assert decision.challenger_metrics["psnr"] > decision.champion_metrics["psnr"] + 1.0
     assert current_champion(client, MODEL) == result.model_version

@@ -14,11 +14,12 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.imageops import encode_mask_png
-from pipeline.data.loaders import (
-    ShardRef, make_eval_loader, make_train_loader, random_crop_flip, resolve_shard_urls, tar_members,
-)
+from pipeline.data.loaders import make_eval_loader, make_train_loader
+from pipeline.data.shard_stream import ShardRef, resolve_shard_urls
+from pipeline.data.tario import tar_members
+from pipeline.data.train_geometry import random_crop_flip
 from pipeline.fsutil import ReadRetry, TransientReadError
-from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
+from support.s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 
 def _jpeg(array: np.ndarray, quality: int = 100) -> bytes:
@@ -280,10 +281,10 @@ class _FlakyStream(io.RawIOBase):
 
 
 def _flaky_opener(monkeypatch, flaky_url: str, failures: int):
-    """Make the loaders' ``open_url`` cut ``flaky_url`` part way, ``failures`` times, then read it whole."""
-    from pipeline.data import loaders
+    """Make the shard stream's ``open_url`` cut ``flaky_url`` part way, ``failures`` times, then read it whole."""
+    from pipeline.data import shard_stream
 
-    real = loaders.open_url
+    real = shard_stream.open_url
     opened = {"count": 0}
 
     def open_url(url, mode="rb", storage_options=None, **kwargs):
@@ -294,7 +295,7 @@ def _flaky_opener(monkeypatch, flaky_url: str, failures: int):
         fail_after = len(data) // 2 if opened["count"] <= failures else len(data) + 1
         return io.BufferedReader(_FlakyStream(data, fail_after), buffer_size=1024)
 
-    monkeypatch.setattr(loaders, "open_url", open_url)
+    monkeypatch.setattr(shard_stream, "open_url", open_url)
     return opened
 
 
@@ -340,7 +341,7 @@ def test_a_shard_that_is_not_the_one_its_manifest_lists_is_named(tmp_path):
 def test_shard_reads_from_s3_survive_connection_cuts_past_the_clients_own_retries(tmp_path, s3_endpoint, caplog):
     import fsspec
 
-    from fault_proxy import Fault, FaultProxy
+    from support.fault_proxy import Fault, FaultProxy
 
     local = _write_shards(tmp_path, 2, 4, size=(48, 48))
     fs = fsspec.filesystem("s3", **s3_endpoint.s3fs_options)

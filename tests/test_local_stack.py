@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from local_stack import RayHead, add_worker_node, submit_job
+from support.local_stack import RayHead, add_worker_node, submit_job
 
-from infra.local.mlflow_server import MlflowServerSpec, mlflow_server_argv
+from infra.local.mlflow_server import MlflowServerSettings, mlflow_server_argv
 from infra.local.processes import ProcessHandle, ServiceStartError, launch_detached, stop_session, wait_for
-from infra.local.ray_node import RayNodeSpec, RayPorts, alive_node_count, find_free_port_block, ray_start_argv
+from infra.local.ray_node import RayNodeSettings, RayPorts, alive_node_count, find_free_port_block, ray_start_argv
 from infra.local.stack import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_ray_ports_must_be_distinct_and_unprivileged():
 
 def test_free_head_ports_pin_every_port_ray_opens():
     ports = RayPorts.free(head=True, worker_ports=8)
-    argv = ray_start_argv(RayNodeSpec(role="head", temp_dir=Path("/tmp/hf-ray-x"), num_cpus=2, ports=ports))
+    argv = ray_start_argv(RayNodeSettings(role="head", temp_dir=Path("/tmp/hf-ray-x"), num_cpus=2, ports=ports))
     for flag in ("--port=", "--dashboard-port=", "--ray-client-server-port=", "--node-manager-port=",
                  "--object-manager-port=", "--dashboard-agent-listen-port=", "--dashboard-agent-grpc-port=",
                  "--runtime-env-agent-port=", "--metrics-export-port=", "--min-worker-port=", "--max-worker-port="):
@@ -63,22 +63,22 @@ def test_free_port_block_is_contiguous_and_bindable():
 
 
 def test_worker_node_spec_rules():
-    argv = ray_start_argv(RayNodeSpec(role="worker", head_address="127.0.0.1:24000", temp_dir=Path("/tmp/hf-ray-x"),
+    argv = ray_start_argv(RayNodeSettings(role="worker", head_address="127.0.0.1:24000", temp_dir=Path("/tmp/hf-ray-x"),
                                       resources={"node_b": 1}))
     assert "--address=127.0.0.1:24000" in argv and "--head" not in argv
     assert '--resources={"node_b": 1.0}' in argv
     with pytest.raises(ValueError, match="head_address is required"):
-        RayNodeSpec(role="worker", temp_dir=Path("/tmp/hf-ray-x"))
+        RayNodeSettings(role="worker", temp_dir=Path("/tmp/hf-ray-x"))
     with pytest.raises(ValueError, match="head-only"):
-        RayNodeSpec(role="worker", head_address="127.0.0.1:1", temp_dir=Path("/tmp/x"), ports=RayPorts(dashboard=24001))
+        RayNodeSettings(role="worker", head_address="127.0.0.1:1", temp_dir=Path("/tmp/x"), ports=RayPorts(dashboard=24001))
     with pytest.raises(ValueError, match="107-byte"):
-        RayNodeSpec(role="head", temp_dir=Path("/tmp") / ("d" * 60))
+        RayNodeSettings(role="head", temp_dir=Path("/tmp") / ("d" * 60))
 
 
 def test_mlflow_server_is_loopback_only_and_proxies_artifacts(tmp_path):
     with pytest.raises(ValueError, match="loopback"):
-        MlflowServerSpec(data_dir=tmp_path, host="0.0.0.0")
-    argv = mlflow_server_argv(MlflowServerSpec(data_dir=tmp_path, port=24555))
+        MlflowServerSettings(data_dir=tmp_path, host="0.0.0.0")
+    argv = mlflow_server_argv(MlflowServerSettings(data_dir=tmp_path, port=24555))
     assert argv[argv.index("--artifacts-destination") + 1] == str(tmp_path.resolve() / "artifacts")
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"

@@ -17,11 +17,12 @@ from models.losses import (
     wgan_discriminator_loss,
     wgan_generator_loss,
 )
-from pipeline.train.recipes import LBAMOptions, RNOptions
+from pipeline.train.architectures.lbam import LBAMSettings
+from pipeline.train.architectures.rn import RNSettings
 
 # The official weights, from the one place they are written: the recipes' typed options.
-RN_WEIGHTS = RNOptions().model_dump(include={"l1_weight", "gan_weight"})
-LBAM_WEIGHTS = LBAMOptions(allow_random_vgg=True).model_dump(include={"hole", "valid", "perceptual", "style"})
+RN_WEIGHTS = RNSettings().model_dump(include={"l1_weight", "gan_weight"})
+LBAM_WEIGHTS = LBAMSettings(allow_random_vgg=True).model_dump(include={"hole", "valid", "perceptual", "style"})
 
 
 def one_hole_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

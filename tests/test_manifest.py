@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fsutil import StorageOptions, atomic_write, join_url, parent_url, sha256_of_url, url_to_fs
+from pipeline.fsutil import StorageSettings, atomic_write, join_url, parent_url, sha256_of_url, url_to_fs
 from pipeline.data.manifest import (
     HoleRatioHistogram,
     Manifest,
@@ -188,7 +188,7 @@ def test_parent_url_keeps_the_protocol():
 
 
 def test_storage_options_reach_s3_only_and_never_print_the_secret():
-    options = StorageOptions(endpoint_url="http://127.0.0.1:9", key="id", secret="hunter2")
+    options = StorageSettings(endpoint_url="http://127.0.0.1:9", key="id", secret="hunter2")
     assert "hunter2" not in repr(options) and "hunter2" not in options.model_dump_json()
     assert options.for_s3fs() == {"key": "id", "secret": "hunter2", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
                                   "config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 8}}}

@@ -17,7 +17,7 @@ from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import ConfigError, load_config
 from pipeline.data.imageops import decode_mask_png
 from pipeline.data.masks.importer import bucket_counts, import_mask, import_mask_folder, write_imported_masks
-from pipeline.data.masks.generators import MaskSpec, describe, generator_names, hole_ratio, hole_ratio_stats, make_mask
+from pipeline.data.masks.generators import MaskSettings, describe, generator_names, hole_ratio, hole_ratio_stats, make_mask
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_GENERATORS = generator_names()
@@ -41,7 +41,7 @@ def test_masks_are_binary_uint8_of_the_requested_size(name):
 @pytest.mark.parametrize("name", ALL_GENERATORS)
 def test_same_seed_and_key_give_the_same_mask_and_others_differ(name):
     first = make_mask(name, 3, "key_1", 128, 128)
-    assert np.array_equal(first, make_mask(MaskSpec(name=name), 3, "key_1", 128, 128))
+    assert np.array_equal(first, make_mask(MaskSettings(name=name), 3, "key_1", 128, 128))
     others = [make_mask(name, 3, f"key_{i}", 128, 128) for i in range(2, 6)]
     others += [make_mask(name, s, "key_1", 128, 128) for s in (4, 5)]
     assert not any(np.array_equal(first, other) for other in others)
@@ -85,17 +85,17 @@ def test_masks_are_pinned_byte_for_byte_across_releases(name):
 
 
 def test_a_spec_changed_after_use_draws_with_its_new_params():
-    spec = MaskSpec(name="lama_medium_256")
+    spec = MaskSettings(name="lama_medium_256")
     before = make_mask(spec, 0, "k", 128, 128)
     spec.params = {"irregular": {"max_width": 5}}
     after = make_mask(spec, 0, "k", 128, 128)
     assert not np.array_equal(before, after)
-    assert np.array_equal(after, make_mask(MaskSpec(name="lama_medium_256", params={"irregular": {"max_width": 5}}), 0, "k", 128, 128))
+    assert np.array_equal(after, make_mask(MaskSettings(name="lama_medium_256", params={"irregular": {"max_width": 5}}), 0, "k", 128, 128))
 
 
 def test_param_overrides_change_the_mask_and_are_recorded():
-    base = MaskSpec(name="lama_thin_256")
-    wide = MaskSpec(name="lama_thin_256", params={"irregular": {"max_width": 40}})
+    base = MaskSettings(name="lama_thin_256")
+    wide = MaskSettings(name="lama_thin_256", params={"irregular": {"max_width": 40}})
     assert describe(wide)["params"]["irregular"]["max_width"] == 40
     assert describe(wide)["params"]["irregular"]["max_len"] == 40  # untouched defaults stay
     ratios_base = np.mean([hole_ratio(make_mask(base, 0, str(i), 256, 256)) for i in range(40)])
@@ -113,11 +113,11 @@ def test_param_overrides_change_the_mask_and_are_recorded():
 )
 def test_bad_params_are_one_line_value_errors_naming_the_rule(params, rule):
     with pytest.raises(ValueError, match=rule) as direct:
-        MaskSpec(name="lama_thin_256", params=params)
+        MaskSettings(name="lama_thin_256", params=params)
     assert "lama_thin_256" in str(direct.value)
     # Through the config layer (how jobs build specs) the message is a single line.
     with pytest.raises(ConfigError, match=rule) as via_config:
-        load_config(MaskSpec, base={"name": "lama_thin_256", "params": params})
+        load_config(MaskSettings, base={"name": "lama_thin_256", "params": params})
     assert len(str(via_config.value).splitlines()) == 1
 
 

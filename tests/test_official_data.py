@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.data.loaders import make_train_loader
 from pipeline.data.masks.importer import TRAINING_LEAKAGE_WARNING, import_training_pool
 from pipeline.data.masks.pool import MaskPool, generated_masks, write_mask_pool
-from pipeline.data.train_geometry import lbam_geometry, rn_geometry, train_sample
+from pipeline.data.train_geometry import lbam_geometry, random_crop_flip, rn_geometry, train_sample
 from test_loaders import _write_shards
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -79,10 +79,8 @@ def test_rn_pool_masks_are_thresholded_after_bilinear_resizing_as_rn_does():
 
 
 def test_crop_geometry_is_unchanged_random_crop_and_flip():
-    from pipeline.data.loaders import random_crop_flip
-
     image, mask = _ramp(80, 112), np.zeros((80, 112), np.uint8)
-    a = train_sample(image, mask, 64, np.random.default_rng(5), random_crop_flip=random_crop_flip)
+    a = train_sample(image, mask, 64, np.random.default_rng(5))
     b = random_crop_flip(image, mask, 64, np.random.default_rng(5))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 

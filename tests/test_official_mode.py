@@ -1,7 +1,7 @@
 """Official mode (``model.options.official: true``) against the official training steps.
 
 RN: three iterations of the official ``main.py`` loop (``tests/data/rn_train_step_T.pt``, see
-``tests/official_probe.py``) are reproduced by the official recipe through holefill's own ``gan_step``, with plain
+``tests/support/official_probe.py``) are reproduced by the official recipe through holefill's own ``gan_step``, with plain
 PyTorch optimisers and on DeepSpeed engines; the default (fixed) recipe does not reproduce them, and is instead the
 same loop with D's gradient cleared before its step (the file's ``clean_variant``).
 
@@ -23,17 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from official_probe import LOSS_NAMES, deviations, load_reference, replay_with_torch
+from support.official_probe import LOSS_NAMES, deviations, load_reference, replay_with_torch
 
-from pipeline.train.official import CarriedGradient, LBAMOfficialRecipe, bce_on_probabilities
-from pipeline.train.recipes import LBAMOptions, gan_step, torch_updater
+from pipeline.train.architectures.lbam import LBAMOfficialRecipe, LBAMSettings
+from pipeline.train.architectures.rn import CarriedGradient, bce_on_probabilities
+from pipeline.train.recipes import gan_step, torch_updater
 from pipeline.train.spec import build_recipe
 
-PROBE = Path(__file__).with_name("official_probe.py")
+PROBE = Path(__file__).parent / "support" / "official_probe.py"
 # Iteration 1 starts from the same weights everywhere: losses and prediction agree up to the BCE-from-logits
 # rounding (<= 1.2e-7). From iteration 2 on the loop amplifies the CPU's rounding: Adam with beta1 = 0 makes every
 # near-zero gradient a full-size step of either sign, and one RN-L response sits 5.8e-5 from its threshold
-# (tests/official_probe.py). Measured on three CPUs (AMD EPYC AVX2; Intel AMX with and without
+# (tests/support/official_probe.py). Measured on three CPUs (AMD EPYC AVX2; Intel AMX with and without
 # ATEN_CPU_CAPABILITY=avx2): losses drift by up to 9.4e-5, predictions by up to 6e-3 in iteration 2 and 0.4 at the
 # threshold pixel in iteration 3, D's weights by up to 8.6e-6. So later iterations compare the losses within 5e-4,
 # which still tells the official loop from its clean variant (their G GAN, D real and D fake losses differ by
@@ -182,7 +183,7 @@ def test_lbam_official_step_is_the_published_step_derived_by_hand():
     step started from (the official ``D_fake``, computed before ``D_optimizer.step()``)."""
     from models.losses import gradient_penalty
 
-    recipe = LBAMOfficialRecipe(LBAMOptions(allow_random_vgg=True, official=True), vgg=PooledFeatures())
+    recipe = LBAMOfficialRecipe(LBAMSettings(allow_random_vgg=True, official=True), vgg=PooledFeatures())
     G, D = _lbam_networks()
     D = recipe.prepare_discriminator(D)
     G_hand, D_hand = copy.deepcopy(G), copy.deepcopy(D)

@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.lifecycle.promotion import (
     CHAMPION,
     PREVIOUS_CHAMPION,
-    GateConfig,
+    GateSettings,
     GateRule,
     current_champion,
     evaluate_gate,
@@ -30,7 +30,7 @@ def summary(psnr: float, ssim: float = 0.8, l1: float = 0.05, count: int = 60, b
     return out
 
 
-GATE = GateConfig()
+GATE = GateSettings()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_an_invalid_model_never_becomes_champion_even_without_one(bad, why):
 
 
 def test_absolute_floor_applies_to_the_first_champion():
-    gate = GateConfig(min_values={"psnr": 25.0})
+    gate = GateSettings(min_values={"psnr": 25.0})
     decision = evaluate_gate(summary(20.0), None, gate)
     assert not decision.passed and "below the floor 25.0" in decision.reasons[0]
 
@@ -85,7 +85,7 @@ def test_better_challenger_within_tolerances_passes():
 
 
 def test_l1_is_lower_is_better_and_single_bucket_rules_work():
-    gate = GateConfig(rules=[GateRule(metric="l1", min_improvement=0.01),
+    gate = GateSettings(rules=[GateRule(metric="l1", min_improvement=0.01),
                              GateRule(metric="psnr", scope=BUCKET_NAMES[2], min_improvement=0.2)])
     assert evaluate_gate(summary(20.3, l1=0.03), summary(20.0, l1=0.05), gate).passed
     refused = evaluate_gate(summary(20.3, l1=0.045), summary(20.0, l1=0.05), gate)
@@ -96,9 +96,9 @@ def test_gate_config_rejects_unknown_scopes_and_keys_with_one_line(tmp_path):
     path = tmp_path / "gate.yaml"
     path.write_text("rules:\n  - {metric: psnr, scope: 0.70-0.80}\n")
     with pytest.raises(ConfigError, match=r"config key rules\.0\.scope: .*scope must be overall"):
-        load_config(GateConfig, path)
+        load_config(GateSettings, path)
     with pytest.raises(ConfigError, match="config key min_psnr: unknown key"):
-        load_config(GateConfig, overrides=["min_psnr=3"])
+        load_config(GateSettings, overrides=["min_psnr=3"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,19 +7,11 @@ import torch
 import torch.nn as nn
 
 from models.lbam import LBAMDiscriminator, LBAMGenerator
-from pipeline.train.recipes import (
-    LBAMOptions,
-    LBAMRecipe,
-    OptimizerSettings,
-    RNOptions,
-    RNRecipe,
-    frozen_parameters,
-    gan_step,
-    logs_to_floats,
-    torch_updater,
-)
-from pipeline.train.spec import build_recipe, discriminator_options, get_spec, spec_names
 from models.rn import RNDiscriminator, RNGenerator
+from pipeline.train.architectures.lbam import LBAMRecipe, LBAMSettings
+from pipeline.train.architectures.rn import RNRecipe, RNSettings
+from pipeline.train.recipes import OptimizerSettings, frozen_parameters, gan_step, logs_to_floats, torch_updater
+from pipeline.train.spec import build_recipe, discriminator_options, get_spec, spec_names
 
 
 def rectangle_batch(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +69,7 @@ def test_official_optimizer_settings():
     rn = build_recipe("rn")
     assert (rn.generator_optimizer.lr, rn.generator_optimizer.betas) == (1e-4, (0.0, 0.9))
     assert (rn.discriminator_optimizer.lr, rn.discriminator_optimizer.betas) == (1e-5, (0.0, 0.9))
-    lbam = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())
+    lbam = LBAMRecipe(LBAMSettings(allow_random_vgg=True), vgg=nn.Identity())
     assert (lbam.generator_optimizer.lr, lbam.generator_optimizer.betas) == (1e-4, (0.5, 0.9))
     assert (lbam.discriminator_optimizer.lr, lbam.discriminator_optimizer.betas) == (1e-5, (0.0, 0.9))
 
@@ -90,7 +82,7 @@ def test_rn_lr_decays_by_0_8_per_epoch_from_epoch_3():
 
 
 def test_lbam_has_no_lr_schedule():
-    recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=nn.Identity())
+    recipe = LBAMRecipe(LBAMSettings(allow_random_vgg=True), vgg=nn.Identity())
     assert [recipe.lr_factor(e) for e in (1, 2, 50, 500)] == [1.0] * 4
 
 
@@ -110,12 +102,12 @@ def test_build_recipe_validates_names_and_options():
 
 
 def test_the_recipe_receives_its_typed_options_as_they_are():
-    options = RNOptions(gan_weight=0.0)
+    options = RNSettings(gan_weight=0.0)
     assert RNRecipe(options).options is options
     spec = get_spec("lbam")
-    lbam_options = LBAMOptions(allow_random_vgg=True, style=60.0)
+    lbam_options = LBAMSettings(allow_random_vgg=True, style=60.0)
     assert spec.build_recipe(lbam_options).options is lbam_options
-    assert spec.options is LBAMOptions and get_spec("rn").discriminator_options == {"use_sigmoid": False}
+    assert spec.options is LBAMSettings and get_spec("rn").discriminator_options == {"use_sigmoid": False}
 
 
 def test_build_recipe_lbam_builds_its_vgg_from_options():

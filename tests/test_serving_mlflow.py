@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving_helpers import TINY_CHAMPION, TINY_MAX_PIXELS, decode, encode, environment_without_holefill, hole_mask, photo
+from support.serving_helpers import TINY_CHAMPION, TINY_MAX_PIXELS, decode, encode, environment_without_holefill, hole_mask, photo
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).with_name("mlflow")

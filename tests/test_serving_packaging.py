@@ -26,7 +26,7 @@ from pipeline.lifecycle.packaging import (
     reregister_version,
 )
 from pipeline.tracking import RunTracker
-from serving_helpers import TINY_CHAMPION, TINY_RN, decode, encode, hole_mask, photo
+from support.serving_helpers import TINY_CHAMPION, TINY_RN, decode, encode, hole_mask, photo
 
 
 @pytest.mark.e2e

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from models.registry import get_architecture
-from pipeline.lifecycle.packaging import MODEL_FORMAT, HiresConfig, LoadedModel, ServingDefaults
-from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeConfig, build_app
-from serving_helpers import TINY_RN, decode, encode, hole_mask, photo, register_tiny_rn, small_windows
+from pipeline.lifecycle.packaging import MODEL_FORMAT, HiresSettings, LoadedModel, ServingDefaults
+from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeJobConfig, build_app
+from support.serving_helpers import TINY_RN, decode, encode, hole_mask, photo, register_tiny_rn, small_windows
 
 MODEL = "ray-rn"
 
@@ -56,7 +56,7 @@ def served(ray_head, mlflow_server):
     # Two replicas: the admin refresh reaches both whichever the proxy picks. The periodic one is slow enough
     # (6 s; the checks after the admin call take milliseconds) that only the broadcast can explain the second
     # replica catching up at once.
-    config = ServeConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=6, max_batch_size=4,
+    config = ServeJobConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=6, max_batch_size=4,
                          batch_wait_timeout_s=0.5, num_cpus=0.5, num_replicas=2, port=port)
     ray.init(address=ray_head.address, log_to_driver=False)
     try:
@@ -131,16 +131,16 @@ class Recording(nn.Module):
         return self.inner(image, mask)
 
 
-def _inpainter(generator: nn.Module, config: ServeConfig | None = None, serving: ServingDefaults | None = None,
+def _inpainter(generator: nn.Module, config: ServeJobConfig | None = None, serving: ServingDefaults | None = None,
                version: str = "3") -> AliasFollowingInpainter:
     loaded = LoadedModel(generator, "rn", {"arch": "rn"}, MODEL_FORMAT, serving or ServingDefaults())
-    return AliasFollowingInpainter(config or ServeConfig(model="m"), loader=lambda uri, _: loaded,
+    return AliasFollowingInpainter(config or ServeJobConfig(model="m"), loader=lambda uri, _: loaded,
                                    resolver=lambda: version)
 
 
 def test_a_batch_runs_same_size_requests_in_one_generator_call_and_large_ones_in_windows():
     generator = Recording(get_architecture("rn").generator(**TINY_RN).eval())
-    serving = ServingDefaults(hires=HiresConfig(strategy="crop", margin=8, trigger=100, limit=64))
+    serving = ServingDefaults(hires=HiresSettings(strategy="crop", margin=8, trigger=100, limit=64))
     inpainter = _inpainter(generator, serving=serving)
     small = [inpainter.decode(_request(photo(40, 48, seed), hole_mask(40, 48))) for seed in range(3)]
     large = inpainter.decode(_request(photo(120, 160), hole_mask(120, 160)))
@@ -164,7 +164,7 @@ def test_one_failing_request_fails_alone_and_its_batch_mates_get_their_own_answe
     assert answers[0].png == alone[0].png and answers[2].png == alone[2].png
     # A bad input is the client's: 400 with the one-line reason, the others still answered.
     windowed = _inpainter(Recording(get_architecture("rn").generator(**TINY_RN).eval()),
-                          serving=ServingDefaults(hires=HiresConfig(margin=8, trigger=32, limit=64)))
+                          serving=ServingDefaults(hires=HiresSettings(margin=8, trigger=32, limit=64)))
     bad = windowed.decode(_request(photo(40, 48), hole_mask(40, 48)))
     bad = type(bad)(bad.image, bad.mask, "sideways")  # got past decode somehow: still refused alone
     answers = windowed.run_batch([bad, windowed.decode(_request(photo(40, 48), hole_mask(40, 48)))])
@@ -185,7 +185,7 @@ def test_each_answer_becomes_its_own_http_response():
 
 def test_a_request_asking_for_crop_gets_windows_under_a_whole_default():
     generator = Recording(get_architecture("rn").generator(**TINY_RN).eval())
-    serving = ServingDefaults(hires=HiresConfig(strategy="whole", margin=8, trigger=100, limit=64))
+    serving = ServingDefaults(hires=HiresSettings(strategy="whole", margin=8, trigger=100, limit=64))
     inpainter = _inpainter(generator, serving=serving)
     request = _request(photo(120, 160), hole_mask(120, 160))
     inpainter.run_batch([inpainter.decode(request)])  # the default: the whole photo
@@ -199,15 +199,15 @@ def test_serving_applies_the_versions_own_limits_unless_the_config_overrides_the
     inpainter = _inpainter(generator, serving=ServingDefaults(max_pixels=1000))
     with pytest.raises(ValueError, match="over the limit of 1000"):
         inpainter.decode(_request(photo(40, 48), hole_mask(40, 48)))
-    overriding = _inpainter(generator, ServeConfig(model="m", max_pixels=5000), ServingDefaults(max_pixels=1000))
+    overriding = _inpainter(generator, ServeJobConfig(model="m", max_pixels=5000), ServingDefaults(max_pixels=1000))
     assert overriding.current.serving.max_pixels == 5000
     assert overriding.decode(_request(photo(40, 48), hole_mask(40, 48))).image.shape == (1, 3, 40, 48)
 
 
 def test_a_replica_takes_two_batches_and_the_admin_calls_at_once():
     # Ray Serve's default (5 requests per replica) would cap every batch at 5, whatever max_batch_size says.
-    assert ServeConfig(max_batch_size=8).ongoing_requests() == 18
-    assert ServeConfig(max_batch_size=8, max_ongoing_requests=9).ongoing_requests() == 9
+    assert ServeJobConfig(max_batch_size=8).ongoing_requests() == 18
+    assert ServeJobConfig(max_batch_size=8, max_ongoing_requests=9).ongoing_requests() == 9
 
 
 def test_the_alias_is_followed_by_refresh_and_a_failing_registry_keeps_the_current_version():
@@ -219,7 +219,7 @@ def test_the_alias_is_followed_by_refresh_and_a_failing_registry_keeps_the_curre
         return LoadedModel(get_architecture("rn").generator(**TINY_RN).eval(), "rn", {}, MODEL_FORMAT,
                            ServingDefaults())
 
-    inpainter = AliasFollowingInpainter(ServeConfig(model="m"), loader=loader, resolver=lambda: next(versions))
+    inpainter = AliasFollowingInpainter(ServeJobConfig(model="m"), loader=loader, resolver=lambda: next(versions))
     assert inpainter.refresh() == "1" and loads == ["models:/m/1"]  # unchanged: not loaded again
     assert inpainter.refresh() == "2" and loads == ["models:/m/1", "models:/m/2"]
     with pytest.raises(StopIteration):

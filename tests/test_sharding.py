@@ -30,7 +30,7 @@ from pipeline.data.masks.generators import hole_ratio
 from pipeline.data.sample_data import generate_sample_dataset
 from pipeline.data.shardjob.run import ShardJobConfig, ShardPlan, derive_mask_seed, plan_shards, run_shard_job, write_shard
 from pipeline.data.sources import SourceItem
-from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
+from support.s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (128, 96)

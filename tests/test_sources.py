@@ -18,8 +18,8 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.data.sample_data import generate_sample_dataset
-from pipeline.data.sources import SourceReader, SourceSpec, key_for_path, list_source, new_items, parse_file_list
-from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
+from pipeline.data.sources import SourceReader, SourceSettings, key_for_path, list_source, new_items, parse_file_list
+from support.s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,11 @@ def test_file_list_lines_parse_with_and_without_labels():
     [("s3://b/places365_train_standard.txt", "file_list"), ("/d/val_large.tar", "tar"), ("/d/images/", "directory")],
 )
 def test_source_kind_is_detected_from_the_url(url, kind):
-    assert SourceSpec(url=url).resolved_kind == kind
+    assert SourceSettings(url=url).resolved_kind == kind
 
 
 def test_places365_file_list_gives_sorted_items_with_labels_and_stat(sample):
-    listing = list_source(SourceSpec(url=sample.train_list, root=sample.train_root))
+    listing = list_source(SourceSettings(url=sample.train_list, root=sample.train_root))
 
     assert [item.key for item in listing.items] == sorted(item.key for item in listing.items)
     assert len(listing.items) == len(sample.train_files)
@@ -94,7 +94,7 @@ def test_missing_listed_file_is_listed_and_fails_only_when_read(tmp_path):
     _write(tmp_path / "img" / "a.jpg")
     (tmp_path / "list.txt").write_text("/a.jpg 1\n/gone.jpg 2\n")
 
-    items = list_source(SourceSpec(url=str(tmp_path / "list.txt"), root=str(tmp_path / "img"))).items
+    items = list_source(SourceSettings(url=str(tmp_path / "list.txt"), root=str(tmp_path / "img"))).items
 
     assert [(i.key, i.size) for i in items] == [("a", 1), ("gone", None)]
     with SourceReader() as reader, pytest.raises(FileNotFoundError):
@@ -104,14 +104,14 @@ def test_missing_listed_file_is_listed_and_fails_only_when_read(tmp_path):
 def test_key_collision_names_both_paths(tmp_path):
     (tmp_path / "list.txt").write_text("/a/b.c.jpg 0\n/a/b_c.jpg 0\n")
     with pytest.raises(ValueError, match=r"key collision: 'a/b\.c\.jpg' and 'a/b_c\.jpg' both map to key 'a_b_c'"):
-        list_source(SourceSpec(url=str(tmp_path / "list.txt"), stat=False))
+        list_source(SourceSettings(url=str(tmp_path / "list.txt"), stat=False))
 
 
 def test_directory_tree_lists_images_only_and_skips_hidden_and_temporary_files(tmp_path):
     for name in ("b/2.JPG", "a/1.jpg", "a/3.png", "notes.txt", "a/.hidden.jpg", "a/.x.jpg.tmp-0123abcd"):
         _write(tmp_path / "tree" / name)
 
-    listing = list_source(SourceSpec(url=str(tmp_path / "tree")))
+    listing = list_source(SourceSettings(url=str(tmp_path / "tree")))
 
     assert [(i.key, i.path) for i in listing.items] == [("a_1", "a/1.jpg"), ("a_3", "a/3.png"), ("b_2", "b/2.JPG")]
     assert all(i.label is None and i.mtime is not None for i in listing.items)
@@ -127,8 +127,8 @@ def test_tar_archive_is_indexed_without_extraction_and_members_read_by_offset(sa
         archive.addfile(info, io.BytesIO(note))
     before = set(os.listdir(tmp_path))
 
-    listing = list_source(SourceSpec(url=str(archive_path), root="data_large"))
-    from_list = list_source(SourceSpec(url=sample.train_list, root=sample.train_root))
+    listing = list_source(SourceSettings(url=str(archive_path), root="data_large"))
+    from_list = list_source(SourceSettings(url=sample.train_list, root=sample.train_root))
 
     assert set(os.listdir(tmp_path)) == before | {"train_large.tar.index.tsv.gz"}  # nothing extracted; index cached
     assert [i.key for i in listing.items] == [i.key for i in from_list.items]
@@ -146,7 +146,7 @@ def test_file_list_and_images_on_s3(s3_endpoint):
     )
     options = s3_endpoint.storage_options
 
-    listing = list_source(SourceSpec(url=dataset.train_list, root=dataset.train_root), options)
+    listing = list_source(SourceSettings(url=dataset.train_list, root=dataset.train_root), options)
 
     assert len(listing.items) == 3
     assert all(i.url.startswith(s3_endpoint.url("src", "data_large")) for i in listing.items)
@@ -179,7 +179,7 @@ def test_new_items_are_those_the_previous_watermark_has_not_seen(tmp_path):
     os.utime(tmp_path / "tree" / "a.jpg", (1000, 1000))
     os.utime(tmp_path / "tree" / "b.jpg", (2000, 2000))
     os.utime(tmp_path / "tree" / "c.jpg", (3000, 3000))
-    items = list_source(SourceSpec(url=str(tmp_path / "tree"))).items
+    items = list_source(SourceSettings(url=str(tmp_path / "tree"))).items
     previous = _previous_manifest(tmp_path / "v1", ["a", "c"], max_mtime=2000.0)
 
     assert [i.key for i in new_items(items, previous)] == ["b"]
@@ -223,7 +223,7 @@ def test_a_tar_archive_on_s3_is_listed_in_requests_bounded_by_its_size_and_its_i
     data = _places_like_archive(members=400, member_bytes=60 * 1024)  # the 400 x 60 KiB: 201 GETs before
     fs, path = url_to_fs(url, s3_endpoint.storage_options)
     fs.pipe_file(path, data)
-    spec = SourceSpec(url=url, root="data_large")
+    spec = SourceSettings(url=url, root="data_large")
     counter = _GetCounter(fs, path.split("/", 1)[1])
 
     listing = list_source(spec, s3_endpoint.storage_options)

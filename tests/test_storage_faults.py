@@ -14,11 +14,11 @@ import json
 import fsspec
 import pytest
 
-from fault_proxy import Fault, FaultProxy
+from support.fault_proxy import Fault, FaultProxy
 from pipeline.data.manifest import load_manifest, verify_shards
 from pipeline.data.sample_data import generate_sample_dataset
 from pipeline.data.shardjob.run import ShardJobConfig, ShardJobError, run_shard_job
-from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
+from support.s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
 STORE = 48
 

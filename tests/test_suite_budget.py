@@ -2,7 +2,7 @@
 
 The hang that matters is a Ray wait: ``ray.get`` blocks the main thread in Ray's C++ core, where the
 signal-based timeout never runs. ``make test`` runs the suite in pytest-xdist workers, where a watchdog thread
-(``tests/suite_log.py``, faulthandler's) writes every thread's stack to a file beside the suite log and ends the
+(``tests/support/suite_log.py``, faulthandler's) writes every thread's stack to a file beside the suite log and ends the
 worker; xdist reports the test as crashed and goes on. (Run without xdist, pytest-timeout's thread method does the
 same on the terminal and ends the session.) ``test_hanging_example`` is that hang, skipped unless
 ``HOLEFILL_SHOW_HANG=1``; the test below runs it in a child pytest as ``make test`` runs tests and checks it.

@@ -104,12 +104,13 @@ def test_rn_generator_options_reach_the_constructor_check():
 
 
 def test_model_is_a_union_on_arch_whose_typed_options_carry_every_default():
-    from pipeline.train.recipes import LBAMOptions, RNOptions
+    from pipeline.train.architectures.lbam import LBAMSettings
+    from pipeline.train.architectures.rn import RNSettings
 
     rn = load_train_config(CONFIGS / "train_rn.yaml").model
     lbam = load_train_config(CONFIGS / "train_lbam_cpu_tiny.yaml", ["model.options.style=60"]).model
-    assert rn.options == RNOptions(l1_weight=1.0, gan_weight=0.1)
-    assert isinstance(lbam.options, LBAMOptions) and lbam.options.style == 60.0 and lbam.options.hole == 6.0
+    assert rn.options == RNSettings(l1_weight=1.0, gan_weight=0.1)
+    assert isinstance(lbam.options, LBAMSettings) and lbam.options.style == 60.0 and lbam.options.hole == 6.0
     with pytest.raises(ConfigError, match="model.options.style: unknown key"):  # LBAM's option, not RN's
         load_train_config(CONFIGS / "train_rn_cpu_tiny.yaml", ["model.options.style=60"])
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from local_stack import add_worker_node, submit_job
-from s3_server import s3_endpoint  # noqa: F401  (fixture)
+from support.local_stack import add_worker_node, submit_job
+from support.s3_server import s3_endpoint  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]

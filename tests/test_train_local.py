@@ -35,7 +35,7 @@ from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 from pipeline.train.checkpoint import load_generator_state, read_state
 from pipeline.train.config import TrainJobConfig
 from pipeline.lifecycle.training import train_and_register as run_training
-from infra.local.mlflow_server import MlflowServerSpec, start_mlflow_server, stop_mlflow_server
+from infra.local.mlflow_server import MlflowServerSettings, start_mlflow_server, stop_mlflow_server
 from infra.local.ray_node import find_free_port_block
 
 ray = pytest.importorskip("ray")
@@ -87,7 +87,7 @@ class AskForOutage:
 class Outage(threading.Thread):
     """Stops the server when training asks, keeps it down ``seconds``, starts it again on the same port and store."""
 
-    def __init__(self, spec: MlflowServerSpec, leader, folder: Path, seconds: float) -> None:
+    def __init__(self, spec: MlflowServerSettings, leader, folder: Path, seconds: float) -> None:
         super().__init__(name="mlflow-outage", daemon=True)
         self.spec, self.leader, self.folder, self.seconds = spec, leader, folder, seconds
         self.down_at = self.up_at = None
@@ -170,7 +170,7 @@ def rn_run(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rn")
     # A server of its own, not the session's: the outage stops it.
     (port,) = find_free_port_block(1)
-    spec = MlflowServerSpec(data_dir=tmp / "mlflow", port=port)
+    spec = MlflowServerSettings(data_dir=tmp / "mlflow", port=port)
     outage = Outage(spec, start_mlflow_server(spec, tmp / "mlflow.log", timeout_s=300), tmp, OUTAGE_S)
     outage.start()
     config = job_config(

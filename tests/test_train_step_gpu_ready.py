@@ -1,7 +1,7 @@
 """The training step is ready for a GPU: no host-device sync outside logging steps, and checkpoints resume.
 
 The real step (``pipeline.train.loop.optimiser_step`` on holefill's DeepSpeed engines) runs in a one-rank
-gloo process group in a subprocess (``tests/engine_probe.py``). On CPU nothing waits for a device, so the
+gloo process group in a subprocess (``tests/support/engine_probe.py``). On CPU nothing waits for a device, so the
 proxy for a sync is a host read of a tensor value (``.item()``, ``bool()``, ``float()``, ``.tolist()``,
 ``.cpu()``...) or a DeepSpeed ``synchronize()``: each of them stalls the CPU on a GPU. The GPU tests check
 the same with CUDA's own sync detector.
@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-PROBE = Path(__file__).with_name("engine_probe.py")
+PROBE = Path(__file__).parent / "support" / "engine_probe.py"
 CASES = [  # tiny networks on CPU (engine_probe.TINY_SIZES); every model meets ZeRO 0, 1 and 2 and both precisions
     "syncs:rn:0:fp32", "syncs:rn:1:bf16", "syncs:rn:2:fp32",
     "syncs:lbam:0:bf16", "syncs:lbam:1:fp32", "syncs:lbam:2:bf16",

@@ -17,7 +17,7 @@ from infra.local.processes import ProcessHandle, http_answers, launch_detached, 
 from infra.local.ray_node import venv_bin
 from pipeline.config import Config
 
-__all__ = ["MlflowServerSpec", "mlflow_server_argv", "start_mlflow_server", "stop_mlflow_server"]
+__all__ = ["MlflowServerSettings", "mlflow_server_argv", "start_mlflow_server", "stop_mlflow_server"]
 
 
 def require_loopback(host: str) -> str:
@@ -31,7 +31,7 @@ def require_loopback(host: str) -> str:
     return host
 
 
-class MlflowServerSpec(Config):
+class MlflowServerSettings(Config):
     """Where the local MLflow server keeps its data and where it listens."""
 
     data_dir: Path = Field(description="holds mlflow.db and artifacts/")
@@ -61,30 +61,30 @@ class MlflowServerSpec(Config):
         return self.data_dir.resolve() / "artifacts"
 
 
-def mlflow_server_argv(spec: MlflowServerSpec) -> list[str]:
-    """The ``mlflow server`` command line for ``spec``."""
+def mlflow_server_argv(settings: MlflowServerSettings) -> list[str]:
+    """The ``mlflow server`` command line for ``settings``."""
     mlflow = venv_bin() / "mlflow"
     if not mlflow.exists():
         raise FileNotFoundError(f"mlflow not found at {mlflow}; install holefill into this environment")
     return [
         str(mlflow), "server",
-        "--backend-store-uri", spec.backend_store_uri,
-        "--artifacts-destination", str(spec.artifacts_dir),
-        "--host", spec.host,
-        "--port", str(spec.port),
-        "--workers", str(spec.workers),
+        "--backend-store-uri", settings.backend_store_uri,
+        "--artifacts-destination", str(settings.artifacts_dir),
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--workers", str(settings.workers),
     ]
 
 
-def start_mlflow_server(spec: MlflowServerSpec, log_path: Path, timeout_s: float = 120.0) -> ProcessHandle:
+def start_mlflow_server(settings: MlflowServerSettings, log_path: Path, timeout_s: float = 120.0) -> ProcessHandle:
     """Start the server and return once ``/health`` answers; stop it again and raise if it does not."""
-    spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     # MLflow 3 servers also start a job runner with a dozen huey consumer processes (~2 GB) for its GenAI
     # jobs; holefill runs none of them, and a test session or laptop running a few servers runs out of memory.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    leader = launch_detached(mlflow_server_argv(spec), log_path, env=env)
+    leader = launch_detached(mlflow_server_argv(settings), log_path, env=env)
     try:
-        wait_for(lambda: http_answers(f"{spec.tracking_uri}/health"), "MLflow server", timeout_s,
+        wait_for(lambda: http_answers(f"{settings.tracking_uri}/health"), "MLflow server", timeout_s,
                  leader=leader, log_path=log_path)
     except BaseException:
         stop_mlflow_server(leader)

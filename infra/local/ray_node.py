@@ -34,7 +34,7 @@ from infra.local.processes import ProcessHandle, http_answers, launch_detached, 
 from pipeline.config import Config
 
 __all__ = [
-    "RayNodeSpec",
+    "RayNodeSettings",
     "RayPorts",
     "alive_node_count",
     "find_free_port_block",
@@ -136,7 +136,7 @@ def find_free_port_block(count: int, attempts: int = 200) -> list[int]:
     raise RuntimeError(f"no block of {count} free ports found in {low}..{high}")
 
 
-class RayNodeSpec(Config):
+class RayNodeSettings(Config):
     """How to start one Ray node: head (with dashboard) or a worker joining ``head_address``."""
 
     role: Literal["head", "worker"]
@@ -149,7 +149,7 @@ class RayNodeSpec(Config):
     ports: RayPorts = Field(default_factory=RayPorts)
 
     @model_validator(mode="after")
-    def _role_rules(self) -> "RayNodeSpec":
+    def _role_rules(self) -> "RayNodeSettings":
         if self.role == "worker" and not self.head_address:
             raise ValueError("head_address is required for a worker node")
         if self.role == "head" and self.head_address:
@@ -196,25 +196,25 @@ _PORT_FLAGS = {
 }
 
 
-def ray_start_argv(spec: RayNodeSpec) -> list[str]:
-    """The ``ray start --block`` command line for ``spec``."""
-    argv = [_tool("ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={spec.temp_dir}"]
-    if spec.role == "head":
+def ray_start_argv(settings: RayNodeSettings) -> list[str]:
+    """The ``ray start --block`` command line for ``settings``."""
+    argv = [_tool("ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={settings.temp_dir}"]
+    if settings.role == "head":
         argv += ["--head", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}"]
     else:
-        argv += [f"--address={spec.head_address}"]
+        argv += [f"--address={settings.head_address}"]
     for field, flag in _PORT_FLAGS.items():
-        value = getattr(spec.ports, field)
+        value = getattr(settings.ports, field)
         if value is not None:
             argv.append(f"{flag}={value}")
-    if spec.num_cpus is not None:
-        argv.append(f"--num-cpus={spec.num_cpus}")
-    if spec.num_gpus is not None:
-        argv.append(f"--num-gpus={spec.num_gpus}")
-    if spec.resources:
-        argv.append(f"--resources={json.dumps(spec.resources, sort_keys=True)}")
-    if spec.object_store_memory_bytes is not None:
-        argv.append(f"--object-store-memory={spec.object_store_memory_bytes}")
+    if settings.num_cpus is not None:
+        argv.append(f"--num-cpus={settings.num_cpus}")
+    if settings.num_gpus is not None:
+        argv.append(f"--num-gpus={settings.num_gpus}")
+    if settings.resources:
+        argv.append(f"--resources={json.dumps(settings.resources, sort_keys=True)}")
+    if settings.object_store_memory_bytes is not None:
+        argv.append(f"--object-store-memory={settings.object_store_memory_bytes}")
     return argv
 
 
@@ -243,7 +243,7 @@ def alive_node_count(dashboard_url: str) -> int:
 
 
 def start_ray_node(
-    spec: RayNodeSpec,
+    settings: RayNodeSettings,
     log_path: Path,
     dashboard_url: str,
     expected_alive_nodes: int,
@@ -256,19 +256,19 @@ def start_ray_node(
     worker, the head's dashboard and the count including the new node. On failure the node is
     stopped again and :class:`~infra.local.processes.ServiceStartError` carries its log tail.
     """
-    spec.temp_dir.mkdir(parents=True, exist_ok=True)
-    leader = launch_detached(ray_start_argv(spec), log_path, env=env or ray_node_env())
-    what = f"Ray {spec.role} node"
+    settings.temp_dir.mkdir(parents=True, exist_ok=True)
+    leader = launch_detached(ray_start_argv(settings), log_path, env=env or ray_node_env())
+    what = f"Ray {settings.role} node"
 
     def ready() -> bool:
-        if spec.role == "head" and not http_answers(f"{dashboard_url}/api/version"):
+        if settings.role == "head" and not http_answers(f"{dashboard_url}/api/version"):
             return False
         return alive_node_count(dashboard_url) >= expected_alive_nodes
 
     try:
         wait_for(ready, what, timeout_s, leader=leader, log_path=log_path)
     except BaseException:
-        stop_ray_node(leader, spec.temp_dir if spec.role == "head" else None)
+        stop_ray_node(leader, settings.temp_dir if settings.role == "head" else None)
         raise
     return leader
 

@@ -26,22 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-if __package__ in (None, ""):
-    # Run as a script (python infra/local/stack.py): make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from pydantic import Field, ValidationError
 
-from pydantic import Field, ValidationError  # noqa: E402
-
-from infra.local.mlflow_server import (  # noqa: E402
-    MlflowServerSpec,
+from infra.local.mlflow_server import (
+    MlflowServerSettings,
     require_loopback,
     start_mlflow_server,
     stop_mlflow_server,
 )
-from infra.local.processes import ProcessHandle, http_answers, wait_for  # noqa: E402
-from infra.local.ray_node import (  # noqa: E402
+from infra.local.processes import ProcessHandle, http_answers, wait_for
+from infra.local.ray_node import (
     MAX_TEMP_DIR_CHARS,
-    RayNodeSpec,
+    RayNodeSettings,
     RayPorts,
     alive_node_count,
     find_free_port_block,
@@ -49,7 +45,7 @@ from infra.local.ray_node import (  # noqa: E402
     start_ray_node,
     stop_ray_node,
 )
-from pipeline.config import Config, first_error  # noqa: E402
+from pipeline.config import Config, first_error
 
 __all__ = ["LocalStack", "ServiceStatus", "StackStatus", "main"]
 
@@ -147,7 +143,7 @@ class LocalStack:
         pinned["gcs"] = pinned["gcs"] or ray_port
         pinned["dashboard"] = pinned["dashboard"] or ray_dashboard_port
         self.ray_ports = RayPorts(**pinned)  # validated again: the merged ports must still be distinct
-        self.mlflow_spec = MlflowServerSpec(data_dir=self.state_dir / "mlflow", host=self.host, port=mlflow_port)
+        self.mlflow_settings = MlflowServerSettings(data_dir=self.state_dir / "mlflow", host=self.host, port=mlflow_port)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.startup_timeout_s = startup_timeout_s
@@ -168,7 +164,7 @@ class LocalStack:
     @property
     def mlflow_uri(self) -> str:
         """Tracking URI of the MLflow server."""
-        return self.mlflow_spec.tracking_uri
+        return self.mlflow_settings.tracking_uri
 
     @property
     def ray_temp_dir(self) -> Path:
@@ -259,10 +255,10 @@ class LocalStack:
         ports = self.ray_ports
         if ports.dashboard_agent_listen is None:  # pinned, so that start can wait for the job agent below
             ports = ports.model_copy(update={"dashboard_agent_listen": find_free_port_block(1)[0]})
-        spec = RayNodeSpec(role="head", temp_dir=self.ray_temp_dir, num_cpus=self.num_cpus,
+        settings = RayNodeSettings(role="head", temp_dir=self.ray_temp_dir, num_cpus=self.num_cpus,
                            num_gpus=self.num_gpus, ports=ports)
         log = self.logs_dir / "ray-head.log"
-        leader = start_ray_node(spec, log, self.dashboard_url, expected_alive_nodes=1,
+        leader = start_ray_node(settings, log, self.dashboard_url, expected_alive_nodes=1,
                                 timeout_s=self.startup_timeout_s, env=self.head_env())
         # The node is ALIVE before its dashboard agent, and `ray job submit` right after `start` was refused
         # with "No available agent to submit job" on a busy machine: return once the agent answers.
@@ -275,13 +271,13 @@ class LocalStack:
 
     def _start_mlflow(self, state: StackState) -> None:
         if self._alive(state.mlflow):
-            self._refuse_port_change("MLflow server", state.mlflow.port, self.mlflow_spec.port)
+            self._refuse_port_change("MLflow server", state.mlflow.port, self.mlflow_settings.port)
             wait_for(lambda: http_answers(f"{self.mlflow_uri}/health"), "MLflow server", self.startup_timeout_s,
                      leader=state.mlflow.handle(), log_path=state.mlflow.log)
             return
         log = self.logs_dir / "mlflow-server.log"
-        leader = start_mlflow_server(self.mlflow_spec, log, timeout_s=self.startup_timeout_s)
-        state.mlflow = ServiceRecord(pid=leader.pid, create_time=leader.create_time, port=self.mlflow_spec.port, log=log)
+        leader = start_mlflow_server(self.mlflow_settings, log, timeout_s=self.startup_timeout_s)
+        state.mlflow = ServiceRecord(pid=leader.pid, create_time=leader.create_time, port=self.mlflow_settings.port, log=log)
         self._write_state(state)
 
     def stop(self) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from datetime import datetime, timezone
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -377,7 +377,3 @@ def combine_histograms(histograms: Sequence[HoleRatioHistogram]) -> HoleRatioHis
         total = total + histogram
     return total
 
-
-def bucket_counts_of(mapping: Mapping[str, int]) -> dict[str, int]:
-    """The paper buckets only, in order, from a histogram's bucket counts."""
-    return {name: int(mapping.get(name, 0)) for name in BUCKET_NAMES}

@@ -1,6 +1,6 @@
 """Image sources: Places365 file lists, directory trees and tar archives on any fsspec URL.
 
-A source is described by a :class:`SourceSpec` and enumerated by :func:`list_source` into sorted
+A source is described by a :class:`SourceSettings` and enumerated by :func:`list_source` into sorted
 :class:`SourceItem` records. Every item has a *key*: its relative path without the extension, with every
 character outside ``[A-Za-z0-9_-]`` turned into ``_`` (WebDataset splits a member name at its first dot, so
 keys must carry none). ``a/abbey/00000000.jpg`` becomes ``a_abbey_00000000``. Two paths mapping to one key
@@ -39,7 +39,7 @@ __all__ = [
     "SourceItem",
     "SourceListing",
     "SourceReader",
-    "SourceSpec",
+    "SourceSettings",
     "TarMember",
     "index_url_for",
     "key_for_path",
@@ -65,7 +65,7 @@ TAR_INDEX_FORMAT = "holefill.tar-index.v1"
 _TAR_READ_BLOCK = 8 * 1024 * 1024
 
 
-class SourceSpec(Config):
+class SourceSettings(Config):
     """Where the images are. ``kind: auto`` decides from the URL: ``*.txt`` file list, ``*.tar`` archive,
     anything else a directory tree.
 
@@ -196,11 +196,11 @@ def _has_extension(path: str, extensions: Sequence[str]) -> bool:
     return path.lower().endswith(tuple(ext.lower() for ext in extensions))
 
 
-def _list_file_list(spec: SourceSpec, storage_options: StorageOptionsLike) -> SourceListing:
-    raw = read_bytes(spec.url, storage_options)
-    root = spec.root or posixpath.dirname(spec.url.rstrip("/")) or "."
+def _list_file_list(source: SourceSettings, storage_options: StorageOptionsLike) -> SourceListing:
+    raw = read_bytes(source.url, storage_options)
+    root = source.root or posixpath.dirname(source.url.rstrip("/")) or "."
     entries = parse_file_list(raw.decode("utf-8"))
-    infos = _listing(root, storage_options) if spec.stat else {}
+    infos = _listing(root, storage_options) if source.stat else {}
     items = []
     for path, label in entries:
         relative = path.lstrip("/")
@@ -217,18 +217,18 @@ def _list_file_list(spec: SourceSpec, storage_options: StorageOptionsLike) -> So
         )
     items = _check_unique(items)
     description = SourceDescription(
-        kind="file_list", url=spec.url, root=root, items=len(items), list_sha256=hashlib.sha256(raw).hexdigest()
+        kind="file_list", url=source.url, root=root, items=len(items), list_sha256=hashlib.sha256(raw).hexdigest()
     )
     return SourceListing(items, description)
 
 
-def _list_directory(spec: SourceSpec, storage_options: StorageOptionsLike) -> SourceListing:
-    root = spec.url.rstrip("/")
+def _list_directory(source: SourceSettings, storage_options: StorageOptionsLike) -> SourceListing:
+    root = source.url.rstrip("/")
     items = []
     for relative, info in _listing(root, storage_options).items():
         name = posixpath.basename(relative)
         # Hidden files include holefill's own ".name.tmp-*" temporaries: never inputs.
-        if name.startswith(".") or not _has_extension(relative, spec.extensions):
+        if name.startswith(".") or not _has_extension(relative, source.extensions):
             continue
         items.append(
             SourceItem(
@@ -241,7 +241,7 @@ def _list_directory(spec: SourceSpec, storage_options: StorageOptionsLike) -> So
         )
     items = _check_unique(items)
     description = SourceDescription(
-        kind="directory", url=spec.url, root=None, items=len(items), list_sha256=_listing_digest(items)
+        kind="directory", url=source.url, root=None, items=len(items), list_sha256=_listing_digest(items)
     )
     return SourceListing(items, description)
 
@@ -276,9 +276,9 @@ def _archive_identity(info: dict[str, Any]) -> dict[str, Any]:
             "mtime": None if etag else _mtime_of(info)}
 
 
-def index_url_for(spec: SourceSpec) -> str:
+def index_url_for(source: SourceSettings) -> str:
     """Where the member index of a tar source is cached: ``index_url``, else beside the archive."""
-    return spec.index_url or spec.url + TAR_INDEX_SUFFIX
+    return source.index_url or source.url + TAR_INDEX_SUFFIX
 
 
 def scan_tar(url: str, storage_options: StorageOptionsLike = None, block_size: int = TAR_LIST_BLOCK) -> list[TarMember]:
@@ -319,31 +319,31 @@ def _write_index(url: str, identity: dict[str, Any], members: Sequence[TarMember
         log.warning("could not cache the tar index at %s: %s", url, exc)
 
 
-def tar_members(spec: SourceSpec, storage_options: StorageOptionsLike = None) -> list[TarMember]:
+def tar_members(source: SourceSettings, storage_options: StorageOptionsLike = None) -> list[TarMember]:
     """The members of a tar source: from the cached index when it matches the archive, else one scan (cached).
 
     The cache is keyed by the archive's size and ETag (or mtime): a replaced archive is listed again.
     """
-    fs, path = url_to_fs(spec.url, storage_options)
+    fs, path = url_to_fs(source.url, storage_options)
     identity = _archive_identity(fs.info(path))
-    cache = index_url_for(spec)
+    cache = index_url_for(source)
     members = _read_index(cache, identity, storage_options)
     if members is not None:
-        log.info("tar index of %s read from %s (%d members)", spec.url, cache, len(members))
+        log.info("tar index of %s read from %s (%d members)", source.url, cache, len(members))
         return members
     started = time.monotonic()
-    members = scan_tar(spec.url, storage_options)
-    log.info("listed %d members of %s in %.1f s; index cached at %s", len(members), spec.url,
+    members = scan_tar(source.url, storage_options)
+    log.info("listed %d members of %s in %.1f s; index cached at %s", len(members), source.url,
              time.monotonic() - started, cache)
     _write_index(cache, identity, members, storage_options)
     return members
 
 
-def _list_tar(spec: SourceSpec, storage_options: StorageOptionsLike) -> SourceListing:
-    prefix = (spec.root or "").strip("/")
+def _list_tar(source: SourceSettings, storage_options: StorageOptionsLike) -> SourceListing:
+    prefix = (source.root or "").strip("/")
     items = []
-    for member in tar_members(spec, storage_options):
-        if not _has_extension(member.name, spec.extensions):
+    for member in tar_members(source, storage_options):
+        if not _has_extension(member.name, source.extensions):
             continue
         name = member.name[2:] if member.name.startswith("./") else member.name
         if prefix:
@@ -353,39 +353,39 @@ def _list_tar(spec: SourceSpec, storage_options: StorageOptionsLike) -> SourceLi
         if posixpath.basename(name).startswith("."):
             continue
         items.append(
-            SourceItem(key=key_for_path(name), path=member.name, url=spec.url, mtime=member.mtime,
+            SourceItem(key=key_for_path(name), path=member.name, url=source.url, mtime=member.mtime,
                        size=member.size, offset=member.offset)
         )
     items = _check_unique(items)
     description = SourceDescription(
-        kind="tar", url=spec.url, root=prefix or None, items=len(items), list_sha256=_listing_digest(items)
+        kind="tar", url=source.url, root=prefix or None, items=len(items), list_sha256=_listing_digest(items)
     )
     return SourceListing(items, description)
 
 
-def list_source(spec: SourceSpec, storage_options: StorageOptionsLike = None) -> SourceListing:
-    """Enumerate ``spec`` into items sorted by key (unique keys; ``ValueError`` on a collision)."""
-    kind = spec.resolved_kind
+def list_source(source: SourceSettings, storage_options: StorageOptionsLike = None) -> SourceListing:
+    """Enumerate ``source`` into items sorted by key (unique keys; ``ValueError`` on a collision)."""
+    kind = source.resolved_kind
     if kind == "file_list":
-        return _list_file_list(spec, storage_options)
+        return _list_file_list(source, storage_options)
     if kind == "tar":
-        return _list_tar(spec, storage_options)
-    return _list_directory(spec, storage_options)
+        return _list_tar(source, storage_options)
+    return _list_directory(source, storage_options)
 
 
-def suggest_root(spec: SourceSpec, missing_path: str, storage_options: StorageOptionsLike = None,
+def suggest_root(source: SourceSettings, missing_path: str, storage_options: StorageOptionsLike = None,
                  max_candidates: int = 64) -> str | None:
     """For a file list whose images are missing: a folder under which ``missing_path`` exists, else ``None``.
 
     Looks in the folders beside the list and in the configured root (the Places365 layout keeps
     ``places365_train_standard.txt`` beside ``data_large/``), at most ``max_candidates`` existence checks.
     """
-    if spec.resolved_kind != "file_list":
+    if source.resolved_kind != "file_list":
         return None
     relative = missing_path.lstrip("/")
-    starts = [posixpath.dirname(spec.url.rstrip("/")) or "."]
-    if spec.root:
-        starts.append(spec.root.rstrip("/"))
+    starts = [posixpath.dirname(source.url.rstrip("/")) or "."]
+    if source.root:
+        starts.append(source.root.rstrip("/"))
     candidates: list[str] = []
     for start in dict.fromkeys(starts):
         fs, folder = url_to_fs(start, storage_options)
@@ -396,7 +396,7 @@ def suggest_root(spec: SourceSpec, missing_path: str, storage_options: StorageOp
         candidates += [join_url(start, posixpath.basename(e["name"].rstrip("/")))
                        for e in entries if e.get("type") == "directory"]
     for candidate in candidates[:max_candidates]:
-        if candidate.rstrip("/") == (spec.root or "").rstrip("/"):
+        if candidate.rstrip("/") == (source.root or "").rstrip("/"):
             continue
         fs, path = url_to_fs(join_url(candidate, relative), storage_options)
         if fs.exists(path):

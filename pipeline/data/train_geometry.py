@@ -1,6 +1,7 @@
 """Training-sample geometry: how a stored image (and its mask) becomes a square training crop.
 
-Three options (``data.train_geometry``), each applied by :func:`train_sample` in the loader workers:
+Three options (``data.train_geometry``), each applied by :func:`train_sample` in the loader workers, and the eval
+loader's :func:`center_crop`:
 
 ``crop`` (holefill's default)
     a random ``size`` square of the stored image (short side ``store_size``), the same crop and horizontal flip
@@ -22,14 +23,23 @@ Inputs and outputs are uint8 arrays: image (H, W, 3), mask (H, W) with 255 = hol
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["GEOMETRIES", "Geometry", "LBAM_LOAD_SIZE", "lbam_geometry", "rn_geometry", "train_sample"]
+__all__ = [
+    "GEOMETRIES",
+    "Geometry",
+    "LBAM_LOAD_SIZE",
+    "center_crop",
+    "lbam_geometry",
+    "random_crop_flip",
+    "rn_geometry",
+    "train_sample",
+]
 
 Geometry = Literal["crop", "rn", "lbam"]
 GEOMETRIES: tuple[str, ...] = ("crop", "rn", "lbam")
@@ -59,6 +69,42 @@ def _pil_resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resamp
     if array.shape[1] == size[0] and array.shape[0] == size[1]:
         return array
     return np.asarray(Image.fromarray(array).resize(size, resample))
+
+
+def _cover(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up-scale image (bicubic) and mask (nearest) together so the short side is at least ``size``."""
+    h, w = mask.shape
+    if min(h, w) >= size:
+        return image, mask
+    scale = size / min(h, w)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    image = np.asarray(Image.fromarray(image).resize(new, Image.Resampling.BICUBIC))
+    mask = np.asarray(Image.fromarray(mask).resize(new, Image.Resampling.NEAREST))
+    return image, mask
+
+
+def random_crop_flip(
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``crop`` geometry: the same random ``size`` square crop and the same horizontal flip (p = 0.5) on image
+    and mask (both up-scaled first when the short side is below ``size``)."""
+    image, mask = _cover(image, mask, size)
+    h, w = mask.shape
+    y0 = int(rng.integers(0, h - size + 1))
+    x0 = int(rng.integers(0, w - size + 1))
+    image = image[y0 : y0 + size, x0 : x0 + size]
+    mask = mask[y0 : y0 + size, x0 : x0 + size]
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def center_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centre ``size`` square of image and mask (up-scaled first when smaller): the eval loader's geometry."""
+    image, mask = _cover(image, mask, size)
+    h, w = mask.shape
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return image[y0 : y0 + size, x0 : x0 + size], mask[y0 : y0 + size, x0 : x0 + size]
 
 
 def _flip(rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -98,24 +144,18 @@ def lbam_geometry(
     return _flip(rng, image, mask)  # type: ignore[return-value]
 
 
-CropFlip = Callable[[np.ndarray, np.ndarray, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
-
-
 def train_sample(
     image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator, geometry: Geometry = "crop",
-    pooled: bool = False, random_crop_flip: CropFlip | None = None,
+    pooled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training crop (image, mask) of ``size``² by ``geometry``; ``pooled``: ``mask`` is a pool mask drawn for
-    this load (any size), not the image's own shard mask. ``random_crop_flip`` is the ``crop`` geometry's joint
-    crop and flip (the loaders pass ``pipeline.data.loaders.random_crop_flip``, whose module imports this one)."""
+    this load (any size), not the image's own shard mask."""
     if geometry == "rn":
         return rn_geometry(image, mask, size, rng, pooled)
     if geometry == "lbam":
         return lbam_geometry(image, mask, size, rng, pooled)
     if geometry != "crop":
         raise ValueError(f"train geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
-    if random_crop_flip is None:
-        raise ValueError("the crop geometry needs random_crop_flip")
     if pooled:
         mask = _pil_resize(_centre_square(mask), (size, size), Image.Resampling.NEAREST)
         placeholder = np.zeros(image.shape[:2], dtype=np.uint8)

@@ -28,8 +28,12 @@ from pydantic import Field
 
 from models.inception import to_uint8
 from models.inpaint import inpaint_tensor
+from models.registry import get_architecture
 from pipeline.buckets import HOLE_RATIO_BUCKETS, Bucket, bucket_names, bucket_of, check_buckets, hole_ratios
 from pipeline.config import Config
+from pipeline.data.loaders import make_eval_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.evaluation.metrics import BucketedMetrics
 from pipeline.evaluation.perceptual import (
     MetricWeights,
     PerceptualAccumulator,
@@ -37,6 +41,7 @@ from pipeline.evaluation.perceptual import (
     PerceptualSettings,
     perceptual_summary,
 )
+from pipeline.pictures import show_hole
 
 __all__ = [
     "EvaluationSettings",
@@ -102,8 +107,6 @@ class GeneratorSpec:
     @classmethod
     def from_state_dict(cls, arch: str, state_dict: Mapping[str, torch.Tensor], **kwargs: Any) -> "GeneratorSpec":
         """A generator of ``arch`` (built with ``kwargs``) holding ``state_dict`` (strict)."""
-        from models.registry import get_architecture
-
         generator = get_architecture(arch).generator(**kwargs)
         generator.load_state_dict(dict(state_dict), strict=True)
         return cls(arch, generator.float().eval())
@@ -210,7 +213,6 @@ def _keep_samples(kept: dict[str, list[Sample]], limit: int, image: torch.Tensor
     """Keep the ``limit`` smallest keys per bucket (a rule that does not depend on how the set was split)."""
     if limit == 0:
         return
-    from pipeline.pictures import show_hole  # the one way every holefill picture draws the hole
 
     masked = show_hole(image, mask)
     for index, key in enumerate(keys):
@@ -233,8 +235,6 @@ def eval_set_buckets(manifest: Any) -> tuple[Bucket, ...]:
 
 
 def _buckets_of(eval_manifest: str, storage_options: Mapping[str, Any] | None) -> tuple[Bucket, ...]:
-    from pipeline.data.manifest import load_manifest
-
     if not str(eval_manifest).endswith(".json"):  # a shard list: no manifest to read its buckets from
         return HOLE_RATIO_BUCKETS
     return eval_set_buckets(load_manifest(eval_manifest, storage_options))
@@ -254,9 +254,6 @@ def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings
     ``forward_context``: entered around each generator call (training's autocast). ``storage_options``: for the
     shards (default: ``settings.storage_options``). The generator runs in eval mode and is handed back in the mode
     it came in."""
-    from pipeline.data.loaders import make_eval_loader
-    from pipeline.evaluation.metrics import BucketedMetrics
-
     storage_options = storage_options if storage_options is not None else (settings.storage_options or None)
     buckets = check_buckets(buckets) if buckets is not None else _buckets_of(eval_manifest, storage_options)
     device = torch.device("cuda" if settings.use_gpu else settings.device)
@@ -291,8 +288,6 @@ def evaluate_slice(generator: nn.Module, arch: str, eval_manifest: str, settings
 def merge_slices(parts: Sequence[SlicePart], metrics: Sequence[str],
                  samples_per_bucket: int) -> tuple[dict[str, float], list[Sample], PerceptualPart]:
     """One summary, the kept samples (smallest keys per bucket) and the merged per-image records of every part."""
-    from pipeline.evaluation.metrics import BucketedMetrics
-
     if sum(p.images for p in parts) == 0:
         raise ValueError("the eval set yielded no samples")
     buckets = parts[0].buckets

@@ -22,9 +22,12 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from models.inception import FIDInceptionV3, to_uint8
 from models.lpips import LPIPS
-from pipeline.paths import LocalPath
+from models.statedict import read_weights_file
 from pipeline.buckets import HOLE_RATIO_BUCKETS, Bucket, bucket_names, bucket_of
 from pipeline.config import Config
+from pipeline.evaluation.fid import fid_from_features
+from pipeline.evaluation.pids import inception_discriminative_scores
+from pipeline.paths import LocalPath
 
 __all__ = [
     "PERCEPTUAL_METRICS",
@@ -121,8 +124,6 @@ class MetricWeights:
 
 
 def _read(settings: PerceptualSettings, key: str):
-    from models.statedict import read_weights_file
-
     try:
         return read_weights_file(getattr(settings, key), settings.storage_options or None)
     except ValueError as exc:
@@ -225,9 +226,6 @@ def _row(ratio: float, buckets: Sequence[Bucket]) -> int:
 def perceptual_summary(part: PerceptualPart, metrics: Sequence[str],
                        buckets: Sequence[Bucket] = HOLE_RATIO_BUCKETS) -> dict[str, float]:
     """``fid``/``lpips`` overall and per bucket (FID where a bucket has ≥ 2 images), ``p_ids``/``u_ids`` overall."""
-    from pipeline.evaluation.fid import fid_from_features
-    from pipeline.evaluation.pids import inception_discriminative_scores
-
     out: dict[str, float] = {}
     rows = np.asarray(part.rows, dtype=np.int64)
     scopes = [("", np.ones(len(rows), dtype=bool))] + [(f"/{b}", rows == i) for i, b in enumerate(bucket_names(buckets))]

@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn as nn
 
-from pipeline.joblog import LOG_FORMAT
-from pipeline.raycluster import ensure_ray
+from pipeline.buckets import Bucket
+from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.evaluation.evaluate import (
     METRICS,
     EvaluationResult,
@@ -31,9 +31,10 @@ from pipeline.evaluation.evaluate import (
     evaluate_slice,
     merge_slices,
 )
-from pipeline.buckets import Bucket
 from pipeline.evaluation.feature_cache import covers, load_truth_features, save_truth_features, truth_cache_url
 from pipeline.evaluation.perceptual import RANDOM, MetricWeights, load_metric_weights
+from pipeline.joblog import LOG_FORMAT
+from pipeline.raycluster import ensure_ray
 
 __all__ = ["evaluate_on_manifest", "metric_set_id", "numerics_class"]
 
@@ -82,8 +83,6 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     """Evaluate ``generator`` (known to its caller as ``model_ref``) on the pinned set ``eval_manifest``
     with ``settings.num_workers`` Ray workers. ``weights``: metric weights already loaded by the caller
     (:func:`load_metric_weights`), else they are loaded here first."""
-    from pipeline.data.manifest import load_manifest, manifest_hash
-
     settings = settings or EvaluationSettings()
     manifest = load_manifest(eval_manifest, settings.storage_options or None)
     if manifest.kind != "eval":

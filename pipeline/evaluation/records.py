@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from pipeline.evaluation.evaluate import EvaluationResult, Sample
+from pipeline.tracking import get_or_create_experiment, redact
 
 __all__ = ["EVAL_TAG_PREFIX", "log_evaluation", "read_evaluation", "samples_from_npz", "samples_to_npz"]
 
@@ -58,10 +59,9 @@ def log_evaluation(tracking_uri: str, result: EvaluationResult, model_name: str 
     When the model is a registered version, its tags get ``holefill.eval.<hash12>.<metric>`` for quick
     comparison and ``holefill.eval.<hash12>.<metric_set>.run_id`` (the cache entry).
     """
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-
-    from pipeline.tracking import get_or_create_experiment, redact
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     model_id = None
@@ -113,6 +113,7 @@ def cache_tag(eval_manifest_hash: str, metric_set: str) -> str:
 
 def read_evaluation(tracking_uri: str, run_id: str) -> EvaluationResult:
     """The :class:`EvaluationResult` recorded in run ``run_id`` by :func:`log_evaluation` (``cached=True``)."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

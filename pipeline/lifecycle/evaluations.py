@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.paths import PathStr
 from pipeline.config import Config
+from pipeline.data.manifest import load_manifest, manifest_hash
+from pipeline.errors import one_line
 from pipeline.evaluation.evaluate import EvaluationResult, EvaluationSettings, GeneratorSpec, Sample
 from pipeline.evaluation.perceptual import MetricWeights, load_metric_weights
 from pipeline.evaluation.ray_eval import evaluate_on_manifest, metric_set_id
 from pipeline.evaluation.records import cache_tag, log_evaluation, read_evaluation
 from pipeline.lifecycle.inference import load_model_ref
+from pipeline.paths import PathStr
 
 __all__ = ["EvaluateJobConfig", "RegistryEvaluator", "evaluate_model", "parse_registered_ref", "registry_evaluator"]
 
@@ -80,8 +82,6 @@ class RegistryEvaluator:
 
     def __init__(self, tracking_uri: str, eval_manifest: str, settings: EvaluationSettings | None = None,
                  log_results: bool = True, reuse_cached: bool = True, weights: MetricWeights | None = None) -> None:
-        from pipeline.data.manifest import load_manifest, manifest_hash
-
         self.tracking_uri, self.eval_manifest = tracking_uri, eval_manifest
         self.settings = settings or EvaluationSettings()
         self.log_results, self.reuse_cached = log_results, reuse_cached
@@ -92,6 +92,7 @@ class RegistryEvaluator:
 
     def cached(self, name: str, version: str) -> EvaluationResult | None:
         """The recorded evaluation of ``name``/``version`` on this eval set and metric set, if any."""
+        # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -103,7 +104,7 @@ class RegistryEvaluator:
             return read_evaluation(self.tracking_uri, run_id)
         except MlflowException as exc:  # the run was deleted: evaluate again
             log.warning("cached evaluation run %s of %s/%s is unreadable (%s); evaluating again", run_id, name, version,
-                        str(exc).splitlines()[0])
+                        one_line(exc))
             return None
 
     def __call__(self, name: str, version: str) -> dict[str, float]:

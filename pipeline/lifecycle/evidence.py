@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.evaluation.evaluate import PER_BUCKET_METRICS, Sample
+from pipeline.tracking import get_or_create_experiment
 
 __all__ = ["bucket_pictures", "comparison_markdown", "log_evidence"]
 
@@ -65,8 +66,6 @@ def bucket_pictures(champion: Sequence[Sample], challenger: Sequence[Sample]) ->
 def log_evidence(client, experiment: str, model: str, challenger: str, champion: str | None, decision_markdown: str,
                  pictures: Mapping[str, np.ndarray]) -> str:
     """One run holding ``decision.md`` and ``pictures/<bucket>.png``; returns its id."""
-    from pipeline.tracking import get_or_create_experiment
-
     run = client.create_run(get_or_create_experiment(client, experiment),
                             run_name=f"promotion-{model}-{challenger}-vs-{champion or 'none'}",
                             tags={"holefill.model_name": model, "holefill.model_version": challenger,

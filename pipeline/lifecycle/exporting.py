@@ -25,6 +25,7 @@ from pydantic import Field
 from models.inpaint import composite
 from models.registry import get_architecture
 from pipeline.config import Config
+from pipeline.tracking import mlflow_client
 
 __all__ = ["CompositedGenerator", "ExportJobConfig", "ExportResult", "export_generator", "verify_export",
            "verification_sizes", "log_export"]
@@ -144,8 +145,6 @@ def verify_export(path: str | os.PathLike, fmt: Format, generator: nn.Module, ar
 
 def log_export(tracking_uri: str, name: str, version: str, result: ExportResult) -> str:
     """Log the exported file under ``exports/`` of the version's run and tag the version; returns its URI."""
-    from pipeline.tracking import mlflow_client
-
     client = mlflow_client(tracking_uri)
     run_id = client.get_model_version(name, version).run_id
     if not run_id:

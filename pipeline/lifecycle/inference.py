@@ -3,7 +3,7 @@
 :func:`load_model_ref` turns an MLflow URI, a training checkpoint or a weights file into a generator;
 :func:`inpaint_paths` inpaints image files (any size, through :func:`models.inpaint.inpaint_tensor`) with
 masks from files or generated ones, and writes the composited results. Large photos go through windows
-around their holes (``hires``, see :class:`pipeline.lifecycle.packaging.HiresConfig`) unless told otherwise.
+around their holes (``hires``, see :class:`pipeline.lifecycle.packaging.HiresSettings`) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ import torch.nn as nn
 
 from PIL import Image, ImageOps
 
+from models.convert import extract_state_dict, load_weights_file
 from models.inpaint import CropStrategy, Fit, inpaint_tensor
-from pipeline.paths import LocalPath, OutputPathStr, PathStr
+from models.registry import get_architecture
 from pipeline.config import Config
-from pipeline.lifecycle.packaging import HiresConfig
+from pipeline.data.imageops import decode_mask_png, to_rgb
+from pipeline.data.masks.generators import make_mask
+from pipeline.errors import one_line
+from pipeline.lifecycle.packaging import HiresSettings, load_generator
+from pipeline.paths import LocalPath, OutputPathStr, PathStr
+from pipeline.tracking import to_hwc_uint8
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -55,8 +61,6 @@ def load_model_ref(ref: str, tracking_uri: str | None = None, arch: str | None =
     * a weights file (``.pt``/``.pth``, any fsspec URL): loaded ``weights_only``; ``arch`` is required
       unless the file wraps the state dict as ``{"arch": ..., "state_dict": ...}``.
     """
-    from pipeline.lifecycle.packaging import load_generator
-
     if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         return load_generator(ref, tracking_uri)
     path = Path(ref)
@@ -71,9 +75,6 @@ def load_model_ref(ref: str, tracking_uri: str | None = None, arch: str | None =
 
 
 def _build(arch: str | None, weights_url: str, ref: str) -> tuple[nn.Module, str]:
-    from models.convert import extract_state_dict, load_weights_file
-    from models.registry import get_architecture
-
     payload = load_weights_file(weights_url)
     if arch is None and isinstance(payload, dict) and isinstance(payload.get("arch"), str):
         arch = payload["arch"]
@@ -83,7 +84,7 @@ def _build(arch: str | None, weights_url: str, ref: str) -> tuple[nn.Module, str
     try:
         generator.load_state_dict(extract_state_dict(payload), strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{ref} does not hold {arch} generator weights: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{ref} does not hold {arch} generator weights: {one_line(exc)}") from None
     return generator.float().eval(), arch
 
 
@@ -93,8 +94,6 @@ def _build(arch: str | None, weights_url: str, ref: str) -> tuple[nn.Module, str
 
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file (EXIF orientation applied, any mode -> RGB) as a (1,3,H,W) float tensor in [0,1]."""
-    from pipeline.data.imageops import to_rgb
-
     try:
         with Image.open(path) as im:
             im = to_rgb(ImageOps.exif_transpose(im))
@@ -106,8 +105,6 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 def load_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
     """Read a mask PNG (255 = hole, binarised at 128) as (1,1,H,W) float; it must match the image size."""
-    from pipeline.data.imageops import decode_mask_png
-
     array = decode_mask_png(Path(path).read_bytes())
     if array.shape != (height, width):
         raise ValueError(f"mask {path} is {array.shape[1]}x{array.shape[0]}, image is {width}x{height}: sizes must match")
@@ -116,15 +113,11 @@ def load_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
 
 def generated_mask(height: int, width: int, key: str, spec: str = "lama_medium_256", seed: int = 0) -> torch.Tensor:
     """A deterministic mask for ``key`` from a registered generator, as (1,1,H,W) float (1 = hole)."""
-    from pipeline.data.masks.generators import make_mask
-
     return torch.from_numpy(make_mask(spec, seed, key, height, width) > 127).float()[None, None]
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> None:
     """Write a (1,3,H,W) or (3,H,W) float tensor in [0,1] as an image file (format from the suffix)."""
-    from pipeline.tracking import to_hwc_uint8
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_hwc_uint8(image)).save(path)
 
@@ -199,7 +192,7 @@ class InpaintJobConfig(Config):
     mask: Annotated[str | None, LocalPath()] = None
     out: OutputPathStr
     fit: Fit = "pad"
-    hires: HiresConfig = HiresConfig()  # large photos: windows around the holes (strategy: crop) or whole
+    hires: HiresSettings = HiresSettings()  # large photos: windows around the holes (strategy: crop) or whole
     mask_generator: str = "lama_medium_256"
     seed: int = 0
     device: str = "cpu"

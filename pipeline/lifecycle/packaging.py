@@ -37,9 +37,10 @@ from models.codec import DEFAULT_MAX_PIXELS, encode_png
 from models.inpaint import CropStrategy
 from models.registry import architectures, get_architecture
 from pipeline.config import Config
+from pipeline.errors import one_line
 from pipeline.tracking import mlflow_client, redact, tag_dict
 
-__all__ = ["HiresConfig", "LoadedModel", "ServingDefaults", "architecture_of", "build_generator", "load_generator",
+__all__ = ["HiresSettings", "LoadedModel", "ServingDefaults", "architecture_of", "build_generator", "load_generator",
            "load_model", "log_and_register_generator", "model_format", "reregister_version"]
 
 # The model's code file is executed by MLflow, never imported here (it calls mlflow.models.set_model on import);
@@ -52,7 +53,7 @@ LEGACY_FORMAT = "holefill-generator/1"  # a cloudpickled wrapper (registered bef
 _MODELS_PACKAGE = Path(models.__file__).resolve().parent  # bundled as the model's code
 
 
-class HiresConfig(Config):
+class HiresSettings(Config):
     """How large images are inpainted (see :class:`models.inpaint.CropStrategy`).
 
     ``strategy: crop`` inpaints a window (hole bounding box + ``margin``) around each hole of images whose
@@ -82,7 +83,7 @@ class ServingDefaults(Config):
     """What a registered model does with HTTP requests (stored as the model's ``model_config``)."""
 
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    hires: HiresConfig = HiresConfig()
+    hires: HiresSettings = HiresSettings()
 
     def model_config_dict(self) -> dict[str, Any]:
         """The flat dict :mod:`pipeline.lifecycle.pyfunc_model` reads from ``context.model_config``."""
@@ -95,7 +96,7 @@ class ServingDefaults(Config):
         config = dict(config or {})
         hires = {k: config[k] for k in ("strategy", "margin", "trigger", "limit") if k in config}
         return cls(**({"max_pixels": int(config["max_pixels"])} if "max_pixels" in config else {}),
-                   hires=HiresConfig(**hires))
+                   hires=HiresSettings(**hires))
 
 
 def build_generator(spec: Mapping[str, Any], weights_path: str | os.PathLike) -> tuple[nn.Module, str]:
@@ -131,6 +132,7 @@ def _fluent_target(tracking_uri: str | None, experiment_id: str | None) -> Itera
     for subprocesses, so the previous module state *and* environment are put back afterwards: this library
     never leaks global configuration into its caller. (Uses MLflow internals; pinned by the tests.)
     """
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow.tracking._model_registry.utils as registry_state
     import mlflow.tracking.fluent as fluent
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -159,6 +161,7 @@ def _pip_requirements() -> list[str]:
     Pillow is asked for by major version only: the training host may run pillow-simd (same ``PIL`` package,
     versions Pillow never published), and the model uses nothing newer than Pillow's basic codecs.
     """
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow
     import PIL
 
@@ -183,6 +186,7 @@ def _restored_sys_path() -> Iterator[None]:
 
 
 def _signature():
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -218,6 +222,7 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
     ``holefill.arch``. ``generator_kwargs`` rebuild the network at load time; by default the ones ``model`` was
     built with (its ``constructor_kwargs``). Returns the ``ModelVersion``.
     """
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow
     from mlflow.models import Model
 
@@ -257,11 +262,6 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
     return client.get_model_version(registered_model, version)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A registered generator rebuilt in a holefill process: the module (eval mode), its architecture, its spec
@@ -291,12 +291,13 @@ def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str, S
     try:
         serving = ServingDefaults.from_model_config(pyfunc.get("config"))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"model {redact(model_uri)} has unreadable serving defaults: {_one_line(exc)}") from None
+        raise ValueError(f"model {redact(model_uri)} has unreadable serving defaults: {one_line(exc)}") from None
     return weights, spec, LEGACY_FORMAT if legacy else MODEL_FORMAT, serving
 
 
 def _read_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
     """The generator, spec, format and serving defaults of a model URI or folder (weights and spec artifacts only)."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow.artifacts
 
     if Path(model_uri).is_dir():
@@ -306,7 +307,7 @@ def _read_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=download)
         except Exception as exc:
-            raise ValueError(f"cannot load model {redact(model_uri)}: {_one_line(exc)}") from None
+            raise ValueError(f"cannot load model {redact(model_uri)}: {one_line(exc)}") from None
         return _from_folder(Path(local), model_uri)
 
 
@@ -316,7 +317,7 @@ def _from_folder(model_dir: Path, model_uri: str) -> LoadedModel:
         spec = json.loads(spec_file.read_text())
         generator, arch = build_generator(spec, weights)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"model {redact(model_uri)} holds unreadable generator weights: {_one_line(exc)}") from None
+        raise ValueError(f"model {redact(model_uri)} holds unreadable generator weights: {one_line(exc)}") from None
     return LoadedModel(generator, arch, spec, fmt, serving)
 
 

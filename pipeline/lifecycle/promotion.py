@@ -27,16 +27,18 @@ from typing import Callable, Literal, Mapping
 
 from pydantic import Field, field_validator
 
-from pipeline.paths import PathStr
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import EvaluationSettings
+from pipeline.lifecycle.evidence import bucket_pictures, comparison_markdown, log_evidence
+from pipeline.paths import PathStr
+from pipeline.tracking import MAX_TAG_VALUE_CHARS, truncate
 
 __all__ = [
     "CHAMPION",
     "PREVIOUS_CHAMPION",
     "CHALLENGER",
-    "GateConfig",
+    "GateSettings",
     "GateDecision",
     "GateRule",
     "PromotionOutcome",
@@ -94,7 +96,7 @@ PERCEPTUAL_RULES = (
 )
 
 
-class GateConfig(Config):
+class GateSettings(Config):
     """The promotion gate: every rule must pass; ``min_values`` are absolute floors (first champion too).
 
     ``rules`` unset (``null``): FID and LPIPS rules (:data:`PERCEPTUAL_RULES`) when both models have FID and
@@ -152,7 +154,7 @@ class GateDecision:
         return "\n".join(lines)
 
 
-def _valid(summary: Mapping[str, float], gate: GateConfig) -> list[str]:
+def _valid(summary: Mapping[str, float], gate: GateSettings) -> list[str]:
     """Reasons a single model's evaluation is not acceptable at all (empty when it is)."""
     problems = []
     count = summary.get("count", 0)
@@ -184,7 +186,7 @@ def _scopes(rule: GateRule, champion: Mapping[str, float], challenger: Mapping[s
 
 
 def evaluate_gate(challenger: Mapping[str, float], champion: Mapping[str, float] | None,
-                  gate: GateConfig) -> GateDecision:
+                  gate: GateSettings) -> GateDecision:
     """Decide whether ``challenger`` may replace ``champion`` (``None``: there is no champion yet)."""
     rules, basis = gate.resolve(champion, challenger)
     problems = _valid(challenger, gate)
@@ -220,6 +222,7 @@ def evaluate_gate(challenger: Mapping[str, float], champion: Mapping[str, float]
 
 def current_champion(client, name: str, alias: str = CHAMPION) -> str | None:
     """Version number ``alias`` points at right now, or ``None`` (no such model or alias)."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow.exceptions import MlflowException
 
     try:
@@ -250,8 +253,6 @@ class PromotionOutcome:
 
 
 def _describe(outcome: PromotionOutcome, eval_set: str, evidence_run: str | None = None) -> str:
-    from pipeline.lifecycle.evidence import comparison_markdown
-
     decision = outcome.decision
     head = (f"**Promotion gate: {outcome.action.replace('_', ' ')}** "
             f"({datetime.now(timezone.utc).isoformat(timespec='seconds')}, eval set `{eval_set}`)\n\n"
@@ -269,9 +270,6 @@ def _describe(outcome: PromotionOutcome, eval_set: str, evidence_run: str | None
 
 def _record(client, outcome: PromotionOutcome, eval_set: str, evaluator: Evaluator | None = None,
             evidence_experiment: str = "holefill-promotion") -> None:
-    from pipeline.lifecycle.evidence import bucket_pictures, comparison_markdown, log_evidence
-    from pipeline.tracking import MAX_TAG_VALUE_CHARS, truncate
-
     evidence_run = None
     if outcome.decision is not None:
         # Pictures come from evaluators that keep samples (the registry evaluator does); table-driven ones give none.
@@ -305,7 +303,7 @@ def _record(client, outcome: PromotionOutcome, eval_set: str, evaluator: Evaluat
     client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set, evidence_run))
 
 
-def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: GateConfig,
+def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: GateSettings,
             eval_set: str = "", champion_alias: str = CHAMPION,
             evidence_experiment: str = "holefill-promotion") -> PromotionOutcome:
     """Evaluate version ``challenger`` of model ``name`` against the current champion and move the alias
@@ -360,12 +358,13 @@ class PromoteJobConfig(Config):
     challenger: str = "latest"
     eval_manifest: PathStr
     tracking_uri: str | None = None
-    gate: GateConfig = GateConfig()
+    gate: GateSettings = GateSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
 
 
 def resolve_version(client, name: str, ref: str) -> str:
     """A version number from ``ref``: digits as given, ``latest`` (highest number), else an alias name."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow.exceptions import MlflowException
 
     if ref.isdigit():

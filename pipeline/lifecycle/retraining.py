@@ -32,12 +32,17 @@ from typing import Annotated, Any, Callable, Literal, Mapping
 from pydantic import Field, ValidationError, create_model
 
 from pipeline.config import Config, ConfigError, derive, first_error
-from pipeline.data.shardjob.run import ShardJobConfig
-from pipeline.data.sources import SourceSpec
+from pipeline.data.manifest import load_manifest, manifest_url_for
+from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
+from pipeline.data.sources import SourceSettings, list_source, new_items
 from pipeline.evaluation.evaluate import EvaluationSettings
-from pipeline.fsutil import StorageOptions, is_remote, join_url, publish_bytes, url_to_fs
-from pipeline.lifecycle.promotion import CHALLENGER, GateConfig
+from pipeline.fsutil import StorageSettings, is_remote, join_url, publish_bytes, url_to_fs
+from pipeline.lifecycle.evaluations import RegistryEvaluator
+from pipeline.lifecycle.packaging import load_generator
+from pipeline.lifecycle.promotion import CHALLENGER, GateSettings, current_champion, promote
+from pipeline.lifecycle.training import train_and_register
 from pipeline.paths import LocalPath, OutputPathStr, PathStr
+from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.train.config import TrainJobConfig, load_train_config
 
 __all__ = ["LockHeld", "RetrainJobConfig", "RetrainLock", "RetrainOutcome", "run_retraining"]
@@ -68,18 +73,18 @@ ShardSettings = create_model(
 class RetrainJobConfig(Config):
     """``jobs/retrain.py`` (see ``jobs/configs/retrain.yaml``)."""
 
-    source: SourceSpec
+    source: SourceSettings
     data_root: OutputPathStr = Field(min_length=1, description="folder of the data versions v0001, v0002, ... and LATEST.json")
     base_manifest: Annotated[str | None, LocalPath()] = Field(None, description="version to extend when data_root has no LATEST.json yet")
     shard: ShardSettings = Field(default_factory=ShardSettings, description="shard job settings (samples_per_shard, masks, seed, ...)")
-    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    storage_options: StorageSettings = Field(default_factory=StorageSettings)
     min_new_items: int = Field(default=1, ge=1)
     train_config: PathStr = Field(min_length=1, description="training YAML (jobs/configs/train_*.yaml)")
     train_overrides: list[str] = Field(default_factory=list)
     eval_manifest: PathStr = Field(min_length=1)
     registered_model: str = Field(min_length=1)
     tracking_uri: str | None = None
-    gate: GateConfig = Field(default_factory=GateConfig)
+    gate: GateSettings = Field(default_factory=GateSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     lock: LockSettings = Field(default_factory=LockSettings)
 
@@ -253,8 +258,6 @@ def export_champion_weights(tracking_uri: str, name: str, version: str, url: str
 
     import torch
 
-    from pipeline.lifecycle.packaging import load_generator
-
     generator, _ = load_generator(f"models:/{name}/{version}", tracking_uri)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in generator.state_dict().items()}, buffer)
@@ -269,9 +272,8 @@ def export_champion_weights(tracking_uri: str, name: str, version: str, url: str
 def run_retraining(config: RetrainJobConfig, env: Mapping[str, str] | None = None,
                    train_fn: Callable[[TrainJobConfig], Any] | None = None) -> RetrainOutcome:
     """One retrain run (see the module docstring). ``train_fn`` defaults to ``train_and_register``."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
-
-    from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(config.tracking_uri, env if env is not None else os.environ)
     check_tracking_server(tracking_uri)
@@ -321,12 +323,6 @@ def _train_config(config: RetrainJobConfig, tracking_uri: str, manifest_url: str
 
 
 def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
-    from pipeline.data.manifest import load_manifest, manifest_url_for
-    from pipeline.data.shardjob.run import run_shard_job
-    from pipeline.data.sources import list_source, new_items
-    from pipeline.lifecycle.evaluations import RegistryEvaluator
-    from pipeline.lifecycle.promotion import promote
-
     previous_number, previous_url = _previous_version(config)
     previous = load_manifest(previous_url, config.storage_options) if previous_url else None
     listing = list_source(config.source, config.storage_options)
@@ -358,7 +354,7 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     else:
         log.info("no champion yet: training from scratch")
     if train_fn is None:
-        from pipeline.lifecycle.training import train_and_register as train_fn
+        train_fn = train_and_register
     result = train_fn(train_config)
     version = str(result.model_version)
     client.set_registered_model_alias(config.registered_model, CHALLENGER, version)
@@ -375,7 +371,5 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
 
 
 def _champion(client, name: str) -> str | None:
-    from pipeline.lifecycle.promotion import current_champion
-
     return current_champion(client, name)
 

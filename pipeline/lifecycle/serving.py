@@ -44,17 +44,19 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 from pydantic import Field
+import ray
 from ray import serve
 from starlette.responses import Response
 
 from models.codec import decode_request, encode_png
 from models.inpaint import CropStrategy, inpaint_tensor
-from pipeline.config import Config
-from pipeline.lifecycle.packaging import HiresConfig, LoadedModel, ServingDefaults, load_model
-from pipeline.tracking import mlflow_client, redact
+from pipeline.config import Config, load_config
+from pipeline.errors import one_line
+from pipeline.lifecycle.packaging import HiresSettings, LoadedModel, ServingDefaults, load_model
+from pipeline.tracking import mlflow_client, redact, resolve_tracking_uri
 
 __all__ = ["AliasFollowingInpainter", "Answer", "InpaintRequest", "InpaintingDeployment", "RefreshBroadcast",
-           "ServeConfig", "ServedModel", "build_app", "use_gpu"]
+           "ServeJobConfig", "ServedModel", "build_app", "use_gpu"]
 
 log = logging.getLogger("holefill.serve")
 
@@ -63,7 +65,7 @@ log = logging.getLogger("holefill.serve")
 ADMIN_SLOTS = 2
 
 
-class ServeConfig(Config):
+class ServeJobConfig(Config):
     """``jobs/serve.py``: which model to follow, how to batch, where to run.
 
     What a request may be (``max_pixels``) and how large photos are inpainted (``hires``) are the served
@@ -82,7 +84,7 @@ class ServeConfig(Config):
     use_gpu: Literal["auto"] | bool = "auto"
     num_cpus: float = Field(default=1.0, ge=0)
     max_pixels: int | None = Field(default=None, ge=1)  # None: the served version's own
-    hires: HiresConfig | None = None  # None: the served version's own
+    hires: HiresSettings | None = None  # None: the served version's own
     app_name: str = "holefill"
     route_prefix: str = "/inpaint"
     host: str = "127.0.0.1"  # HTTP proxy address (0.0.0.0 to serve other hosts)
@@ -137,9 +139,9 @@ class Answer:
 def _failure(version: str, exc: BaseException) -> Answer:
     """Bad input is the client's (400); anything else is ours (500), logged with its traceback."""
     if isinstance(exc, ValueError):
-        return Answer(version, status=400, error=_one_line(exc))
+        return Answer(version, status=400, error=one_line(exc))
     log.error("inpainting failed with version %s", version, exc_info=exc)
-    return Answer(version, status=500, error=f"internal error: {_one_line(exc)}")
+    return Answer(version, status=500, error=f"internal error: {one_line(exc)}")
 
 
 class AliasFollowingInpainter:
@@ -150,7 +152,7 @@ class AliasFollowingInpainter:
     image of a batch (and its answer) uses one version.
     """
 
-    def __init__(self, config: ServeConfig, device: str | torch.device = "cpu",
+    def __init__(self, config: ServeJobConfig, device: str | torch.device = "cpu",
                  loader: Callable[[str, str | None], LoadedModel] = load_model,
                  resolver: Callable[[], str] | None = None) -> None:
         self.config, self.device, self._loader = config, torch.device(device), loader
@@ -187,7 +189,7 @@ class AliasFollowingInpainter:
                 self.refresh()
             except Exception as exc:  # the registry may be down for a while: keep serving, say why
                 log.warning("alias refresh of %s@%s failed, still serving version %s: %s", self.config.model,
-                            self.config.alias, self.current.version, redact(_one_line(exc)))
+                            self.config.alias, self.current.version, redact(one_line(exc)))
 
     def decode(self, payload: Any) -> InpaintRequest:
         """A JSON request body (parsed) -> :class:`InpaintRequest`; ``ValueError`` with a one-line reason when bad.
@@ -215,7 +217,7 @@ class AliasFollowingInpainter:
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"request body is not JSON: {_one_line(exc)}") from None
+            raise ValueError(f"request body is not JSON: {one_line(exc)}") from None
         return self.decode(payload)
 
     def run_batch(self, items: list[InpaintRequest]) -> list[Answer]:
@@ -269,16 +271,9 @@ def use_gpu(setting: Literal["auto"] | bool) -> bool:
     """Whether replicas ask for a GPU: ``auto`` = the connected Ray cluster has one (else this machine does)."""
     if setting != "auto":
         return bool(setting)
-    import ray
-
     if ray.is_initialized():
         return ray.cluster_resources().get("GPU", 0) >= 1
     return torch.cuda.is_available()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _json(body: dict, status: int = 200) -> Response:
@@ -346,7 +341,7 @@ class InpaintingDeployment:
     """
 
     def __init__(self, config: dict, broadcast: Any = None) -> None:
-        self.config = ServeConfig.model_validate(config)
+        self.config = ServeJobConfig.model_validate(config)
         self.model = AliasFollowingInpainter(self.config, "cuda" if torch.cuda.is_available() else "cpu")
         self.replica = _replica()
         self._infer.set_max_batch_size(self.config.max_batch_size)
@@ -368,10 +363,10 @@ class InpaintingDeployment:
                         self.model.refresh()
                     except Exception as exc:  # the admin call names this replica's version; keep serving
                         log.warning("refresh of %s@%s failed on replica %s: %s", self.config.model, self.config.alias,
-                                    self.replica, redact(_one_line(exc)))
+                                    self.replica, redact(one_line(exc)))
                 self._generation = wanted  # a new replica starts fresh: nothing to catch up on
             except Exception as exc:
-                log.warning("refresh broadcast unreachable from replica %s: %s", self.replica, _one_line(exc))
+                log.warning("refresh broadcast unreachable from replica %s: %s", self.replica, one_line(exc))
 
     def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down
         self._stop.set()
@@ -398,7 +393,7 @@ class InpaintingDeployment:
         try:
             version = await asyncio.to_thread(self.model.refresh)
         except Exception as exc:
-            return _json({"error": f"refresh failed: {_one_line(exc)}", **await self._version()}, 503)
+            return _json({"error": f"refresh failed: {one_line(exc)}", **await self._version()}, 503)
         deadline = time.monotonic() + REFRESH_WAIT_S
         while generation is not None:
             behind = sorted(r for r, (g, _) in (await self._replicas()).items() if g < generation and r != self.replica)
@@ -429,12 +424,12 @@ class InpaintingDeployment:
         try:
             item = await asyncio.to_thread(self.model.parse, body)
         except ValueError as exc:
-            return _json({"error": _one_line(exc)}, 400)
+            return _json({"error": one_line(exc)}, 400)
         answer = await self._infer(item)
         return await asyncio.to_thread(_response, answer, item, self.config.model)
 
 
-def build_app(config: ServeConfig):
+def build_app(config: ServeJobConfig):
     """The Ray Serve application for ``config`` (``serve.run(build_app(config))``); GPUs per :func:`use_gpu`."""
     gpu = use_gpu(config.use_gpu)
     options = {"num_cpus": config.num_cpus, "num_gpus": 1 if gpu else 0}
@@ -449,13 +444,10 @@ def app_builder(args: dict[str, str]):
     Ray Serve's application-builder hook (also the ``import_path`` of a ``serve deploy`` config file, with the
     same ``args``). The tracking URI falls back to ``MLFLOW_TRACKING_URI`` as in every holefill job.
     """
-    from pipeline.config import load_config
-    from pipeline.tracking import resolve_tracking_uri
-
     unknown = set(args) - {"config", "set"}
     if unknown:
         raise ValueError(f"unknown serve argument(s) {', '.join(sorted(unknown))}: use config=FILE and set=k=v,k=v")
     overrides = [item for item in str(args.get("set") or "").split(",") if item]
-    config = load_config(ServeConfig, args.get("config"), overrides)
+    config = load_config(ServeJobConfig, args.get("config"), overrides)
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
     return build_app(config)

@@ -4,7 +4,8 @@ A :class:`TrainJobConfig` is built from YAML plus ``--set`` overrides by :func:`
 the job CLI); validating it also runs :func:`check_train_config`: the cross-section rules (GPU-only
 precisions, LBAM's fixed 256² discriminator input, ZeRO stages DeepSpeed can run here) that no single field
 can check on its own. ``model`` is a union discriminated on ``arch``: each registered architecture spec brings
-its own typed ``options`` and ``generator_options``. Every problem is a
+its own typed settings (``options``, ``generator_options``, ``discriminator_options``; each architecture's module
+of :mod:`pipeline.train.architectures`). Every problem is a
 :class:`~pipeline.config.ConfigError` whose one-line message names the key.
 """
 
@@ -14,29 +15,32 @@ import functools
 import os
 from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
+import torch
 from pydantic import Field, create_model, field_validator, model_validator
 
 import pipeline.train.architectures  # noqa: F401  (registers the specs the ``model`` union is built from)
+from pipeline.errors import one_line
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.fsutil import StorageOptions
+from pipeline.fsutil import StorageSettings
 from pipeline.paths import LocalPath, OutputPathStr, PathStr, resolve_config_paths
+from pipeline.train import cpu_precision
 from pipeline.train.spec import ArchitectureSpec, get_spec, specs
 
 __all__ = [
-    "DataSection",
-    "DeepSpeedSection",
-    "MlflowSection",
-    "ModelSection",
-    "ModelSectionBase",
-    "PerformanceSection",
-    "RunSection",
-    "ScalingSection",
+    "DataSettings",
+    "DeepSpeedSettings",
+    "MlflowSettings",
+    "ModelSettings",
+    "ModelSettingsBase",
+    "PerformanceSettings",
+    "RunSettings",
+    "ScalingSettings",
     "TrainJobConfig",
-    "TrainSection",
+    "TrainSettings",
     "check_train_config",
     "load_train_config",
-    "model_section",
-    "model_section_union",
+    "model_settings",
+    "model_settings_union",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -44,11 +48,11 @@ Precision = Literal["fp32", "bf16", "fp16"]
 DEFAULT_STORAGE_PATH = "~/ray_results"
 
 
-class ModelSectionBase(Config):
+class ModelSettingsBase(Config):
     """Which architecture to train (``arch``) and how: each trainable architecture's spec
     (:mod:`pipeline.train.spec`) gets its own subclass, and ``model`` is the union of them, discriminated on ``arch``.
 
-    ``options`` are the recipe's typed options (RN: ``l1_weight``, ``gan_weight``; LBAM: its loss weights,
+    ``options`` are the recipe's typed settings (RN: ``l1_weight``, ``gan_weight``; LBAM: its loss weights,
     ``adversarial``, ``vgg_weights`` / ``allow_random_vgg`` for the VGG16 of its perceptual loss): the validated
     object is handed to the recipe as is. ``generator_options`` are the generator constructor's keywords
     (RN: ``residual_blocks``, ``threshold``, ``per_sample_stats``; LBAM: ``width``), checked against its signature;
@@ -65,31 +69,31 @@ class ModelSectionBase(Config):
 
 
 @functools.cache
-def model_section(spec: ArchitectureSpec) -> type[ModelSectionBase]:
-    """The ``model`` section of ``spec``'s architecture: ``arch`` fixed to its name, its typed options."""
+def model_settings(spec: ArchitectureSpec) -> type[ModelSettingsBase]:
+    """The ``model`` section of ``spec``'s architecture: ``arch`` fixed to its name, its typed settings."""
     section = create_model(
-        f"{spec.name.upper()}ModelSection",
-        __base__=ModelSectionBase,
+        f"{spec.name.upper()}ModelSettings",
+        __base__=ModelSettingsBase,
         arch=(Literal[spec.name], ...),
         options=(spec.options, Field(default_factory=spec.options)),
         generator_options=(spec.generator_options, Field(default_factory=spec.generator_options)),
         discriminator_options=(spec.discriminator_config, Field(default_factory=spec.discriminator_config)),
     )
-    section.__doc__ = f"``model`` of a {spec.name} training config (see :class:`ModelSectionBase`)."
+    section.__doc__ = f"``model`` of a {spec.name} training config (see :class:`ModelSettingsBase`)."
     globals()[section.__name__] = section  # importable by name: a config pickles by reference (Ray workers)
     return section
 
 
-def model_section_union() -> Any:
+def model_settings_union() -> Any:
     """The type of ``model``: the union of every registered spec's section, discriminated on ``arch``."""
-    sections = tuple(model_section(spec) for spec in specs())
+    sections = tuple(model_settings(spec) for spec in specs())
     return Annotated[Union[sections], Field(discriminator="arch")] if len(sections) > 1 else sections[0]
 
 
-ModelSection = model_section_union()
+ModelSettings = model_settings_union()
 
 
-class DataSection(Config):
+class DataSettings(Config):
     """Where the shards are: manifests written by the shard job (local path, ``file://`` or ``s3://``)."""
 
     train_manifest: PathStr
@@ -97,7 +101,7 @@ class DataSection(Config):
     crop_size: int = Field(256, gt=0)
     loader_workers: int = Field(2, ge=0)
     eval_batch_size: int = Field(4, gt=0)
-    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    storage_options: StorageSettings = Field(default_factory=StorageSettings)
     train_geometry: Literal["crop", "rn", "lbam"] = Field(
         "crop",
         description="stored image -> training crop: crop (random crop + flip), rn (centre square -> bilinear resize "
@@ -110,7 +114,7 @@ class DataSection(Config):
     )
 
 
-class TrainSection(Config):
+class TrainSettings(Config):
     """Step budget and cadences, all counted in optimiser steps (one step = ``gradient_accumulation_steps``
     micro-batches of ``batch_size`` images on every worker). A cadence of 0 turns that activity off except at
     the final step, which always validates, logs and checkpoints."""
@@ -130,7 +134,7 @@ class TrainSection(Config):
     )
 
 
-class DeepSpeedSection(Config):
+class DeepSpeedSettings(Config):
     """DeepSpeed engine settings shared by the generator and discriminator engines."""
 
     zero_stage: int = 0
@@ -158,7 +162,7 @@ class DeepSpeedSection(Config):
         return stage
 
 
-class PerformanceSection(Config):
+class PerformanceSettings(Config):
     """GPU speed switches. Each stays off until a measurement on the target GPU shows it pays
     (``make gpu-check`` prints the table); none changes the maths beyond float rounding."""
 
@@ -171,7 +175,7 @@ class PerformanceSection(Config):
     )
 
 
-class ScalingSection(Config):
+class ScalingSettings(Config):
     """Ray Train workers: one per GPU when ``use_gpu``; gloo on CPU, NCCL on GPU."""
 
     num_workers: int = Field(gt=0)
@@ -194,7 +198,7 @@ class ScalingSection(Config):
         return env
 
 
-class RunSection(Config):
+class RunSettings(Config):
     """Run identity and checkpoint storage. Re-submitting with the same ``name`` and ``storage_path`` resumes.
 
     ``storage_path`` defaults to ``~/ray_results`` (Ray's own default), a location that outlives the Ray session
@@ -204,13 +208,13 @@ class RunSection(Config):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     storage_path: OutputPathStr = Field(DEFAULT_STORAGE_PATH, min_length=1)
-    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    storage_options: StorageSettings = Field(default_factory=StorageSettings)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
     checkpoints_to_keep: int = Field(2, gt=0)
     ray_address: str | None = Field(None, description="Ray cluster to join; None: RAY_ADDRESS or embedded local Ray")
 
 
-class MlflowSection(Config):
+class MlflowSettings(Config):
     """MLflow tracking: the driver creates (or resumes) the run; rank 0 logs to it; the driver registers the model."""
 
     tracking_uri: str
@@ -226,26 +230,28 @@ class TrainJobConfig(Config):
     ``TrainJobConfig`` that exists is one that training can trust.
     """
 
-    model: ModelSection
-    data: DataSection
-    train: TrainSection
-    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
-    performance: PerformanceSection = Field(default_factory=PerformanceSection)
-    scaling: ScalingSection
-    run: RunSection
-    mlflow: MlflowSection
+    model: ModelSettings
+    data: DataSettings
+    train: TrainSettings
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
+    scaling: ScalingSettings
+    run: RunSettings
+    mlflow: MlflowSettings
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "TrainJobConfig":
         check_train_config(self)
         if self.mlflow.registered_model is None:
+            # The one place mlflow.registered_model is defaulted: a validated config always names its model.
             self.mlflow.registered_model = self.model.arch
         return self
 
     @property
     def registered_model(self) -> str:
-        """Name the final generator is registered under in the MLflow model registry."""
-        return self.mlflow.registered_model or self.model.arch
+        """Name the final generator is registered under in the MLflow model registry (``mlflow.registered_model``,
+        the architecture's name unless set)."""
+        return self.mlflow.registered_model
 
 
 _fail = ConfigError.at
@@ -285,29 +291,25 @@ def check_train_config(config: TrainJobConfig) -> None:
     _check_network_options(config.model)
 
 
-def _check_cpu_bf16(ds: DeepSpeedSection, scaling: ScalingSection) -> None:
+def _check_cpu_bf16(ds: DeepSpeedSettings, scaling: ScalingSettings) -> None:
     """bf16 on CPU workers whose CPU lacks native bf16 would run ~240x slower than fp32: refuse before any
     manifest is read or Ray resource requested. The driver's CPU stands for its CPU workers (one machine, or a
     homogeneous CPU cluster); GPU workers compute bf16 on the GPU and are never refused."""
     if ds.precision != "bf16" or scaling.use_gpu or ds.allow_slow_cpu_bf16:
         return
-    from pipeline.train.cpu_precision import SLOWDOWN_ORDER, cpu_bf16_support
-
-    cpu = cpu_bf16_support()
+    cpu = cpu_precision.cpu_bf16_support()  # through the module: tests stand in another CPU there
     if not cpu.native:
         raise _fail(
             "deepspeed.precision",
-            f"bf16 on this CPU (capability {cpu.capability}, no AVX512_BF16/AMX) runs convolutions {SLOWDOWN_ORDER} "
+            f"bf16 on this CPU (capability {cpu.capability}, no AVX512_BF16/AMX) runs convolutions {cpu_precision.SLOWDOWN_ORDER} "
             "slower than fp32; set deepspeed.precision=fp32 (or deepspeed.allow_slow_cpu_bf16=true to run it anyway)",
         )
 
 
-def _check_network_options(model: ModelSectionBase) -> None:
+def _check_network_options(model: ModelSettingsBase) -> None:
     """Build both networks on the meta device: a value a constructor refuses fails here, naming the key (names
     and types of ``model.generator_options`` / ``discriminator_options`` are already checked against the
     constructors' signatures)."""
-    import torch
-
     spec = get_spec(model.arch)
     for key, build in (("model.generator_options", lambda: spec.build_generator(model.generator_options)),
                        ("model.discriminator_options", lambda: spec.build_discriminator(model.discriminator_options))):
@@ -315,7 +317,7 @@ def _check_network_options(model: ModelSectionBase) -> None:
             with torch.device("meta"):
                 build()
         except (TypeError, ValueError) as exc:
-            raise _fail(key, str(exc).splitlines()[0]) from None
+            raise _fail(key, one_line(exc)) from None
 
 
 def load_train_config(

@@ -2,7 +2,7 @@
 
 A GAN cannot share one engine: G and D have their own optimisers, learning rates and step order, and
 DeepSpeed ties one optimiser (and one ZeRO partitioning) to one engine. Each engine therefore gets its own
-config dict built by :func:`deepspeed_config` from the same :class:`DeepSpeedSection`.
+config dict built by :func:`deepspeed_config` from the same :class:`DeepSpeedSettings`.
 
 The optimiser is always a client ``torch.optim.Adam`` built by the recipe's ``OptimizerSettings``: DeepSpeed's own
 FusedAdam needs a CUDA build, and ZeRO 1/2 accept ``torch.optim.Adam`` as a supported optimiser, so CPU and
@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from pipeline.train.config import DeepSpeedSection
+from pipeline.train.config import DeepSpeedSettings
 from pipeline.train.recipes import GanRecipe, OptimizerSettings
 
 __all__ = ["DiscriminatorCaller", "GanEngines", "build_engines", "deepspeed_config", "init_distributed", "precision_context", "step_updater"]
@@ -28,7 +28,7 @@ __all__ = ["DiscriminatorCaller", "GanEngines", "build_engines", "deepspeed_conf
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def deepspeed_config(ds: DeepSpeedSection, micro_batch_size: int, world_size: int) -> dict[str, Any]:
+def deepspeed_config(ds: DeepSpeedSettings, micro_batch_size: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for one engine (both engines of a run get equal dicts)."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
@@ -66,7 +66,7 @@ def init_distributed(use_gpu: bool) -> None:
     ``deepspeed.init_distributed`` only creates a group when none exists, so calling it after Ray's
     ``setup_torch_process_group`` wraps that group (gloo on CPU, NCCL on GPU) instead of starting another.
     """
-    import deepspeed
+    import deepspeed  # lazy: importing DeepSpeed costs seconds; the config and recipe code here runs without it
 
     if not use_gpu:
         skip_cpu_shm_op()
@@ -81,7 +81,7 @@ def skip_cpu_shm_op() -> None:
     which every later run waits on it forever. The op only serves ``inference_all_reduce``; training
     all-reduces through gloo and never touches it.
     """
-    import deepspeed.ops
+    import deepspeed.ops  # lazy: importing DeepSpeed costs seconds
     from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
@@ -118,7 +118,7 @@ def _engine(
     lr_scale: float,
     reduce_gradients: bool,
 ) -> Any:
-    import deepspeed
+    import deepspeed  # lazy: importing DeepSpeed costs seconds
 
     optimizer = settings.build((p for p in module.parameters() if p.requires_grad), lr_factor=lr_scale, fused=True)
     schedule = _epoch_schedule(lr_factor, steps_per_epoch)
@@ -139,7 +139,7 @@ def build_engines(
     recipe: GanRecipe,
     generator: nn.Module,
     discriminator: nn.Module,
-    ds: DeepSpeedSection,
+    ds: DeepSpeedSettings,
     *,
     micro_batch_size: int,
     world_size: int,

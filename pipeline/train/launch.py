@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.config import flatten
-from pipeline.fsutil import StorageOptions, is_remote, join_url
+from pipeline.data.manifest import load_manifest, manifest_hash, require_samples
+from pipeline.fsutil import StorageSettings, is_remote, join_url, url_to_fs
 from pipeline.raycluster import ensure_ray
+from pipeline.tracking import RunTracker, check_tracking_server, redact, resolve_tracking_uri
 from pipeline.train.checkpoint import load_generator_state, read_state
-from pipeline.train.config import ScalingSection, TrainJobConfig
+from pipeline.train.config import ScalingSettings, TrainJobConfig
 from pipeline.train.loop import StepCallback, WorkerPayload, train_worker
 
 __all__ = ["Registrar", "TrainingResult", "run_info_tags", "run_training", "storage_filesystem", "worker_runtime_env"]
@@ -51,7 +53,7 @@ class TrainingResult:
 Registrar = Callable[[TrainJobConfig, str, str, dict, dict], str]
 
 
-def storage_filesystem(storage_path: str, options: StorageOptions) -> tuple[Any, str]:
+def storage_filesystem(storage_path: str, options: StorageSettings) -> tuple[Any, str]:
     """``(pyarrow filesystem or None, path for Ray)`` for a checkpoint location.
 
     Local paths go to Ray as they are. Object storage goes through fsspec (s3fs) wrapped for pyarrow, so the
@@ -62,15 +64,13 @@ def storage_filesystem(storage_path: str, options: StorageOptions) -> tuple[Any,
     if not is_remote(storage_path):
         local = storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
         return None, str(Path(local).expanduser().resolve())
-    import pyarrow.fs
-
-    from pipeline.fsutil import url_to_fs
+    import pyarrow.fs  # lazy: only a remote storage path needs it
 
     fs, path = url_to_fs(storage_path, options)
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
-def worker_runtime_env(scaling: ScalingSection) -> dict[str, Any]:
+def worker_runtime_env(scaling: ScalingSettings) -> dict[str, Any]:
     """The Ray runtime env of the training worker actors: ``scaling.worker_env`` plus, on CPU, one malloc arena.
 
     Ray Train runs the training function in a thread of the worker actor, and glibc gives non-main threads
@@ -112,8 +112,6 @@ def run_info_tags(config: TrainJobConfig) -> dict[str, str]:
 
 def _data_tags(config: TrainJobConfig) -> dict[str, str]:
     """Tags identifying the training and eval data; loading the manifests also proves they are reachable."""
-    from pipeline.data.manifest import load_manifest, manifest_hash, require_samples
-
     train = require_samples(load_manifest(config.data.train_manifest, config.data.storage_options), "data.train_manifest")
     evaluation = require_samples(load_manifest(config.data.eval_manifest, config.data.storage_options), "data.eval_manifest")
     return {
@@ -125,6 +123,7 @@ def _data_tags(config: TrainJobConfig) -> dict[str, str]:
 
 
 def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
+    # lazy: importing Ray costs seconds, and the config and checkpoint helpers here are used without it
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -161,15 +160,14 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None,
     :data:`~pipeline.train.loop.StepCallback`); they travel pickled, so they must be importable there. The MLflow
     run stays open while ``register`` runs and is marked failed when it raises.
     """
-    from ray.train import Checkpoint  # noqa: F401  (fail early when ray[train] is missing)
+    # lazy (importing Ray costs seconds); imported here to fail early when ray[train] is missing
+    from ray.train import Checkpoint  # noqa: F401
 
     data_tags = _data_tags(config)
     info_tags = run_info_tags(config)
 
     tracker = tracking_uri = None
     if config.mlflow.enabled:
-        from pipeline.tracking import RunTracker, check_tracking_server, redact, resolve_tracking_uri
-
         tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
         check_tracking_server(tracking_uri)
         run_tags = {

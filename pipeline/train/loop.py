@@ -1,9 +1,10 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Read it top to bottom like a plain training script: build the recipe, models and DeepSpeed engines; resume
-from the latest checkpoint Ray hands back; then loop over optimiser steps, each made of
-``gradient_accumulation_steps`` GAN steps, and on their cadences log (rank 0), validate (all ranks, every
-eval sample once), log sample grids (rank 0) and checkpoint (all ranks, through ``ray.train.report``).
+:func:`train_worker` is two parts, like a plain training script (and torchtitan's ``Trainer.__init__`` /
+``Trainer.train``): :func:`set_up_worker` builds the recipe, models and DeepSpeed engines and resumes from the
+latest checkpoint Ray hands back; :func:`train_loop` runs the optimiser steps, each made of
+``gradient_accumulation_steps`` GAN steps, and on their cadences logs (rank 0), validates (all ranks, every
+eval sample once), logs sample grids (rank 0) and checkpoints (all ranks, through ``ray.train.report``).
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from models.convert import extract_state_dict, load_weights_bytes
 from models.input_checks import mask_values_trusted
+from pipeline.data.loaders import make_train_loader, to_float
+from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
+from pipeline.evaluation.metrics import BucketedMetrics
+from pipeline.evaluation.perceptual import MetricWeights
+from pipeline.fsutil import read_bytes
+from pipeline.joblog import LOG_FORMAT
+from pipeline.tracking import RunTracker, sample_grid
 from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
-from pipeline.train.config import PerformanceSection, TrainJobConfig
+from pipeline.train.config import PerformanceSettings, TrainJobConfig
 from pipeline.train.engines import DiscriminatorCaller, GanEngines, build_engines, init_distributed, precision_context, step_updater
 from pipeline.train.recipes import GanRecipe, Updater, gan_step, logs_to_floats
 from pipeline.train.spec import get_spec
 
 __all__ = [
-    "StepCallback", "ThroughputWindow", "WorkerPayload", "apply_speed_switches", "device_batch", "optimiser_step",
-    "rank_seed", "train_worker",
+    "StepCallback", "ThroughputWindow", "Worker", "WorkerPayload", "apply_speed_switches", "device_batch",
+    "optimiser_step", "rank_seed", "set_up_worker", "train_loop", "train_worker",
 ]
 
 log = logging.getLogger("holefill.train")
@@ -79,8 +88,6 @@ def _batches(
     spans the whole run, so its worker processes start once per run (``persistent_workers`` would only keep
     them across passes, which must restart anyway to take the next pass's seed).
     """
-    from pipeline.data.loaders import make_train_loader
-
     data, train = config.data, config.train
     micro_batches_left = (train.max_steps - start_step) * config.deepspeed.gradient_accumulation_steps
     seed = rank_seed(train.seed, rank) + 7919 * start_step
@@ -106,8 +113,6 @@ def _batches(
 
 def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader's uint8 batch -> float ``(image, mask)`` on ``device``, converted there (see ``to_float``)."""
-    from pipeline.data.loaders import to_float
-
     moved = to_float({key: batch[key].to(device, non_blocking=True) for key in ("image", "mask")})
     return moved["image"], moved["mask"]
 
@@ -177,7 +182,7 @@ class ThroughputWindow:
         return seconds, steps
 
 
-def apply_speed_switches(performance: PerformanceSection, generator: torch.nn.Module, discriminator: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def apply_speed_switches(performance: PerformanceSettings, generator: torch.nn.Module, discriminator: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Apply ``performance.*`` (each off by default until measured; see the config section); returns G.
 
     ``compile_generator`` returns a compiled wrapper of G for the forward passes. D is never compiled: the
@@ -203,10 +208,6 @@ def validate(generator: torch.nn.Module, arch: str, config: TrainJobConfig, rank
     eval set's own buckets, PSNR / SSIM / L1; under the training precision. Each rank reads its own slice; the
     all-reduce sums the ranks' partial sums, so every eval sample counts exactly once whatever the number of ranks.
     """
-    from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
-    from pipeline.evaluation.perceptual import MetricWeights
-    from pipeline.evaluation.metrics import BucketedMetrics
-
     settings = EvaluationSettings(batch_size=config.data.eval_batch_size, crop_size=config.data.crop_size,
                                   device=str(device), samples_per_bucket=0)
     part = evaluate_slice(generator, arch, config.data.eval_manifest, settings, MetricWeights(()), rank, world_size,
@@ -218,8 +219,6 @@ def validate(generator: torch.nn.Module, arch: str, config: TrainJobConfig, rank
 
 
 def _sample_grid(recipe: GanRecipe, generator: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, precision: str) -> Any:
-    from pipeline.tracking import sample_grid
-
     count = min(4, image.shape[0])
     image, mask = image[:count], mask[:count]
     with torch.no_grad(), precision_context(precision, image.device):
@@ -229,7 +228,7 @@ def _sample_grid(recipe: GanRecipe, generator: torch.nn.Module, image: torch.Ten
 
 
 def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointState, rank: int) -> None:
-    import ray.train
+    import ray.train  # lazy: importing Ray costs seconds, and only a Ray Train worker reaches this
 
     with tempfile.TemporaryDirectory(prefix="holefill-ckpt-") as directory:
         save_checkpoint(directory, engines, state, rank)
@@ -242,35 +241,47 @@ def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointSta
 
 def _load_initial_generator(generator: torch.nn.Module, config: TrainJobConfig) -> None:
     """Start from given generator weights (fine-tuning); every rank loads the same file, so ranks agree."""
-    from models.convert import extract_state_dict, load_weights_bytes
-    from pipeline.fsutil import read_bytes
-
     url = config.model.init_weights
     state = extract_state_dict(load_weights_bytes(read_bytes(url, config.data.storage_options), url))
     generator.load_state_dict(state, strict=True)
     log.info("generator initialised from %s", url)
 
 
-def train_worker(payload: WorkerPayload) -> None:
-    """Ray Train's ``train_loop_per_worker``: train until ``train.max_steps`` optimiser steps are done."""
+@dataclass
+class Worker:
+    """One rank, set up to train (:func:`set_up_worker`): the networks in their engines, the recipe, where it resumes."""
+
+    config: TrainJobConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    recipe: GanRecipe
+    engines: GanEngines
+    G: Any  # the generator's DeepSpeed engine (engines.generator): G(image, mask) is the forward, G.module the network
+    D: DiscriminatorCaller
+    update_g: Updater
+    update_d: Updater
+    step: int  # optimiser steps already done (0, or the step of the checkpoint resumed from)
+    tracker: RunTracker | None  # rank 0 of a tracked run only
+    step_callbacks: tuple[StepCallback, ...] = ()
+
+
+def set_up_worker(payload: WorkerPayload) -> Worker:
+    """Everything before the first step: seeds, process group, networks (the same initial weights on every rank),
+    recipe, DeepSpeed engines, the checkpoint Ray hands back (resume) and, on rank 0, the MLflow run."""
+    # lazy: importing Ray costs seconds, and this module is imported by the driver and tests that never train
     import ray.train
     import ray.train.torch
 
-    if not logging.getLogger().handlers:
-        from pipeline.joblog import LOG_FORMAT
-
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    config = payload.config
-    train, ds = config.train, config.deepspeed
+    config, train, ds = payload.config, payload.config.train, payload.config.deepspeed
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     _seed_everything(rank_seed(train.seed, rank))
     init_distributed(config.scaling.use_gpu)
 
-    # -- models, recipe, engines (identical initial weights on every rank: same seed for model init) --
     spec = get_spec(config.model.arch)
-    torch.manual_seed(train.seed)
+    torch.manual_seed(train.seed)  # the run seed, not the rank's: identical initial weights on every rank
     generator = spec.build_generator(config.model.generator_options)
     discriminator = spec.build_discriminator(config.model.discriminator_options)
     checkpoint = ray.train.get_checkpoint()
@@ -284,10 +295,7 @@ def train_worker(payload: WorkerPayload) -> None:
         steps_per_epoch=train.steps_per_epoch, device=device, lr_scale=train.lr_scale,
     )
     apply_speed_switches(config.performance, engines.generator.module, engines.discriminator.module, device)
-    G, D = engines.generator, DiscriminatorCaller(engines.discriminator)
-    update_g, update_d = step_updater(G), step_updater(engines.discriminator)
 
-    # -- resume --
     step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -298,67 +306,93 @@ def train_worker(payload: WorkerPayload) -> None:
 
     tracker = None
     if rank == 0 and payload.mlflow_run_id:
-        from pipeline.tracking import RunTracker
-
         tracker = RunTracker.attach(payload.tracking_uri, payload.mlflow_run_id)
         tracker.start_system_metrics()
+    return Worker(
+        config=config, rank=rank, world_size=world_size, device=device, recipe=recipe, engines=engines,
+        G=engines.generator, D=DiscriminatorCaller(engines.discriminator),
+        update_g=step_updater(engines.generator), update_d=step_updater(engines.discriminator),
+        step=step, tracker=tracker, step_callbacks=payload.step_callbacks,
+    )
 
-    batches = _batches(config, rank, world_size, step, pin_memory=device.type == "cuda")
-    images_per_step = train.batch_size * ds.gradient_accumulation_steps * world_size
+
+def train_loop(worker: Worker) -> None:
+    """Optimiser steps until ``train.max_steps``; on their cadences log (rank 0), validate (all ranks), log sample
+    grids (rank 0) and checkpoint (all ranks). A step reads nothing back from the device unless a cadence fires."""
+    config, rank, device = worker.config, worker.rank, worker.device
+    train_settings, ds = config.train, config.deepspeed
+    batches = _batches(config, rank, worker.world_size, worker.step, pin_memory=device.type == "cuda")
     window = ThroughputWindow(device)
-    losses: dict[str, torch.Tensor] = {}
-    while step < train.max_steps:
-        # -- one optimiser step; no host read of any device value unless a cadence below fires --
+    while worker.step < train_settings.max_steps:
         losses, image, mask = optimiser_step(
-            recipe, G, D, update_d, update_g, batches, device, ds.precision, ds.gradient_accumulation_steps
+            worker.recipe, worker.G, worker.D, worker.update_d, worker.update_g, batches, device, ds.precision,
+            ds.gradient_accumulation_steps,
         )
-        step += 1
+        worker.step += 1
         window.steps += 1
-        for callback in payload.step_callbacks:
-            callback(rank, step)
+        for callback in worker.step_callbacks:
+            callback(rank, worker.step)
+        if _cadence(train_settings.log_every, worker.step, train_settings.max_steps):
+            _log_progress(worker, losses, window)
+        _validate_and_checkpoint(worker, losses, image, mask, window)
 
-        # -- logging (rank 0) --
-        if _cadence(train.log_every, step, train.max_steps):
-            seconds, steps = window.read()
-            rate = steps * images_per_step / max(seconds, 1e-9)
-            if rank == 0:
-                values = logs_to_floats(losses)
-                eta = (train.max_steps - step) * seconds / max(steps, 1)
-                log.info(
-                    "step %d/%d  %.2f img/s  eta %.0fs  %s", step, train.max_steps, rate, eta,
-                    "  ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in sorted(values.items())),
-                )
-                if tracker is not None:
-                    tracker.log_metrics({**values, **engines.learning_rates(), "perf/images_per_s": rate}, step=step)
 
-        validate_now = _cadence(train.val_every, step, train.max_steps)
-        grid = tracker is not None and train.image_every and _cadence(train.image_every, step, train.max_steps)
-        checkpoint_now = _cadence(train.ckpt_every, step, train.max_steps)
-        if not (validate_now or grid or checkpoint_now):
-            continue
-        window.pause()  # none of what follows counts towards training throughput
+def _log_progress(worker: Worker, losses: dict[str, torch.Tensor], window: ThroughputWindow) -> None:
+    """Throughput and losses into the job log and, when tracked, MLflow; only rank 0 reads the device."""
+    train_settings, ds = worker.config.train, worker.config.deepspeed
+    seconds, steps = window.read()
+    rate = steps * train_settings.batch_size * ds.gradient_accumulation_steps * worker.world_size / max(seconds, 1e-9)
+    if worker.rank != 0:
+        return
+    values = logs_to_floats(losses)
+    eta = (train_settings.max_steps - worker.step) * seconds / max(steps, 1)
+    log.info(
+        "step %d/%d  %.2f img/s  eta %.0fs  %s", worker.step, train_settings.max_steps, rate, eta,
+        "  ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in sorted(values.items())),
+    )
+    if worker.tracker is not None:
+        metrics = {**values, **worker.engines.learning_rates(), "perf/images_per_s": rate}
+        worker.tracker.log_metrics(metrics, step=worker.step)
 
-        # -- validation (all ranks) --
-        metrics: dict[str, float] = {"step": step}
-        if validate_now:
-            val = validate(G.module, config.model.arch, config, rank, world_size, device)
-            metrics.update(val)
-            if tracker is not None:
-                tracker.log_metrics(val, step=step)
 
-        # -- sample grids (rank 0; no collective involved) --
-        if grid:
-            tracker.log_image(_sample_grid(recipe, G.module, image, mask, ds.precision), f"samples/step_{step:08d}.png", step)
+def _validate_and_checkpoint(worker: Worker, losses: dict[str, torch.Tensor], image: torch.Tensor, mask: torch.Tensor,
+                             window: ThroughputWindow) -> None:
+    """Validation (all ranks), a sample grid (rank 0, no collective) and a checkpoint (all ranks), each on its
+    cadence; their time is kept out of the training throughput."""
+    config, step, tracker = worker.config, worker.step, worker.tracker
+    train_settings, ds, last = config.train, config.deepspeed, config.train.max_steps
+    validate_now = _cadence(train_settings.val_every, step, last)
+    grid = tracker is not None and train_settings.image_every and _cadence(train_settings.image_every, step, last)
+    checkpoint_now = _cadence(train_settings.ckpt_every, step, last)
+    if not (validate_now or grid or checkpoint_now):
+        return
+    window.pause()
+    metrics: dict[str, float] = {"step": step}
+    if validate_now:
+        val = validate(worker.G.module, config.model.arch, config, worker.rank, worker.world_size, worker.device)
+        metrics.update(val)
+        if tracker is not None:
+            tracker.log_metrics(val, step=step)
+    if grid:
+        picture = _sample_grid(worker.recipe, worker.G.module, image, mask, ds.precision)
+        tracker.log_image(picture, f"samples/step_{step:08d}.png", step)
+    if checkpoint_now:
+        metrics.update(logs_to_floats(losses))
+        state = CheckpointState(step=step, world_size=worker.world_size, zero_stage=ds.zero_stage,
+                                precision=ds.precision, arch=config.model.arch)
+        _report(metrics, worker.engines, state, worker.rank)
+    window.resume()
 
-        # -- checkpoint (all ranks) --
-        if checkpoint_now:
-            metrics.update(logs_to_floats(losses))
-            state = CheckpointState(step=step, world_size=world_size, zero_stage=ds.zero_stage, precision=ds.precision, arch=config.model.arch)
-            _report(metrics, engines, state, rank)
-        window.resume()
 
-    if tracker is not None:
+def train_worker(payload: WorkerPayload) -> None:
+    """Ray Train's ``train_loop_per_worker``: set this rank up, then train until ``train.max_steps`` optimiser steps
+    are done."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    worker = set_up_worker(payload)
+    train_loop(worker)
+    if worker.tracker is not None:
         # The tracker sends from a background thread; the worker process may end as soon as we return. Wait out a
         # tracking outage (the driver needs the server to register the model anyway); what is still unsent after
         # that is counted in a warning.
-        tracker.flush(timeout_s=300)
+        worker.tracker.flush(timeout_s=300)

@@ -1,20 +1,23 @@
-"""One spec per trainable architecture: its networks, its typed options and its recipe, in one record.
+"""One spec per trainable architecture: its networks, its typed settings and its recipe, in one record.
 
 An :class:`ArchitectureSpec` is the single place that says how an architecture trains:
 
 * ``architecture``: its networks and size rules (the :mod:`models.registry` record its model file registered);
-* ``options``: the typed model of ``model.options`` (loss weights, switches), whose defaults are written there
-  and nowhere else; the validated object reaches ``recipe`` as is;
-* ``recipe``: builds the :class:`~pipeline.train.recipes.GanRecipe` from that object;
+* ``options``: the typed settings of ``model.options`` (loss weights, switches; e.g.
+  :class:`~pipeline.train.architectures.rn.RNSettings`), whose defaults are written there and nowhere else; the
+  validated object reaches ``recipe`` as is;
+* ``recipe``: builds the :class:`~pipeline.train.recipes.GanRecipe` (fixed or official) from that object;
 * ``discriminator_options``: the keyword arguments training always builds the discriminator with;
-* ``discriminator_config``: the typed model of ``model.discriminator_options`` (the discriminator's other
+* ``discriminator_config``: the typed settings of ``model.discriminator_options`` (the discriminator's other
   constructor keywords, e.g. LBAM's ``input_size`` and ``width``), read off its constructor signature;
-* ``generator_options``: the typed model of ``model.generator_options``; by default read off the generator's
+* ``generator_options``: the typed settings of ``model.generator_options``; by default read off the generator's
   constructor signature, so its defaults stay where the network is defined.
 
-Spec modules (:mod:`pipeline.train.architectures`) call :func:`register_spec` when imported; the training
-config (``model``: a union discriminated on ``arch``) and the worker look specs up here by name. Adding an
-architecture is one model file plus one spec module (``tests/test_architecture_spec.py`` trains a toy one).
+Each architecture is one module of :mod:`pipeline.train.architectures` holding its settings, its recipes and the
+:func:`register_spec` call that runs when it is imported; the training config (``model``: a union discriminated
+on ``arch``) and the worker look specs up here by name. Adding an architecture is one model file under
+``models/`` plus one module in ``pipeline/train/architectures/`` (``tests/test_architecture_spec.py`` trains a
+toy one).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ __all__ = [
     "build_recipe",
     "discriminator_options",
     "get_spec",
-    "options_from_signature",
+    "settings_from_signature",
     "register_spec",
     "spec_names",
     "specs",
@@ -45,7 +48,7 @@ __all__ = [
 O = TypeVar("O", bound=Config)
 
 
-def options_from_signature(build: Callable[..., Any], name: str, exclude: frozenset[str] = frozenset()) -> type[Config]:
+def settings_from_signature(build: Callable[..., Any], name: str, exclude: frozenset[str] = frozenset()) -> type[Config]:
     """A :class:`Config` model of ``build``'s keyword parameters, with their annotations and defaults.
 
     Lets a generator's constructor be the one place its options and their defaults are written, while the
@@ -78,12 +81,12 @@ class ArchitectureSpec(Generic[O]):
 
     def __post_init__(self) -> None:
         if self.generator_options is None:
-            derived = options_from_signature(self.architecture.generator, f"{self.name.upper()}GeneratorOptions")
+            derived = settings_from_signature(self.architecture.generator, f"{self.name.upper()}GeneratorSettings")
             object.__setattr__(self, "generator_options", derived)
         if self.discriminator_config is None:
             # What training fixes (``discriminator_options``) is not the user's to set.
-            derived = options_from_signature(self.architecture.discriminator, f"{self.name.upper()}DiscriminatorOptions",
-                                             exclude=frozenset(self.discriminator_options))
+            derived = settings_from_signature(self.architecture.discriminator, f"{self.name.upper()}DiscriminatorSettings",
+                                              exclude=frozenset(self.discriminator_options))
             object.__setattr__(self, "discriminator_config", derived)
 
     @property

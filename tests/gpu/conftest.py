@@ -1,6 +1,7 @@
 """What the ``gpu`` tests need when run on their own (``bench/gpu_check.py`` runs them with ``--confcutdir
 tests/gpu``, so the suite's root conftest, with its MLflow and Ray fixtures, stays out on an offline GPU host
-that has neither): the repository and ``tests/`` on ``sys.path`` (``engine_probe``, ``test_train_local``)."""
+that has neither, nor an installed holefill): the repository and ``tests/`` on ``sys.path`` (``support.engine_probe``,
+``test_train_local``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """GPU proof of the training path (``make gpu-check``): skipped without CUDA.
 
 One NCCL process group of one rank for the module; the real step is ``pipeline.train.loop.optimiser_step`` on
-holefill's DeepSpeed engines (``tests/engine_probe.py`` builds them as ``train_worker`` does), fed pinned uint8
+holefill's DeepSpeed engines (``tests/support/engine_probe.py`` builds them as ``train_worker`` does), fed pinned uint8
 batches converted on the device. Syncs are counted by CUDA itself (``torch.cuda.set_sync_debug_mode``).
 """
 
@@ -45,7 +45,7 @@ def nccl():
 
 @pytest.mark.parametrize("arch, zero_stage", [("rn", 0), ("rn", 2), ("lbam", 0), ("lbam", 1)])
 def test_bf16_gan_steps_are_finite_and_never_sync(nccl, arch, zero_stage):
-    import engine_probe as probe
+    from support import engine_probe as probe
     from pipeline.train.host_sync import count_cuda_syncs
     from pipeline.train.recipes import logs_to_floats
 
@@ -68,7 +68,7 @@ def test_bf16_gan_steps_are_finite_and_never_sync(nccl, arch, zero_stage):
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_engines_on_nccl_restore_to_the_same_next_step(nccl, zero_stage, precision):
-    import engine_probe as probe
+    from support import engine_probe as probe
 
     torch.backends.cudnn.deterministic = True
     try:

@@ -41,13 +41,13 @@ from pydantic import Field, ValidationError, model_validator
 from pipeline.config import Config, deep_merge, first_error
 
 __all__ = [
-    "BoxParams",
-    "DeepFillV2Params",
-    "IrregularParams",
-    "LamaParams",
-    "LbamRandomFieldParams",
+    "BoxSettings",
+    "DeepFillV2Settings",
+    "IrregularSettings",
+    "LamaSettings",
+    "LbamRandomFieldSettings",
     "MaskGenerator",
-    "MaskSpec",
+    "MaskSettings",
     "describe",
     "generator_names",
     "get_generator",
@@ -56,7 +56,6 @@ __all__ = [
     "hole_ratio_stats",
     "make_mask",
     "nominal_size",
-    "mask_rng",
 ]
 
 HOLE: int = 255
@@ -67,7 +66,7 @@ HOLE: int = 255
 # --------------------------------------------------------------------------------------------------
 
 
-class IrregularParams(Config):
+class IrregularSettings(Config):
     """LaMa random strokes: ``randint(min_times, max_times + 1)`` strokes of 1-5 thick line segments."""
 
     min_times: int = Field(ge=0)
@@ -77,13 +76,13 @@ class IrregularParams(Config):
     max_angle: int = Field(gt=0, description="segment angle is 0.01 + randint(max_angle) radians")
 
     @model_validator(mode="after")
-    def _times_ordered(self) -> "IrregularParams":
+    def _times_ordered(self) -> "IrregularSettings":
         if self.max_times < self.min_times:
             raise ValueError("max_times must be >= min_times")
         return self
 
 
-class BoxParams(Config):
+class BoxSettings(Config):
     """LaMa random boxes: ``randint(min_times, max_times + 1)`` boxes with sides in [bbox_min, bbox_max)."""
 
     margin: int = Field(ge=0)
@@ -93,7 +92,7 @@ class BoxParams(Config):
     max_times: int = Field(ge=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "BoxParams":
+    def _ordered(self) -> "BoxSettings":
         if self.bbox_max <= self.bbox_min:
             raise ValueError("bbox_max must be > bbox_min")
         if self.max_times < self.min_times:
@@ -101,17 +100,17 @@ class BoxParams(Config):
         return self
 
 
-class LamaParams(Config):
+class LamaSettings(Config):
     """LaMa mixed generator: per mask, strokes with weight ``irregular_proba`` or boxes with ``box_proba``."""
 
     nominal_size: int = Field(gt=0)
     irregular_proba: float = Field(ge=0.0)
-    irregular: IrregularParams
+    irregular: IrregularSettings
     box_proba: float = Field(ge=0.0)
-    box: BoxParams | None = None
+    box: BoxSettings | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LamaParams":
+    def _consistent(self) -> "LamaSettings":
         if self.irregular_proba + self.box_proba <= 0:
             raise ValueError("irregular_proba + box_proba must be > 0")
         if self.box_proba > 0 and self.box is None:
@@ -119,7 +118,7 @@ class LamaParams(Config):
         return self
 
 
-class DeepFillV2Params(Config):
+class DeepFillV2Settings(Config):
     """DeepFill v2 free-form strokes united with a shrunk box (``inpaint_ops.py`` brush_stroke_mask)."""
 
     nominal_size: int = Field(default=256, gt=0)
@@ -135,7 +134,7 @@ class DeepFillV2Params(Config):
     box_max_shrink: int = Field(default=16, ge=0, description="each box side moves in by up to this")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "DeepFillV2Params":
+    def _ordered(self) -> "DeepFillV2Settings":
         if self.max_strokes < self.min_strokes:
             raise ValueError("max_strokes must be >= min_strokes")
         if self.max_vertices < self.min_vertices:
@@ -145,7 +144,7 @@ class DeepFillV2Params(Config):
         return self
 
 
-class LbamRandomFieldParams(Config):
+class LbamRandomFieldSettings(Config):
     """LBAM ``generateMask.py``: thresholded, bilinearly up-sampled coarse random field.
 
     Polarity decision: the official script paints the *pattern* (field below ``density``) black on
@@ -163,7 +162,7 @@ class LbamRandomFieldParams(Config):
     max_tries: int = Field(default=2, ge=1, description="draws before the last draw is kept as is")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "LbamRandomFieldParams":
+    def _ordered(self) -> "LbamRandomFieldSettings":
         if self.field_size < self.nominal_size:
             raise ValueError("field_size must be >= nominal_size")
         if self.accept_max < self.accept_min:
@@ -212,7 +211,7 @@ def _draw_round_line(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]
 _OPENCV_EDGE_PX = 1.0
 
 
-def _lama_irregular(rng: np.random.Generator, p: IrregularParams, scale: _Scale) -> np.ndarray:
+def _lama_irregular(rng: np.random.Generator, p: IrregularSettings, scale: _Scale) -> np.ndarray:
     """LaMa random strokes: each stroke is a chain of 1-5 thick segments from a uniform start point."""
     h, w = scale.height, scale.width
     canvas = Image.new("L", (w, h), 0)
@@ -238,7 +237,7 @@ def _lama_irregular(rng: np.random.Generator, p: IrregularParams, scale: _Scale)
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _lama_boxes(rng: np.random.Generator, p: BoxParams, scale: _Scale) -> np.ndarray:
+def _lama_boxes(rng: np.random.Generator, p: BoxSettings, scale: _Scale) -> np.ndarray:
     """LaMa random boxes: sides in [bbox_min, bbox_max), placed ``margin`` px from the border."""
     h, w = scale.height, scale.width
     s = scale.length
@@ -256,16 +255,16 @@ def _lama_boxes(rng: np.random.Generator, p: BoxParams, scale: _Scale) -> np.nda
     return mask
 
 
-def _lama_mixed(rng: np.random.Generator, p: LamaParams, height: int, width: int) -> np.ndarray:
+def _lama_mixed(rng: np.random.Generator, p: LamaSettings, height: int, width: int) -> np.ndarray:
     scale = _Scale(height, width, p.nominal_size)
     total = p.irregular_proba + p.box_proba
     if rng.random() * total < p.irregular_proba:
         return _lama_irregular(rng, p.irregular, scale)
-    assert p.box is not None  # guaranteed by LamaParams validation when box_proba > 0
+    assert p.box is not None  # guaranteed by LamaSettings validation when box_proba > 0
     return _lama_boxes(rng, p.box, scale)
 
 
-def _deepfill_v2(rng: np.random.Generator, p: DeepFillV2Params, height: int, width: int) -> np.ndarray:
+def _deepfill_v2(rng: np.random.Generator, p: DeepFillV2Settings, height: int, width: int) -> np.ndarray:
     """Free-form brush strokes (zig-zag polylines, round joints) united with a randomly shrunk box."""
     scale = _Scale(height, width, p.nominal_size)
     s = scale.length
@@ -304,7 +303,7 @@ def _deepfill_v2(rng: np.random.Generator, p: DeepFillV2Params, height: int, wid
     return mask
 
 
-def _lbam_random_field(rng: np.random.Generator, p: LbamRandomFieldParams, height: int, width: int) -> np.ndarray:
+def _lbam_random_field(rng: np.random.Generator, p: LbamRandomFieldSettings, height: int, width: int) -> np.ndarray:
     """Threshold a bilinearly up-sampled coarse uniform field; keep a draw whose area is in range."""
     s = min(height, width) / p.nominal_size
     margin = p.field_size - p.nominal_size  # the crop wanders over this many px at nominal size
@@ -369,25 +368,25 @@ def _lama(nominal: int, irregular: dict, box_proba: float, box: dict | None, irr
 _REGISTRY: dict[str, MaskGenerator] = {
     g.name: g
     for g in (
-        MaskGenerator("lama_thin_256", LamaParams, _lama(256, _irregular(4, 50, 10, 40, 4), 0.0, None), _lama_mixed),
+        MaskGenerator("lama_thin_256", LamaSettings, _lama(256, _irregular(4, 50, 10, 40, 4), 0.0, None), _lama_mixed),
         MaskGenerator(
-            "lama_medium_256", LamaParams, _lama(256, _irregular(4, 5, 50, 100, 4), 0.3, _box(0, 10, 50, 1, 5)), _lama_mixed
+            "lama_medium_256", LamaSettings, _lama(256, _irregular(4, 5, 50, 100, 4), 0.3, _box(0, 10, 50, 1, 5)), _lama_mixed
         ),
         MaskGenerator(
-            "lama_thick_256", LamaParams, _lama(256, _irregular(1, 5, 100, 200, 4), 0.3, _box(10, 30, 150, 1, 3)), _lama_mixed
+            "lama_thick_256", LamaSettings, _lama(256, _irregular(1, 5, 100, 200, 4), 0.3, _box(10, 30, 150, 1, 3)), _lama_mixed
         ),
-        MaskGenerator("lama_thin_512", LamaParams, _lama(512, _irregular(4, 70, 20, 100, 4), 0.0, None), _lama_mixed),
+        MaskGenerator("lama_thin_512", LamaSettings, _lama(512, _irregular(4, 70, 20, 100, 4), 0.0, None), _lama_mixed),
         MaskGenerator(
-            "lama_medium_512", LamaParams, _lama(512, _irregular(4, 10, 100, 200, 4), 0.3, _box(0, 30, 150, 1, 5)), _lama_mixed
-        ),
-        MaskGenerator(
-            "lama_thick_512", LamaParams, _lama(512, _irregular(1, 5, 250, 450, 4), 0.3, _box(10, 30, 300, 1, 4)), _lama_mixed
+            "lama_medium_512", LamaSettings, _lama(512, _irregular(4, 10, 100, 200, 4), 0.3, _box(0, 30, 150, 1, 5)), _lama_mixed
         ),
         MaskGenerator(
-            "lama_train_mix", LamaParams, _lama(256, _irregular(1, 5, 100, 200, 4), 1.0, _box(10, 30, 150, 1, 4)), _lama_mixed
+            "lama_thick_512", LamaSettings, _lama(512, _irregular(1, 5, 250, 450, 4), 0.3, _box(10, 30, 300, 1, 4)), _lama_mixed
         ),
-        MaskGenerator("deepfill_v2", DeepFillV2Params, {}, _deepfill_v2),
-        MaskGenerator("lbam_random_field", LbamRandomFieldParams, {}, _lbam_random_field),
+        MaskGenerator(
+            "lama_train_mix", LamaSettings, _lama(256, _irregular(1, 5, 100, 200, 4), 1.0, _box(10, 30, 150, 1, 4)), _lama_mixed
+        ),
+        MaskGenerator("deepfill_v2", DeepFillV2Settings, {}, _deepfill_v2),
+        MaskGenerator("lbam_random_field", LbamRandomFieldSettings, {}, _lbam_random_field),
     )
 }
 
@@ -405,51 +404,42 @@ def get_generator(name: str) -> MaskGenerator:
         raise ValueError(f"unknown mask generator {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
-class MaskSpec(Config):
+class MaskSettings(Config):
     """Which generator to use and overrides of its parameters (validated against its own params type)."""
 
     name: str = "lama_train_mix"
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known_and_valid(self) -> "MaskSpec":
+    def _known_and_valid(self) -> "MaskSettings":
         get_generator(self.name).resolve(self.params)
         return self
 
     def resolved(self) -> Config:
-        """The generator's full typed parameters: defaults with this spec's overrides applied."""
+        """The generator's full typed parameters: its defaults with these overrides applied."""
         return get_generator(self.name).resolve(self.params)
 
 
-def _as_spec(spec: MaskSpec | str) -> MaskSpec:
-    if isinstance(spec, MaskSpec):
-        return spec
-    if isinstance(spec, str):
-        return MaskSpec(name=spec)
-    raise ValueError(f"mask spec must be a MaskSpec or a generator name, got {type(spec).__name__}")
+def _as_settings(settings: MaskSettings | str) -> MaskSettings:
+    if isinstance(settings, MaskSettings):
+        return settings
+    if isinstance(settings, str):
+        return MaskSettings(name=settings)
+    raise ValueError(f"mask settings must be a MaskSettings or a generator name, got {type(settings).__name__}")
 
 
-def describe(spec: MaskSpec | str) -> dict[str, Any]:
+def describe(settings: MaskSettings | str) -> dict[str, Any]:
     """``{"name": ..., "params": {...}}`` with every parameter resolved: recorded in each sample's JSON."""
-    spec = _as_spec(spec)
-    return {"name": spec.name, "params": spec.resolved().model_dump(mode="json")}
-
-
-def mask_rng(seed: int, key: str, spec: MaskSpec | str) -> np.random.Generator:
-    """The random stream of one mask: a blake2b digest of seed, key, generator name and resolved params.
-
-    The params are part of the digest so that changing a generator's settings changes its masks even
-    for the same key; Python's ``hash()`` is never used (it is salted per process).
-    """
-    return _compiled(_as_spec(spec)).rng(seed, key)
+    settings = _as_settings(settings)
+    return {"name": settings.name, "params": settings.resolved().model_dump(mode="json")}
 
 
 @dataclass(frozen=True)
-class _CompiledSpec:
-    """What a spec resolves to, computed once per distinct spec rather than once per mask.
+class _CompiledMasks:
+    """What mask settings resolve to, computed once per distinct settings rather than once per mask.
 
     Validating the params and rendering them into the digest payload cost more than drawing a typical
-    mask; both depend only on the spec, so :func:`_compiled` caches them.
+    mask; both depend only on the settings, so :func:`_compiled` caches them.
     """
 
     generator: MaskGenerator
@@ -457,30 +447,35 @@ class _CompiledSpec:
     payload_tail: str  # the digest payload after seed and key: ``repr(name) + ", " + repr(sorted items)``
 
     def rng(self, seed: int, key: str) -> np.random.Generator:
+        """The random stream of one mask: a blake2b digest of seed, key, generator name and resolved params.
+
+        The params are part of the digest so that changing a generator's settings changes its masks even
+        for the same key; Python's ``hash()`` is never used (it is salted per process).
+        """
         # Byte for byte ``repr((seed, key, name, items))``: masks stay identical to earlier releases.
         payload = f"({int(seed)!r}, {str(key)!r}, {self.payload_tail})".encode()
         digest = hashlib.blake2b(payload, digest_size=16, person=b"holefill.mask").digest()
         return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
 
 
-def _compiled(spec: MaskSpec) -> _CompiledSpec:
+def _compiled(settings: MaskSettings) -> _CompiledMasks:
     try:
-        cache_key = json.dumps(spec.params, sort_keys=True)
+        cache_key = json.dumps(settings.params, sort_keys=True)
     except (TypeError, ValueError):  # params that JSON cannot key (never from a YAML config): no cache
-        return _compile(spec.name, spec.params)
-    return _compile_cached(spec.name, cache_key)
+        return _compile(settings.name, settings.params)
+    return _compile_cached(settings.name, cache_key)
 
 
 @functools.lru_cache(maxsize=64)
-def _compile_cached(name: str, params_json: str) -> _CompiledSpec:
+def _compile_cached(name: str, params_json: str) -> _CompiledMasks:
     return _compile(name, json.loads(params_json))
 
 
-def _compile(name: str, overrides: Mapping[str, Any]) -> _CompiledSpec:
+def _compile(name: str, overrides: Mapping[str, Any]) -> _CompiledMasks:
     generator = get_generator(name)
     params = generator.resolve(overrides)
     items = sorted(_flat_items(params.model_dump(mode="json")))
-    return _CompiledSpec(generator, params, f"{name!r}, {items!r}")
+    return _CompiledMasks(generator, params, f"{name!r}, {items!r}")
 
 
 def _flat_items(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -493,18 +488,18 @@ def _flat_items(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
     return items
 
 
-def make_mask(spec: MaskSpec | str, seed: int, key: str, height: int, width: int) -> np.ndarray:
+def make_mask(settings: MaskSettings | str, seed: int, key: str, height: int, width: int) -> np.ndarray:
     """Draw the mask of sample ``key``: ``(height, width)`` uint8 in {0, 255}, 255 = hole.
 
     Deterministic in ``(seed, key, generator name, resolved params, height, width)``.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"mask size must be positive, got {height}x{width}")
-    spec = _as_spec(spec)
-    compiled = _compiled(spec)
+    settings = _as_settings(settings)
+    compiled = _compiled(settings)
     mask = compiled.generator.draw(compiled.rng(seed, key), compiled.params, int(height), int(width))
     if mask.shape != (height, width) or mask.dtype != np.uint8:  # internal contract of every generator
-        raise AssertionError(f"{spec.name} drew {mask.shape} {mask.dtype}, expected ({height}, {width}) uint8")
+        raise AssertionError(f"{settings.name} drew {mask.shape} {mask.dtype}, expected ({height}, {width}) uint8")
     return mask
 
 
@@ -518,9 +513,9 @@ def hole_ratio(mask: np.ndarray) -> float:
     return float(np.count_nonzero(mask > 0.5)) / mask.size
 
 
-def nominal_size(spec: MaskSpec | str) -> int:
+def nominal_size(settings: MaskSettings | str) -> int:
     """The square size a generator is defined at (its LaMa config's image size)."""
-    return int(getattr(_as_spec(spec).resolved(), "nominal_size"))
+    return int(getattr(_as_settings(settings).resolved(), "nominal_size"))
 
 
 @dataclass(frozen=True)
@@ -536,7 +531,7 @@ class HoleRatioStats:
 
 
 def hole_ratio_stats(
-    spec: MaskSpec | str, samples: int, *, seed: int = 0, height: int | None = None, width: int | None = None
+    settings: MaskSettings | str, samples: int, *, seed: int = 0, height: int | None = None, width: int | None = None
 ) -> HoleRatioStats:
     """Hole-ratio mean / p10 / p90 of ``samples`` masks (keys ``"0"``, ``"1"``, ...) at the given size.
 
@@ -544,9 +539,9 @@ def hole_ratio_stats(
     """
     if samples <= 0:
         raise ValueError(f"samples must be > 0, got {samples}")
-    spec = _as_spec(spec)
-    side = nominal_size(spec)
+    settings = _as_settings(settings)
+    side = nominal_size(settings)
     h, w = height or side, width or side
-    ratios = np.array([hole_ratio(make_mask(spec, seed, str(i), h, w)) for i in range(samples)])
+    ratios = np.array([hole_ratio(make_mask(settings, seed, str(i), h, w)) for i in range(samples)])
     p10, p90 = np.percentile(ratios, [10, 90])
-    return HoleRatioStats(spec.name, samples, float(ratios.mean()), float(p10), float(p90), float((ratios > 0.5).mean()))
+    return HoleRatioStats(settings.name, samples, float(ratios.mean()), float(p10), float(p90), float((ratios > 0.5).mean()))

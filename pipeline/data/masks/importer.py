@@ -29,6 +29,7 @@ from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.fsutil import StorageOptionsLike, join_url, open_url, url_to_fs
 from pipeline.data.imageops import encode_mask_png
 from pipeline.data.masks.generators import hole_ratio
+from pipeline.data.masks.pool import write_mask_pool
 
 __all__ = [
     "MASK_EXTENSIONS",
@@ -173,8 +174,6 @@ def import_training_pool(
     ``size`` defaults to NVIDIA's native 512: the loader resizes pool masks to the crop itself, with each paper's
     own resampling (RN: bilinear then > 0; LBAM: nearest).
     """
-    from pipeline.data.masks.pool import write_mask_pool  # deferred: keeps this module's imports light
-
     log.warning("%s (source: %s)", TRAINING_LEAKAGE_WARNING, source)
     masks = import_mask_folder(
         source, size=size, white_is_hole=white_is_hole, threshold=threshold, storage_options=storage_options

@@ -23,7 +23,8 @@ import numpy as np
 
 from pipeline.fsutil import StorageOptionsLike, join_url, open_url
 from pipeline.data.imageops import decode_mask_png, encode_mask_png
-from pipeline.data.masks.generators import MaskSpec, hole_ratio, make_mask
+from pipeline.data.masks.generators import MaskSettings, hole_ratio, make_mask
+from pipeline.data.tario import tar_members
 
 __all__ = ["POOL_FORMAT", "MaskPool", "generated_masks", "write_mask_pool"]
 
@@ -64,13 +65,13 @@ def write_mask_pool(
     return url
 
 
-def generated_masks(spec: MaskSpec | str, count: int, seed: int, size: int) -> Iterator[tuple[str, np.ndarray]]:
+def generated_masks(settings: MaskSettings | str, count: int, seed: int, size: int) -> Iterator[tuple[str, np.ndarray]]:
     """``count`` masks of a registered generator at ``size``², each a function of ``(seed, key)``."""
     if count <= 0 or size <= 0:
         raise ValueError(f"count and size must be > 0, got {count} and {size}")
     for i in range(count):
         key = f"pool{i:06d}"
-        yield key, make_mask(spec, seed, key, size, size)
+        yield key, make_mask(settings, seed, key, size, size)
 
 
 @dataclass
@@ -82,8 +83,6 @@ class MaskPool:
     @classmethod
     def load(cls, index_urls: Sequence[str], storage_options: StorageOptionsLike = None) -> "MaskPool":
         """Read the pools whose ``index.json`` URLs (or folders) are given; a missing or empty pool is an error."""
-        from pipeline.data.tario import tar_members
-
         encoded: list[bytes] = []
         for url in index_urls:
             folder = url[: -len("/index.json")] if url.endswith("/index.json") else url.rstrip("/")

@@ -13,21 +13,22 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.buckets import HOLE_RATIO_BUCKETS, check_buckets
 from pipeline.config import Config
-from pipeline.fsutil import ReadRetry, StorageOptions
+from pipeline.fsutil import ReadRetry, StorageSettings
 from pipeline.paths import LocalPath, OutputPathStr
 from pipeline.data.imageops import DEFAULT_MAX_PIXELS
-from pipeline.data.masks.generators import MaskSpec
-from pipeline.data.sources import SourceSpec
+from pipeline.data.masks.generators import MaskSettings
+from pipeline.data.sources import SourceSettings
 
-__all__ = ["EXECUTION_ONLY", "EvalSettings", "ShardJobConfig"]
+__all__ = ["EXECUTION_ONLY", "EvalSetSettings", "ShardJobConfig"]
 
 # Settings that change how a run goes, never what it writes: left out of the manifest and its hash.
 EXECUTION_ONLY = frozenset({"out", "storage_options", "num_cpus", "max_in_flight", "verify", "max_rejected_fraction",
                             "read_retry", "task_retries"})
 
 
-class EvalSettings(Config):
-    """Pinned evaluation set: ``per_bucket`` samples in each hole-ratio bucket."""
+class EvalSetSettings(Config):
+    """The ``eval`` section: the pinned evaluation set this job writes, ``per_bucket`` samples in each hole-ratio
+    bucket (how a generator is evaluated on it is evaluation's ``EvaluationSettings``)."""
 
     enabled: bool = False
     per_bucket: int = Field(default=100, ge=1)
@@ -44,22 +45,22 @@ class EvalSettings(Config):
 class ShardJobConfig(Config):
     """Everything the shard job needs; validated before any Ray resource is requested."""
 
-    source: SourceSpec
+    source: SourceSettings
     out: OutputPathStr = Field(min_length=1, description="dataset folder (local path or URL) for shards and manifest")
     dataset_version: str = Field(default="1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     samples_per_shard: int = Field(default=1000, ge=1)
-    masks: MaskSpec = Field(default_factory=MaskSpec)
+    masks: MaskSettings = Field(default_factory=MaskSettings)
     seed: int = Field(default=0, ge=0)
     store_size: int = Field(default=256, ge=32, le=8192)
     center_crop: bool = False
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     jpeg_subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:4:4"
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard")
-    eval: EvalSettings = Field(default_factory=EvalSettings)
+    eval: EvalSetSettings = Field(default_factory=EvalSetSettings)
     limit: int | None = Field(default=None, ge=1, description="use only the first N items (sorted by key)")
     parent: Annotated[str | None, LocalPath()] = Field(default=None, description="manifest of the version this one extends")
     incremental_by: Literal["keys", "mtime"] = "keys"
-    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    storage_options: StorageSettings = Field(default_factory=StorageSettings)
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per shard task")
     max_in_flight: int = Field(default=0, ge=0, description="shard tasks queued at once; 0 = 2 x cluster CPUs")
     max_rejected_fraction: float = Field(

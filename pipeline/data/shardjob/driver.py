@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
+from pipeline.errors import one_line
 from pipeline.fsutil import TransientReadError
 from pipeline.raycluster import ensure_ray
 from pipeline.data.shardjob.config import ShardJobConfig
@@ -29,8 +30,7 @@ def failure_line(cause: BaseException, where: str) -> str:
     if isinstance(cause, TransientReadError):
         return (f"{cause} while writing {where}; nothing published, no input rejected: "
                 f"re-run resumes (finished shards are reused)")
-    first = (str(cause).strip().splitlines() or [""])[0][:300]
-    return (f"{type(cause).__name__} while writing {where}: {first}; nothing published, no input rejected: "
+    return (f"{type(cause).__name__} while writing {where}: {one_line(cause, 300)}; nothing published, no input rejected: "
             f"re-run resumes once the storage is readable")
 
 

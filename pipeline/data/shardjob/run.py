@@ -83,7 +83,7 @@ from pipeline.data.manifest import (
     write_keys,
     write_manifest,
 )
-from pipeline.data.shardjob.config import EvalSettings, ShardJobConfig
+from pipeline.data.shardjob.config import EvalSetSettings, ShardJobConfig
 from pipeline.data.shardjob.driver import Progress, ShardJobError, failure_line, run_tasks
 from pipeline.data.shardjob.plan import (
     SHARD_FORMAT,
@@ -103,7 +103,7 @@ from pipeline.data.sources import SourceItem, list_source, new_items, suggest_ro
 
 __all__ = [
     "SHARD_FORMAT",
-    "EvalSettings",
+    "EvalSetSettings",
     "FillPlan",
     "ShardJobConfig",
     "ShardJobError",

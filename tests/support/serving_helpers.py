@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from models.registry import get_architecture
-from pipeline.lifecycle.packaging import HiresConfig, ServingDefaults, log_and_register_generator
+from pipeline.lifecycle.packaging import HiresSettings, ServingDefaults, log_and_register_generator
 from pipeline.tracking import RunTracker
 
 # RN with one residual block: the real architecture, quick to build, save and run on a 2-core machine.
@@ -57,7 +57,7 @@ def tiny_champion(mlflow_server) -> str:
 
 def small_windows(max_pixels: int = 1_000_000) -> ServingDefaults:
     """Serving defaults that send even a 300x451 photo through 64-pixel windows (fast, and exercises the strategy)."""
-    return ServingDefaults(max_pixels=max_pixels, hires=HiresConfig(strategy="crop", margin=8, trigger=128, limit=64))
+    return ServingDefaults(max_pixels=max_pixels, hires=HiresSettings(strategy="crop", margin=8, trigger=128, limit=64))
 
 
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:

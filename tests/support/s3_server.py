@@ -2,7 +2,7 @@
 
 Tests use it through s3fs/boto3 over HTTP, exactly like a production bucket::
 
-    from s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
+    from support.s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
 
     def test_something(s3_endpoint):
         url = f"s3://{s3_endpoint.bucket}/data"
@@ -39,7 +39,7 @@ class S3Endpoint:
 
     @property
     def storage_options(self) -> dict:
-        """Options for ``pipeline.fsutil.StorageOptions`` (and, as a dict, for the job config)."""
+        """Options for ``pipeline.fsutil.StorageSettings`` (and, as a dict, for the job config)."""
         return {"endpoint_url": self.endpoint_url, "key": self.key, "secret": self.secret}
 
     @property

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pattern_weights import pattern_values
+from support.pattern_weights import pattern_values
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 REFERENCE_FILE = DATA / "metrics_pattern.pt"
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)

@@ -2,11 +2,11 @@
 
 ``tests/data/rn_train_step_T.pt`` holds three iterations of the official RN loop (``geekyutao/RN`` ``main.py``
 at b0a9476, CPU float32, batch 2 at 64², Adam G 1e-4 / D 1e-5, betas (0, 0.9)) run under the closed-form
-pattern weights of case "T" (``tests/pattern_weights.py``): each iteration's losses, G's prediction and the
+pattern weights of case "T" (``tests/support/pattern_weights.py``): each iteration's losses, G's prediction and the
 parameters afterwards. Used in-process by ``tests/test_official_mode.py`` (plain PyTorch optimisers) and as a
 subprocess for DeepSpeed (a DeepSpeed process group must not leak into the pytest process)::
 
-    python tests/official_probe.py PORT 0 2      # ZeRO stages to replay; prints RESULT {json}
+    python tests/support/official_probe.py PORT 0 2      # ZeRO stages to replay; prints RESULT {json}
 
 Threads are pinned to 1: before iteration 3 one RN-L response sits 5.8e-5 from its 0.8 threshold (the file's
 ``sa_margin_before_iter``), and Adam with β1 = 0 turns rounding noise in near-zero gradients into full-size steps,
@@ -23,12 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run by path (python tests/support/official_probe.py): tests/ on sys.path, for `support`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-REFERENCE_FILE = Path(__file__).parent / "data" / "rn_train_step_T.pt"
+REFERENCE_FILE = Path(__file__).resolve().parents[1] / "data" / "rn_train_step_T.pt"
 # reference loss name -> holefill log name
 LOSS_NAMES = {"d_loss": "d_loss", "d_real": "d_real", "d_fake": "d_fake", "g_loss": "g_loss", "g_l1": "g_l1", "g_gan": "g_adv"}
 
@@ -40,7 +40,7 @@ def load_reference() -> dict[str, Any]:
 
 def reference_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
     """RN's G and training D (logits) with the reference's starting weights, loaded through the official converter."""
-    from pattern_weights import official_pattern_state_dict
+    from support.pattern_weights import official_pattern_state_dict
 
     from models.convert import from_official
     from models.rn import RNDiscriminator, RNGenerator
@@ -87,12 +87,12 @@ def replay_with_deepspeed(recipe: Any, zero_stage: int, steps: int = 3) -> dict[
     """The reference loop through ``gan_step`` on holefill's DeepSpeed engines (fp32, one rank)."""
     import torch.distributed as dist
 
-    from pipeline.train.config import DeepSpeedSection
+    from pipeline.train.config import DeepSpeedSettings
     from pipeline.train.engines import DiscriminatorCaller, build_engines, step_updater
 
     G, D = reference_networks()
     engines = build_engines(
-        recipe, G, D, DeepSpeedSection(zero_stage=zero_stage, precision="fp32"),
+        recipe, G, D, DeepSpeedSettings(zero_stage=zero_stage, precision="fp32"),
         micro_batch_size=2, world_size=dist.get_world_size(), steps_per_epoch=10_000, device=torch.device("cpu"),
     )
     return replay(

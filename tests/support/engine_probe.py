@@ -4,8 +4,8 @@ Also the building blocks of the GPU tests (``tests/gpu``) and ``bench/gpu_check.
 
 Run as a subprocess by the tests (a DeepSpeed process group must not leak into the pytest process):
 
-    python tests/engine_probe.py PORT syncs:rn:0:fp32 syncs:lbam:0:bf16 ...  host reads per non-logging step
-    python tests/engine_probe.py PORT resume:rn:0:fp32 ...                   save -> restore -> next-step losses
+    python tests/support/engine_probe.py PORT syncs:rn:0:fp32 syncs:lbam:0:bf16 ...  host reads per non-logging step
+    python tests/support/engine_probe.py PORT resume:rn:0:fp32 ...                   save -> restore -> next-step losses
 
 Each case is ``mode:arch:zero_stage:precision``. The step is ``pipeline.train.loop.optimiser_step`` with the
 engines, discriminator caller and updaters of ``train_worker``, fed uint8 batches like the loader's.
@@ -20,10 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 SIZES = {"rn": (32, 2), "lbam": (256, 1)}  # crop, micro-batch: the smallest each official network trains on
 # CPU cases (``tiny=True``): one RN residual block; LBAM at 1/16 width and 128 px with a 3-layer stand-in for the
@@ -68,24 +66,24 @@ def build(arch: str, zero_stage: int, precision: str, seed: int = 0, device: tor
           batch: int | None = None, tiny: bool = False):
     """Recipe, engines and the step's callables, built as ``train_worker`` builds them (``tiny``: the CPU sizes)."""
     from models.registry import get_architecture
-    from pipeline.train.config import DeepSpeedSection
+    from pipeline.train.config import DeepSpeedSettings
     from pipeline.train.engines import DiscriminatorCaller, build_engines, step_updater
     from pipeline.train.spec import build_recipe, discriminator_options
 
     spec = get_architecture(arch)
     torch.manual_seed(seed)
     if tiny and arch == "lbam":
-        from pipeline.train.recipes import LBAMOptions, LBAMRecipe
+        from pipeline.train.architectures.lbam import LBAMRecipe, LBAMSettings
 
         generator = spec.generator(width=TINY_WIDTH)
         discriminator = spec.discriminator(input_size=TINY_SIZES["lbam"][0], width=TINY_WIDTH)
-        recipe = LBAMRecipe(LBAMOptions(allow_random_vgg=True), vgg=StandInFeatures())
+        recipe = LBAMRecipe(LBAMSettings(allow_random_vgg=True), vgg=StandInFeatures())
     else:
         generator = spec.generator(residual_blocks=1) if tiny else spec.generator()
         discriminator = spec.discriminator(**discriminator_options(arch))
         recipe = build_recipe(arch, **({"allow_random_vgg": True} if arch == "lbam" else {}))
     engines = build_engines(
-        recipe, generator, discriminator, DeepSpeedSection(zero_stage=zero_stage, precision=precision),
+        recipe, generator, discriminator, DeepSpeedSettings(zero_stage=zero_stage, precision=precision),
         micro_batch_size=batch or (TINY_SIZES if tiny else SIZES)[arch][1], world_size=dist.get_world_size(), steps_per_epoch=10_000, device=device,
     )
     recipe.to(device)

@@ -2,7 +2,7 @@
 
 Tests import what they need::
 
-    from local_stack import mlflow_server, ray_head, add_worker_node, submit_job
+    from support.local_stack import mlflow_server, ray_head, add_worker_node, submit_job
 
 Every cluster gets explicit free ports for every port Ray opens and its own short temp dir, so
 parallel test sessions (and a developer's own ``infra/local/stack.py`` stack) never collide, and
@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -32,16 +31,11 @@ from typing import Iterator, Mapping, Sequence
 
 import pytest
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-    # `infra` is deployment material, not part of the installed holefill packages.
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from infra.local.mlflow_server import MlflowServerSpec, start_mlflow_server, stop_mlflow_server  # noqa: E402
-from infra.local.processes import ProcessHandle  # noqa: E402
-from infra.local.ray_node import (  # noqa: E402
+from infra.local.mlflow_server import MlflowServerSettings, start_mlflow_server, stop_mlflow_server
+from infra.local.processes import ProcessHandle
+from infra.local.ray_node import (
     LOOPBACK,
-    RayNodeSpec,
+    RayNodeSettings,
     RayPorts,
     alive_node_count,
     find_free_port_block,
@@ -118,10 +112,10 @@ def running_ray_head(num_cpus: int = 4, resources: Mapping[str, float] | None = 
     temp_dir = _short_temp_dir()
     ports = RayPorts.free(head=True)
     dashboard_url = f"http://{LOOPBACK}:{ports.dashboard}"
-    spec = RayNodeSpec(role="head", temp_dir=temp_dir, num_cpus=num_cpus, resources=dict(resources or {}),
+    settings = RayNodeSettings(role="head", temp_dir=temp_dir, num_cpus=num_cpus, resources=dict(resources or {}),
                        object_store_memory_bytes=OBJECT_STORE_BYTES, ports=ports)
     log_path = temp_dir / "ray-start-head.log"
-    leader = start_ray_node(spec, log_path, dashboard_url, expected_alive_nodes=1, timeout_s=STARTUP_TIMEOUT_S,
+    leader = start_ray_node(settings, log_path, dashboard_url, expected_alive_nodes=1, timeout_s=STARTUP_TIMEOUT_S,
                             env={**ray_node_env(), **dict(env or {})})
     head = RayHead(address=f"{LOOPBACK}:{ports.gcs}", dashboard_url=dashboard_url, temp_dir=temp_dir,
                    leader=leader, log_path=log_path, env=dict(env or {}))
@@ -143,11 +137,11 @@ def add_worker_node(head: RayHead, num_cpus: int, resources: Mapping[str, float]
     # cache, and the worker node's agent would delete a job's working_dir package from under the driver
     # on the head when its own last user exits. Being inside the head's temp dir, the head's teardown
     # sweep still catches anything the node leaves behind.
-    spec = RayNodeSpec(role="worker", head_address=head.address, temp_dir=head.temp_dir / f"n{len(head.workers)}",
+    settings = RayNodeSettings(role="worker", head_address=head.address, temp_dir=head.temp_dir / f"n{len(head.workers)}",
                        num_cpus=num_cpus,
                        resources=dict(resources or {}), object_store_memory_bytes=OBJECT_STORE_BYTES, ports=ports)
     log_path = head.temp_dir / f"ray-start-worker-{len(head.workers)}.log"
-    leader = start_ray_node(spec, log_path, head.dashboard_url, expected_alive_nodes=expected,
+    leader = start_ray_node(settings, log_path, head.dashboard_url, expected_alive_nodes=expected,
                             timeout_s=STARTUP_TIMEOUT_S)
     node = RayWorkerNode(leader=leader, num_cpus=num_cpus, resources=dict(resources or {}))
     head.workers.append(node)
@@ -158,10 +152,10 @@ def add_worker_node(head: RayHead, num_cpus: int, resources: Mapping[str, float]
 def running_mlflow_server(data_dir: Path) -> Iterator[str]:
     """An MLflow server (SQLite + proxied local artifacts in ``data_dir``) on a free loopback port."""
     (port,) = find_free_port_block(1)
-    spec = MlflowServerSpec(data_dir=data_dir, port=port)
-    leader = start_mlflow_server(spec, data_dir / "mlflow-server.log", timeout_s=STARTUP_TIMEOUT_S)
+    settings = MlflowServerSettings(data_dir=data_dir, port=port)
+    leader = start_mlflow_server(settings, data_dir / "mlflow-server.log", timeout_s=STARTUP_TIMEOUT_S)
     try:
-        yield spec.tracking_uri
+        yield settings.tracking_uri
     finally:
         stop_mlflow_server(leader)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 PATTERN_FILE = DATA / "official_pattern_A.pt"
 _M = 0xFFFFFFFF
 
