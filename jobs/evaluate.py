@@ -58,7 +58,8 @@ def evaluate(config: EvaluateJobConfig) -> int:
     if registered and config.reuse_cached:
         result = RegistryEvaluator(tracking_uri, config.eval_manifest, config.evaluation, weights=weights).cached(*registered)
     if result is None:
-        result = evaluate_model(config.model, config.eval_manifest, config.evaluation, tracking_uri, config.arch, weights)
+        result = evaluate_model(config.model, config.eval_manifest, config.evaluation, tracking_uri, config.arch, weights,
+                                config.generator_kwargs)
     workers = f", {result.extra['workers']} Ray workers" if "workers" in result.extra else ", cached"
     print(f"model {config.model} ({result.arch}) on eval set {result.eval_manifest_hash[:12]} "
           f"({int(result.summary['count'])} images, {result.seconds:.1f} s{workers}; metric set {result.metric_set})")

@@ -40,7 +40,7 @@ def inpaint(config: InpaintJobConfig) -> int:
     if config.model.startswith(("models:/", "runs:/")):  # only registry references need a tracking server
         tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ, local_store=False)
         check_tracking_server(tracking_uri)
-    generator, arch = load_model_ref(config.model, tracking_uri, config.arch)
+    generator, arch = load_model_ref(config.model, tracking_uri, config.arch, config.generator_kwargs)
     generator.to(config.device)
     written = inpaint_paths(generator, arch, config.image, config.out, config.mask, config.fit,
                             config.mask_generator, config.seed, config.hires.crop_strategy())

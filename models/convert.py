@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from typing import Any, Mapping
 
 import torch
@@ -19,6 +20,7 @@ from models.registry import get_architecture
 __all__ = ["from_official", "load_weights_bytes", "load_weights_file", "extract_state_dict"]
 
 # Containers the official training scripts wrap their state dicts in.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _WRAPPER_KEYS = ("state_dict", "model", "generator", "netG", "G", "params")
 
 
@@ -57,7 +59,12 @@ def load_weights_bytes(payload: bytes, name: str = "weights") -> Any:
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle content"
+        # torch decorates this message with terminal escapes; a one-line error carries plain text only.
+        text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+        # torch's first lines are general advice; the line naming what the file asked for is the reason.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "error:" in line]
+        first = (named or lines or ["unsafe pickle content"])[0]
         raise ValueError(
             f"refusing to load {path_or_url}: it needs pickle to load (only plain tensors are accepted): {first}"
         ) from None

@@ -108,13 +108,22 @@ class GaussActivation(nn.Module):
         self.sigma2.data.clamp_(*self.SIGMA_RANGE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.clamp_parameters_()
-        below_mu = x < self.mu
-        squared = (x - self.mu) ** 2
+        if torch.compiler.is_exporting():
+            # torch.export cannot trace the in-place write to .data (it would lift a fake tensor into the graph's
+            # constants): the exported graph clamps out of place, to the same values, and as 0-dim scalars, since
+            # broadcasting a (1,) parameter against a 1-pixel-wide map (128-pixel inputs) would fix the width at 1.
+            a, mu = self.a.clamp(*self.A_RANGE).view(()), self.mu.clamp(*self.MU_RANGE).view(())
+            sigma1 = self.sigma1.clamp(*self.SIGMA_RANGE).view(())
+            sigma2 = self.sigma2.clamp(*self.SIGMA_RANGE).view(())
+        else:
+            self.clamp_parameters_()
+            a, mu, sigma1, sigma2 = self.a, self.mu, self.sigma1, self.sigma2
+        below_mu = x < mu
+        squared = (x - mu) ** 2
         # Both branches are computed everywhere and the unused one is zeroed, as in the official code:
         # the inactive branch contributes exactly zero value and zero gradient to its parameters.
-        left = (self.a * torch.exp(-self.sigma1 * squared)).masked_fill(~below_mu, 0.0)
-        right = (1 + (self.a - 1) * torch.exp(-self.sigma2 * squared)).masked_fill(below_mu, 0.0)
+        left = (a * torch.exp(-sigma1 * squared)).masked_fill(~below_mu, 0.0)
+        right = (1 + (a - 1) * torch.exp(-sigma2 * squared)).masked_fill(below_mu, 0.0)
         return left + right
 
     def extra_repr(self) -> str:
@@ -476,7 +485,15 @@ def convert_official_discriminator(state_dict: Mapping[str, torch.Tensor]) -> di
     )
 
 
+def generator_kwargs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The ``LBAMGenerator`` keywords a state dict's shapes imply: ``width``, from the innermost encoder layer's
+    channels (the widest, so the most precise: ``ec7`` has ``round(512 * width)`` output channels)."""
+    channels = int(state_dict[f"ec{len(_ENCODER_CHANNELS)}.conv.conv.weight"].shape[0])
+    return {"width": channels / _ENCODER_CHANNELS[-1]}
+
+
 register_architecture(Architecture(
     "lbam", LBAMGenerator, LBAMDiscriminator, size_multiple=SIZE_MULTIPLE, train_size=DISCRIMINATOR_SIZE,
     official_converters={"generator": convert_official_generator, "discriminator": convert_official_discriminator},
+    generator_kwargs_from_state_dict=generator_kwargs_from_state_dict,
 ))

@@ -13,7 +13,7 @@ A new architecture is a model file that ends with ``register_architecture(Archit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
 
 import torch.nn as nn
 
@@ -66,6 +66,10 @@ class Architecture:
     required input size, or ``None`` if it takes any multiple of ``size_multiple``.
     ``official_converters`` maps a part (``"generator"``/``"discriminator"``) to a function turning an
     official state dict into one this project's module loads with ``strict=True``.
+    ``generator_kwargs_from_state_dict`` (optional) reads the generator constructor's keywords that a state dict's
+    shapes imply (e.g. a depth from the number of blocks, a width from channel counts); keywords its shapes do not
+    show are left out (they keep their defaults). ``models.record.kwargs_for_weights`` uses it for plain weights
+    files of non-default networks, and accepts its answer only when the network it names fits the weights exactly.
     """
 
     name: str
@@ -74,6 +78,7 @@ class Architecture:
     size_multiple: int
     train_size: int | None
     official_converters: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
+    generator_kwargs_from_state_dict: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")

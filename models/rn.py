@@ -124,8 +124,9 @@ def region_normalize(
     label = region.detach().to(compute_dtype)
     if not per_sample:
         out = _both_regions(features, label, eps)
-    elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        # Traced and exported graphs must keep a dynamic batch: (B,C,h,w) -> (1,B*C,h,w), whose per-channel
+    elif torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # Exported (torch.export, and the ONNX exporter built on it) and traced graphs must keep a dynamic batch,
+        # which the loop below would specialise: (B,C,h,w) -> (1,B*C,h,w), whose per-channel
         # statistics are each image's own (shape-agnostic ops only; equal to the loop below up to float rounding).
         flat_label = label.expand_as(features).flatten(0, 1).unsqueeze(0)
         out = _both_regions(features.flatten(0, 1).unsqueeze(0), flat_label, eps).view_as(features)
@@ -507,7 +508,18 @@ def convert_official_discriminator(state_dict: Mapping[str, torch.Tensor]) -> di
     return _convert_identity(state_dict, "discriminator")
 
 
+def generator_kwargs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The ``RNGenerator`` keywords a state dict's shapes imply: ``residual_blocks``, the number of ``middle`` blocks.
+
+    ``threshold`` and ``per_sample_stats`` leave no trace in the weights: they keep their defaults."""
+    blocks = {int(key.split(".")[1]) for key in state_dict if key.startswith("middle.") and key.split(".")[1].isdigit()}
+    if blocks != set(range(len(blocks))):
+        raise ValueError(f"middle blocks are not numbered 0..n-1: {sorted(blocks)}")
+    return {"residual_blocks": len(blocks)}
+
+
 register_architecture(Architecture(
     "rn", RNGenerator, RNDiscriminator, size_multiple=SIZE_MULTIPLE, train_size=None,
     official_converters={"generator": convert_official_generator, "discriminator": convert_official_discriminator},
+    generator_kwargs_from_state_dict=generator_kwargs_from_state_dict,
 ))

@@ -121,7 +121,7 @@ def test_a_metric_without_weights_stops_the_job_naming_the_key(world):
 
 @pytest.mark.e2e
 def test_promotion_reuses_the_cached_champion_evaluation_and_records_table_and_pictures(world):
-    from pipeline.evaluation.evaluate import EvaluationSettings, GeneratorSpec, evaluate_slice, merge_slices
+    from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice, merge_slices
     from pipeline.lifecycle.evaluations import RegistryEvaluator
     from pipeline.lifecycle.packaging import load_generator
     from pipeline.lifecycle.promotion import GateSettings, promote
@@ -150,7 +150,7 @@ def test_promotion_reuses_the_cached_champion_evaluation_and_records_table_and_p
 
     # Two Ray workers (with cached truth features) give what one in-process pass computing everything gives.
     generator, arch = load_generator(f"models:/{MODEL}/{challenger}", world["tracking_uri"])
-    alone = evaluate_slice(GeneratorSpec.of(generator, arch).build(), arch, world["eval"], settings, evaluator.weights)
+    alone = evaluate_slice(generator, arch, world["eval"], settings, evaluator.weights)
     summary, _, _ = merge_slices([alone], evaluator.weights.metrics, settings.samples_per_bucket)
     distributed = evaluator.results[(MODEL, challenger)].summary
     assert summary.keys() == distributed.keys()

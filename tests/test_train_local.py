@@ -32,11 +32,12 @@ import torch
 
 from pipeline.data.sample_data import generate_sample_dataset
 from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
-from pipeline.train.checkpoint import load_generator_state, read_state
+from pipeline.train.checkpoint import load_generator_record, read_state
 from pipeline.train.config import TrainJobConfig
 from pipeline.lifecycle.training import train_and_register as run_training
 from infra.local.mlflow_server import MlflowServerSettings, start_mlflow_server, stop_mlflow_server
 from infra.local.ray_node import find_free_port_block
+from support.engine_probe import Payload
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -245,10 +246,14 @@ def test_rn_generator_is_registered_with_data_tags(rn_run, shards):
     from pipeline.lifecycle.packaging import load_generator
 
     model, arch = load_generator(f"models:/rn/{result.model_version}", config.mlflow.tracking_uri)
-    saved = load_generator_state(Path(result.checkpoint_path))
-    assert arch == "rn"
+    saved = load_generator_record(Path(result.checkpoint_path))
+    assert arch == "rn" and saved.arch == "rn" and saved.kwargs == config.generator_kwargs
     for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
+        assert torch.equal(tensor, saved.state_dict[name]), name
+    # The checkpoint's record went to registration as it was: its provenance is on the version.
+    assert version.tags["holefill.provenance.kind"] == "training run"
+    assert version.tags["holefill.provenance.step"] == str(MAX_STEPS)
+    assert version.tags["holefill.provenance.mlflow_run_id"] == result.mlflow_run_id
 
 
 def test_checkpoint_holds_every_ranks_files_merged_into_one_directory(rn_run):
@@ -265,3 +270,21 @@ def test_resubmission_resumes_from_the_last_checkpoint(rn_run):
     second = run_training(config)
     assert second.final_step == MAX_STEPS + 1
     assert Path(second.checkpoint_path).parent == Path(rn_run.result.checkpoint_path).parent
+
+
+def test_a_resubmission_refuses_a_planted_checkpoint_file_in_one_line_and_never_runs_it(rn_run, tmp_path):
+    # Last in this module: it plants into the run's checkpoints. Whoever can write under run.storage_path must not
+    # run code on the workers: rank 1's RNG file of every checkpoint gets a payload; the resubmission ends in one
+    # line naming the file (the job prints it and exits 2), attempted once (max_failures 0), and nothing ran.
+    marker = tmp_path / "payload-ran"
+    for checkpoint in Path(rn_run.result.checkpoint_path).parent.glob("checkpoint_*"):
+        rng_file = checkpoint / "rng" / "rank_1.pt"
+        torch.save({**torch.load(rng_file, weights_only=True), "planted": Payload(marker)}, rng_file)
+    config = rn_run.config.model_copy(deep=True)
+    config.train.max_steps = MAX_STEPS + 2
+    config.run.max_failures = 0
+    with pytest.raises(ValueError) as refused:
+        run_training(config)
+    message = str(refused.value)
+    assert "\n" not in message and "rng/rank_1.pt" in message and "pickle" in message, message
+    assert not marker.exists()

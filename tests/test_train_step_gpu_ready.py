@@ -9,17 +9,12 @@ the same with CUDA's own sync detector.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from support.engine_probe import run_cases
 
 pytest.importorskip("deepspeed")
 
-PROBE = Path(__file__).parent / "support" / "engine_probe.py"
 CASES = [  # tiny networks on CPU (engine_probe.TINY_SIZES); every model meets ZeRO 0, 1 and 2 and both precisions
     "syncs:rn:0:fp32", "syncs:rn:1:bf16", "syncs:rn:2:fp32",
     "syncs:lbam:0:bf16", "syncs:lbam:1:fp32", "syncs:lbam:2:bf16",
@@ -27,19 +22,9 @@ CASES = [  # tiny networks on CPU (engine_probe.TINY_SIZES); every model meets Z
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    result = subprocess.run(
-        [sys.executable, str(PROBE), str(_free_port()), *CASES], capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.split("RESULT ", 1)[1])
+    return run_cases(*CASES)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("syncs:")])

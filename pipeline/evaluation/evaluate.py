@@ -28,7 +28,6 @@ from pydantic import Field
 
 from models.inception import to_uint8
 from models.inpaint import inpaint_tensor
-from models.registry import get_architecture
 from pipeline.buckets import HOLE_RATIO_BUCKETS, Bucket, bucket_names, bucket_of, check_buckets, hole_ratios
 from pipeline.config import Config
 from pipeline.data.loaders import make_eval_loader
@@ -46,7 +45,6 @@ from pipeline.pictures import show_hole
 __all__ = [
     "EvaluationSettings",
     "EvaluationResult",
-    "GeneratorSpec",
     "Sample",
     "SlicePart",
     "eval_set_buckets",
@@ -84,36 +82,6 @@ class EvaluationSettings(Config):
     perceptual: PerceptualSettings = Field(default_factory=PerceptualSettings)
     experiment: str = "holefill-evaluation"
     storage_options: dict[str, Any] = {}
-
-
-@dataclass
-class GeneratorSpec:
-    """The generator an evaluation worker runs and its architecture name (travels through Ray's object store).
-
-    The module itself is shipped (its class by reference, its weights as tensors), so generators built with
-    non-default options evaluate as they are; :meth:`from_state_dict` builds one from weights + arch.
-    """
-
-    arch: str
-    module: nn.Module
-
-    @classmethod
-    def of(cls, generator: nn.Module, arch: str) -> "GeneratorSpec":
-        """The spec of a built generator (an fp32 CPU copy in eval mode; the caller's module is left as is)."""
-        import copy
-
-        return cls(arch, copy.deepcopy(generator).float().cpu().eval())
-
-    @classmethod
-    def from_state_dict(cls, arch: str, state_dict: Mapping[str, torch.Tensor], **kwargs: Any) -> "GeneratorSpec":
-        """A generator of ``arch`` (built with ``kwargs``) holding ``state_dict`` (strict)."""
-        generator = get_architecture(arch).generator(**kwargs)
-        generator.load_state_dict(dict(state_dict), strict=True)
-        return cls(arch, generator.float().eval())
-
-    def build(self) -> nn.Module:
-        """The generator in eval mode."""
-        return self.module.eval()
 
 
 @dataclass

@@ -3,8 +3,8 @@
 :func:`evaluate_on_manifest` is the one entry point (``jobs/evaluate.py``, promotion and retraining use it
 through :mod:`pipeline.lifecycle.evaluations`). In the driver it checks the eval manifest, reads, hashes and
 checks the metric networks' weights (a missing file fails here, before any work), puts the generator's
-weights and the metric weights in the object store once, then runs one Ray task per worker: each rebuilds
-the generator and the networks, evaluates its rank's slice of the shards (:func:`evaluate_slice`) and returns
+record (:class:`models.record.GeneratorRecord`: arch, keywords, weights) and the metric weights in the object
+store once, then runs one Ray task per worker: each builds the generator (``record.build()``) and the networks, evaluates its rank's slice of the shards (:func:`evaluate_slice`) and returns
 sums, per-image features and LPIPS values and a few pictures. The driver merges them into per-bucket results
 (FID needs the features of the whole set, so it is computed once, from the merged features).
 """
@@ -17,15 +17,14 @@ import logging
 import time
 
 import torch
-import torch.nn as nn
 
+from models.record import GeneratorRecord
 from pipeline.buckets import Bucket
 from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.evaluation.evaluate import (
     METRICS,
     EvaluationResult,
     EvaluationSettings,
-    GeneratorSpec,
     SlicePart,
     eval_set_buckets,
     evaluate_slice,
@@ -60,12 +59,12 @@ def metric_set_id(settings: EvaluationSettings, weights: MetricWeights) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _evaluate_worker(spec: GeneratorSpec, eval_manifest: str, settings: EvaluationSettings, weights: MetricWeights,
+def _evaluate_worker(record: GeneratorRecord, eval_manifest: str, settings: EvaluationSettings, weights: MetricWeights,
                      rank: int, world_size: int, truth_features: dict | None,
                      buckets: tuple[Bucket, ...]) -> SlicePart:
-    """One Ray task: rebuild the generator and evaluate rank ``rank``'s slice."""
+    """One Ray task: build the generator from its record and evaluate rank ``rank``'s slice."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return evaluate_slice(spec.build(), spec.arch, eval_manifest, settings, weights, rank, world_size, truth_features,
+    return evaluate_slice(record.build(), record.arch, eval_manifest, settings, weights, rank, world_size, truth_features,
                           buckets=buckets)
 
 
@@ -77,10 +76,10 @@ def _truth_cache(settings: EvaluationSettings, weights: MetricWeights, manifest_
                            numerics_class(settings))
 
 
-def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_ref: str, eval_manifest: str,
+def evaluate_on_manifest(record: GeneratorRecord, model_ref: str, eval_manifest: str,
                          settings: EvaluationSettings | None = None,
                          weights: MetricWeights | None = None) -> EvaluationResult:
-    """Evaluate ``generator`` (known to its caller as ``model_ref``) on the pinned set ``eval_manifest``
+    """Evaluate the generator of ``record`` (known to its caller as ``model_ref``) on the pinned set ``eval_manifest``
     with ``settings.num_workers`` Ray workers. ``weights``: metric weights already loaded by the caller
     (:func:`load_metric_weights`), else they are loaded here first."""
     settings = settings or EvaluationSettings()
@@ -88,7 +87,6 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     if manifest.kind != "eval":
         raise ValueError(f"{eval_manifest} is a {manifest.kind!r} manifest; evaluation needs an 'eval' manifest")
     weights = weights if weights is not None else load_metric_weights(settings.perceptual)
-    spec = generator if isinstance(generator, GeneratorSpec) else GeneratorSpec.of(generator, arch)
     # A worker without a shard would only cost a process: never start more workers than shards.
     world_size = max(1, min(settings.num_workers, len(manifest.shards)))
     ray = ensure_ray()
@@ -97,11 +95,11 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     started = time.monotonic()
     cache_url = _truth_cache(settings, weights, manifest_hash(manifest))
     truth = load_truth_features(cache_url, settings.perceptual.storage_options or None) if cache_url else None
-    spec_ref, weights_ref, truth_ref = ray.put(spec), ray.put(weights), ray.put(truth)
+    record_ref, weights_ref, truth_ref = ray.put(record), ray.put(weights), ray.put(truth)
     log.info("evaluating %s on %s (%d samples) with %d Ray workers; metrics %s", model_ref, manifest_hash(manifest)[:12],
              manifest.total_samples, world_size, ", ".join([*METRICS, *weights.metrics]))
     buckets = eval_set_buckets(manifest)  # the eval set's own: what it was balanced over
-    parts = ray.get([task.remote(spec_ref, eval_manifest, settings, weights_ref, rank, world_size, truth_ref, buckets)
+    parts = ray.get([task.remote(record_ref, eval_manifest, settings, weights_ref, rank, world_size, truth_ref, buckets)
                      for rank in range(world_size)])
     summary, samples, records = merge_slices(parts, weights.metrics, settings.samples_per_bucket)
     if cache_url and not covers(truth, records.keys) and records.real:
@@ -109,6 +107,6 @@ def evaluate_on_manifest(generator: nn.Module | GeneratorSpec, arch: str, model_
     seconds = time.monotonic() - started
     log.info("evaluated %d images in %.1f s (%.2f images/s)", int(summary["count"]), seconds,
              summary["count"] / max(seconds, 1e-9))
-    return EvaluationResult(model_ref, spec.arch, eval_manifest, manifest_hash(manifest), summary, seconds,
+    return EvaluationResult(model_ref, record.arch, eval_manifest, manifest_hash(manifest), summary, seconds,
                             {"dataset_version": manifest.dataset_version, "workers": world_size},
                             weights=dict(weights.hashes), metric_set=metric_set_id(settings, weights), samples=samples)

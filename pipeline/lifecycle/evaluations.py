@@ -1,8 +1,8 @@
 """Evaluating model references and registered versions: load them, run the evaluation stage, record, cache.
 
-:func:`evaluate_model` takes anything :func:`pipeline.lifecycle.inference.load_model_ref` loads (an MLflow
-URI, a checkpoint, a weights file), hands the evaluation stage the generator's weights and architecture
-(the evaluation stage never loads MLflow models) and returns its result. :class:`RegistryEvaluator` is what
+:func:`evaluate_model` takes anything :func:`pipeline.lifecycle.packaging.load_generator_record` reads (an MLflow
+URI, a checkpoint folder, a weights file, an official release), hands the evaluation stage the generator's record
+(the evaluation stage never loads MLflow models; its workers build the record) and returns its result. :class:`RegistryEvaluator` is what
 promotion and retraining use to score ``models:/name/version`` on the pinned eval set; its results are cached
 per (model version, eval manifest hash, metric set) on the version's tags, so an unchanged champion is not
 evaluated again.
@@ -11,15 +11,16 @@ evaluated again.
 from __future__ import annotations
 
 import logging
+from typing import Any, Mapping
 
 from pipeline.config import Config
 from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.errors import one_line
-from pipeline.evaluation.evaluate import EvaluationResult, EvaluationSettings, GeneratorSpec, Sample
+from pipeline.evaluation.evaluate import EvaluationResult, EvaluationSettings, Sample
 from pipeline.evaluation.perceptual import MetricWeights, load_metric_weights
 from pipeline.evaluation.ray_eval import evaluate_on_manifest, metric_set_id
 from pipeline.evaluation.records import cache_tag, log_evaluation, read_evaluation
-from pipeline.lifecycle.inference import load_model_ref
+from pipeline.lifecycle.packaging import load_generator_record
 from pipeline.paths import PathStr
 
 __all__ = ["EvaluateJobConfig", "RegistryEvaluator", "evaluate_model", "parse_registered_ref", "registry_evaluator"]
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 
 def evaluate_model(model_ref: str, eval_manifest: str, settings: EvaluationSettings | None = None,
                    tracking_uri: str | None = None, arch: str | None = None,
-                   weights: MetricWeights | None = None) -> EvaluationResult:
-    """Load ``model_ref`` (MLflow URI or local checkpoint, see :func:`load_model_ref`) and evaluate it on
-    ``eval_manifest`` with the Ray evaluation. The metric weights are read first (a missing file stops here)."""
+                   weights: MetricWeights | None = None, kwargs: Mapping[str, Any] | None = None) -> EvaluationResult:
+    """Read ``model_ref`` (any reference, see :func:`load_generator_record`; ``arch`` / ``kwargs`` name a plain
+    weights file's network) and evaluate it on ``eval_manifest`` with the Ray evaluation. The metric weights are
+    read first (a missing file stops here)."""
     settings = settings or EvaluationSettings()
     weights = weights if weights is not None else load_metric_weights(settings.perceptual)
-    generator, arch = load_model_ref(model_ref, tracking_uri, arch)
-    return evaluate_on_manifest(GeneratorSpec.of(generator, arch), arch, model_ref, eval_manifest, settings, weights)
+    record = load_generator_record(model_ref, tracking_uri, arch=arch, kwargs=kwargs,
+                                   storage_options=settings.storage_options or None)
+    return evaluate_on_manifest(record, model_ref, eval_manifest, settings, weights)
 
 
 def parse_registered_ref(model_ref: str, client) -> tuple[str, str] | None:
@@ -63,7 +66,8 @@ class EvaluateJobConfig(Config):
 
     model: PathStr = "models:/lbam@champion"
     eval_manifest: PathStr
-    arch: str | None = None
+    arch: str | None = None  # a plain weights file's architecture
+    generator_kwargs: dict[str, Any] | None = None  # a plain weights file's generator keywords (when its shapes don't say)
     tracking_uri: str | None = None
     log_to_mlflow: bool = True
     reuse_cached: bool = False

@@ -253,6 +253,12 @@ class TrainJobConfig(Config):
         the architecture's name unless set)."""
         return self.mlflow.registered_model
 
+    @property
+    def generator_kwargs(self) -> dict:
+        """The generator constructor's keywords this run trains with that differ from the defaults (what its
+        checkpoints and its registered version record beside ``arch``)."""
+        return self.model.generator_options.model_dump(mode="json", exclude_defaults=True)
+
 
 _fail = ConfigError.at
 

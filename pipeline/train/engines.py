@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from pipeline.train.config import DeepSpeedSettings
 from pipeline.train.recipes import GanRecipe, OptimizerSettings
+from pipeline.train.safe_checkpoint import use_weights_only_loads
 
 __all__ = ["DiscriminatorCaller", "GanEngines", "build_engines", "deepspeed_config", "init_distributed", "precision_context", "step_updater"]
 
@@ -132,6 +133,7 @@ def _engine(
     )
     if not reduce_gradients:
         engine.enable_backward_allreduce = False
+    use_weights_only_loads(engine)  # DeepSpeed's own loads unpickle (weights_only=False)
     return engine
 
 

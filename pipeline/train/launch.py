@@ -9,7 +9,8 @@
 3. run a ``TorchTrainer`` (one worker per GPU, or CPU workers with gloo) whose ``RunConfig(name,
    storage_path)`` makes Ray resume from the latest checkpoint after a worker failure
    (``FailureConfig(max_failures)``) or a re-submission;
-4. load the consolidated fp32 generator of the final checkpoint and hand it to ``register`` (the lifecycle
+4. read the generator record of the final checkpoint (``models.record.GeneratorRecord``: arch, keywords, fp32
+   weights, provenance) and hand it to ``register`` (the lifecycle
    stage's :func:`pipeline.lifecycle.training.train_and_register` passes one that registers it in MLflow,
    tagged with the data manifest's hash and version, the git commit and the holefill version).
 """
@@ -24,13 +25,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.config import flatten
+from pipeline.data.tario import TarFormatError
+from pipeline.errors import chain, one_line
 from pipeline.data.manifest import load_manifest, manifest_hash, require_samples
 from pipeline.fsutil import StorageSettings, is_remote, join_url, url_to_fs
 from pipeline.raycluster import ensure_ray
 from pipeline.tracking import RunTracker, check_tracking_server, redact, resolve_tracking_uri
-from pipeline.train.checkpoint import load_generator_state, read_state
+from models.record import GeneratorRecord
+from pipeline.train.checkpoint import load_generator_record, read_state
 from pipeline.train.config import ScalingSettings, TrainJobConfig
-from pipeline.train.loop import StepCallback, WorkerPayload, train_worker
+from pipeline.train.loop import StepCallback, WorkerPayload, initial_generator, train_worker
+from pipeline.train.safe_checkpoint import CheckpointRefused, checkpoint_refusal
 
 __all__ = ["Registrar", "TrainingResult", "run_info_tags", "run_training", "storage_filesystem", "worker_runtime_env"]
 
@@ -49,8 +54,8 @@ class TrainingResult:
     model_version: str | None = None
 
 
-# register(config, tracking_uri, run_id, fp32 generator state dict, tags) -> registered version
-Registrar = Callable[[TrainJobConfig, str, str, dict, dict], str]
+# register(config, tracking_uri, run_id, the final generator record, tags) -> registered version
+Registrar = Callable[[TrainJobConfig, str, str, GeneratorRecord, dict], str]
 
 
 def storage_filesystem(storage_path: str, options: StorageSettings) -> tuple[Any, str]:
@@ -151,6 +156,19 @@ def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
     )
 
 
+def damaged_shard_line(exc: BaseException) -> str | None:
+    """The one line of a :class:`~pipeline.data.tario.TarFormatError` (a damaged shard, named with its offset) inside a
+    failed run's error: Ray hands the worker's exception back as such, as its cause, or as traceback text."""
+    marker = f"{TarFormatError.__name__}: "
+    for error in chain(exc):
+        if isinstance(error, TarFormatError):
+            return one_line(error)
+        text = str(error)
+        if marker in text:
+            return text[text.index(marker) + len(marker):].splitlines()[0]
+    return None
+
+
 def run_training(config: TrainJobConfig, register: Registrar | None = None,
                  step_callbacks: Sequence[StepCallback] = ()) -> TrainingResult:
     """Train ``config.model.arch`` on Ray Train + DeepSpeed; ``register`` the final generator when MLflow is on.
@@ -165,6 +183,8 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None,
 
     data_tags = _data_tags(config)
     info_tags = run_info_tags(config)
+    if config.model.init_weights:
+        initial_generator(config)  # readable, and the network this run trains: checked before any worker starts
 
     tracker = tracking_uri = None
     if config.mlflow.enabled:
@@ -184,15 +204,24 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None,
     payload = WorkerPayload(config=config, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id if tracker else None,
                             step_callbacks=tuple(step_callbacks))
     try:
-        result = _trainer(config, payload).fit()
+        try:
+            result = _trainer(config, payload).fit()
+        except Exception as exc:  # Ray wraps the workers' errors; bad bytes (a planted checkpoint file, a damaged
+            refusal = checkpoint_refusal(exc)  # shard) end the job in their own one line, not Ray's traceback
+            if refusal is not None:
+                raise CheckpointRefused(refusal) from None
+            damaged = damaged_shard_line(exc)
+            if damaged is not None:
+                raise ValueError(damaged) from None
+            raise
         if result.checkpoint is None:
             raise RuntimeError(f"training run {config.run.name} finished without a checkpoint")
         with result.checkpoint.as_directory() as directory:
             final_step = read_state(directory).step
-            generator_state = load_generator_state(directory)
+            record = load_generator_record(directory).with_provenance(source=result.checkpoint.path)
         version = None
         if tracker is not None and register is not None:
-            version = register(config, tracking_uri, tracker.run_id, generator_state, {**data_tags, **info_tags})
+            version = register(config, tracking_uri, tracker.run_id, record, {**data_tags, **info_tags})
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")

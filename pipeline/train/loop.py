@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,16 +20,18 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from models.convert import extract_state_dict, load_weights_bytes
 from models.input_checks import mask_values_trusted
+from models.record import GeneratorRecord
 from pipeline.data.loaders import make_train_loader, to_float
 from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
 from pipeline.evaluation.metrics import BucketedMetrics
 from pipeline.evaluation.perceptual import MetricWeights
-from pipeline.fsutil import read_bytes
+from pipeline.errors import one_line
+from pipeline.fsutil import is_remote, join_url
+from pipeline.generators import read_generator
 from pipeline.joblog import LOG_FORMAT
 from pipeline.tracking import RunTracker, sample_grid
-from pipeline.train.checkpoint import CheckpointState, restore_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import CheckpointState, make_durable, restore_checkpoint, save_checkpoint
 from pipeline.train.config import PerformanceSettings, TrainJobConfig
 from pipeline.train.engines import DiscriminatorCaller, GanEngines, build_engines, init_distributed, precision_context, step_updater
 from pipeline.train.recipes import GanRecipe, Updater, gan_step, logs_to_floats
@@ -227,24 +230,50 @@ def _sample_grid(recipe: GanRecipe, generator: torch.nn.Module, image: torch.Ten
     return sample_grid(image.cpu(), mask.cpu(), output.cpu(), image.cpu())
 
 
-def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointState, rank: int) -> None:
+def _attempt_id() -> str:
+    """A name every rank of this worker group shares (rank 0's, broadcast) and a restarted group does not."""
+    token = [secrets.token_hex(4)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def checkpoint_dir_name(step: int, attempt: str) -> str:
+    """``checkpoint_<step>-<attempt>``: Ray Train copies a reported checkpoint INTO ``<storage>/<run>/<name>``,
+    so a name reused by a restarted attempt (same step) would merge the files a killed attempt left there into
+    the new checkpoint; with the attempt in the name a failed attempt's folder is never reused."""
+    return f"checkpoint_{step:08d}-{attempt}" if attempt else f"checkpoint_{step:08d}"
+
+
+def _report(metrics: dict[str, float], engines: GanEngines, state: CheckpointState, rank: int,
+            provenance: dict[str, str], attempt: str = "", run_folder: str | None = None) -> None:
     import ray.train  # lazy: importing Ray costs seconds, and only a Ray Train worker reaches this
 
+    name = checkpoint_dir_name(state.step, attempt)
     with tempfile.TemporaryDirectory(prefix="holefill-ckpt-") as directory:
-        save_checkpoint(directory, engines, state, rank)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
-        )
+        save_checkpoint(directory, engines, state, rank, provenance)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=name)
+    if run_folder is not None and not is_remote(run_folder):
+        make_durable(join_url(run_folder, name), rank)  # Ray's copy is not fsync'd; object stores need none
+
+
+def initial_generator(config: TrainJobConfig) -> GeneratorRecord:
+    """The generator ``model.init_weights`` names (a checkpoint folder, a weights file of any form, an official
+    release: :func:`pipeline.generators.read_generator`), checked to be the network this run trains (arch and
+    ``model.generator_options``); one-line ``ValueError`` otherwise. The driver checks it before any worker starts."""
+    url = config.model.init_weights
+    try:
+        return read_generator(url, arch=config.model.arch, kwargs=config.generator_kwargs,
+                              storage_options=config.data.storage_options, option="--set model.generator_options.<name>=<value>")
+    except ValueError as exc:
+        raise ValueError(f"model.init_weights: {one_line(exc)}") from None
 
 
 def _load_initial_generator(generator: torch.nn.Module, config: TrainJobConfig) -> None:
     """Start from given generator weights (fine-tuning); every rank loads the same file, so ranks agree."""
-    url = config.model.init_weights
-    state = extract_state_dict(load_weights_bytes(read_bytes(url, config.data.storage_options), url))
-    generator.load_state_dict(state, strict=True)
-    log.info("generator initialised from %s", url)
+    generator.load_state_dict(initial_generator(config).state_dict, strict=True)
+    log.info("generator initialised from %s", config.model.init_weights)
 
 
 @dataclass
@@ -264,6 +293,7 @@ class Worker:
     step: int  # optimiser steps already done (0, or the step of the checkpoint resumed from)
     tracker: RunTracker | None  # rank 0 of a tracked run only
     step_callbacks: tuple[StepCallback, ...] = ()
+    attempt: str = ""  # this worker group's start (:func:`_attempt_id`): part of its checkpoints' folder names
 
 
 def set_up_worker(payload: WorkerPayload) -> Worker:
@@ -279,6 +309,7 @@ def set_up_worker(payload: WorkerPayload) -> Worker:
     device = ray.train.torch.get_device()
     _seed_everything(rank_seed(train.seed, rank))
     init_distributed(config.scaling.use_gpu)
+    attempt = _attempt_id()
 
     spec = get_spec(config.model.arch)
     torch.manual_seed(train.seed)  # the run seed, not the rank's: identical initial weights on every rank
@@ -312,7 +343,7 @@ def set_up_worker(payload: WorkerPayload) -> Worker:
         config=config, rank=rank, world_size=world_size, device=device, recipe=recipe, engines=engines,
         G=engines.generator, D=DiscriminatorCaller(engines.discriminator),
         update_g=step_updater(engines.generator), update_d=step_updater(engines.discriminator),
-        step=step, tracker=tracker, step_callbacks=payload.step_callbacks,
+        step=step, tracker=tracker, step_callbacks=payload.step_callbacks, attempt=attempt,
     )
 
 
@@ -379,8 +410,12 @@ def _validate_and_checkpoint(worker: Worker, losses: dict[str, torch.Tensor], im
     if checkpoint_now:
         metrics.update(logs_to_floats(losses))
         state = CheckpointState(step=step, world_size=worker.world_size, zero_stage=ds.zero_stage,
-                                precision=ds.precision, arch=config.model.arch)
-        _report(metrics, worker.engines, state, worker.rank)
+                                precision=ds.precision, arch=config.model.arch, generator_kwargs=config.generator_kwargs)
+        provenance = {"run_name": config.run.name}
+        if tracker is not None:
+            provenance["mlflow_run_id"] = tracker.run_id
+        _report(metrics, worker.engines, state, worker.rank, provenance, worker.attempt,
+                join_url(config.run.storage_path, config.run.name))
     window.resume()
 
 

@@ -6,6 +6,7 @@ Run as a subprocess by the tests (a DeepSpeed process group must not leak into t
 
     python tests/support/engine_probe.py PORT syncs:rn:0:fp32 syncs:lbam:0:bf16 ...  host reads per non-logging step
     python tests/support/engine_probe.py PORT resume:rn:0:fp32 ...                   save -> restore -> next-step losses
+    python tests/support/engine_probe.py PORT planted:rn:1:bf16 ...                  a payload in each checkpoint file
 
 Each case is ``mode:arch:zero_stage:precision``. The step is ``pipeline.train.loop.optimiser_step`` with the
 engines, discriminator caller and updaters of ``train_worker``, fed uint8 batches like the loader's.
@@ -148,6 +149,85 @@ def resume(arch: str, zero_stage: int, precision: str, device: torch.device = to
     return results
 
 
+class Payload:
+    """Pickles as a call that creates ``marker``: it exists afterwards only if something unpickled the file."""
+
+    def __init__(self, marker: str | Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: str) -> None:
+    """Rewrite the torch file ``path`` with a :class:`Payload` beside its top-level keys (everything else kept)."""
+    from pipeline.train.safe_checkpoint import deepspeed_checkpoint_globals, load_checkpoint_file
+
+    content = load_checkpoint_file(path, allowed=deepspeed_checkpoint_globals())
+    torch.save({**content, "planted": Payload(marker)}, path)
+
+
+def planted(arch: str, zero_stage: int, precision: str) -> dict:
+    """Write a real checkpoint (2 steps); resume a fresh set of engines from it as a worker does (next-step
+    losses compared); then, for each file of it in turn, plant a payload in a copy and resume (and read the
+    generator record, which registration and ``--model`` read): what each attempt raised and whether the payload
+    ran. Last, the payload's control: the same file loaded with pickle (``weights_only=False``) does run it."""
+    import shutil
+
+    from pipeline.train.checkpoint import CheckpointState, load_generator_record, restore_checkpoint, save_checkpoint
+    from pipeline.train.recipes import logs_to_floats
+
+    recipe, engines, parts = build(arch, zero_stage, precision, seed=0, tiny=True)
+    batches = uint8_batches(arch, seed=1, tiny=True)
+    for _ in range(2):
+        step(recipe, parts, batches, precision)
+    results: dict = {"files": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        original = Path(tmp) / "checkpoint"
+        save_checkpoint(original, engines, CheckpointState(step=2, world_size=1, zero_stage=zero_stage,
+                                                           precision=precision, arch=arch), rank=0)
+        next_batch = next(batches)
+        results["original"] = logs_to_floats(step(recipe, parts, iter([next_batch]), precision))
+        recipe2, engines2, parts2 = build(arch, zero_stage, precision, seed=123, tiny=True)
+        restore_checkpoint(original, engines2, rank=0, world_size=1, zero_stage=zero_stage, arch=arch)
+        results["restored"] = logs_to_floats(step(recipe2, parts2, iter([next_batch]), precision))
+        files = sorted(str(p.relative_to(original)) for p in original.rglob("*.pt"))
+        fresh = engines2  # every planted copy is resumed into it: a refused resume only has to refuse
+        for index, name in enumerate(files):
+            copy, marker = Path(tmp) / f"copy{index}", str(Path(tmp) / f"ran{index}")
+            shutil.copytree(original, copy)
+            plant(copy / name, marker)
+            outcome: dict = {}
+            for what, attempt in (
+                ("resume", lambda: restore_checkpoint(copy, fresh, rank=0, world_size=1, zero_stage=zero_stage, arch=arch)),
+                ("generator_record", lambda: load_generator_record(copy)),
+            ):
+                try:
+                    attempt()
+                    outcome[what] = None
+                except Exception as exc:  # noqa: BLE001 - the probe reports whatever each attempt raised
+                    outcome[what] = {"type": type(exc).__name__, "message": str(exc)}
+            outcome["payload_ran"] = os.path.exists(marker)
+            torch.load(copy / name, weights_only=False)  # the control: pickle runs the payload
+            outcome["payload_runs_under_pickle"] = os.path.exists(marker)
+            results["files"][name] = outcome
+    return results
+
+
+def run_cases(*cases: str, timeout: float = 900) -> dict:
+    """Run this probe on ``cases`` in a subprocess (a free port, one rank); the parsed results by case."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run([sys.executable, __file__, str(port), *cases], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("RESULT ", 1)[1])
+
+
 def main() -> None:
     port, *cases = sys.argv[1:]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -158,7 +238,7 @@ def main() -> None:
     out = {}
     for case in cases:
         mode, arch, stage, precision = case.split(":")
-        out[case] = {"syncs": syncs, "resume": resume}[mode](arch, int(stage), precision)
+        out[case] = {"syncs": syncs, "resume": resume, "planted": planted}[mode](arch, int(stage), precision)
     print("RESULT " + json.dumps(out))
     dist.destroy_process_group()
 
