@@ -42,7 +42,7 @@ bench: $(SIMD_STAMP)
 LEARN_ARGS ?=
 .PHONY: learn
 learn: $(SIMD_STAMP)
-	$(PY) -c "import cv2" 2>/dev/null || $(PY) -m pip install -q opencv-python-headless
+	$(PY) -c "import cv2, sys; sys.exit(cv2.__version__.split('.')[0] != '4')" 2>/dev/null || $(PY) -m pip install -q "opencv-python-headless>=4.8,<5"
 	$(PY) bench/convergence.py $(LEARN_ARGS)
 
 # torch comes from pip (TORCH_SPEC: pip finds the CPU wheel on this disk or the CUDA index given); the rest from uv,

@@ -40,17 +40,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import psutil
-import torch
-import webdataset as wds
-from PIL import Image
+# Run as a script, this file's folder leads sys.path and its name would shadow the ``models`` package (which
+# pipeline.data.imageops imports for the format allow-list).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
 
-from pipeline.data.imageops import encode_mask_png, prepare_image
-from pipeline.joblog import pillow_flavour
-from pipeline.data.loaders import make_train_loader
-from pipeline.data.masks.generators import describe, hole_ratio, make_mask
-from pipeline.data.sample_data import generate_sample_dataset
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.data.imageops import encode_mask_png, prepare_image  # noqa: E402
+from pipeline.joblog import pillow_flavour  # noqa: E402
+from pipeline.data.loaders import make_train_loader  # noqa: E402
+from pipeline.data.masks.generators import describe, hole_ratio, make_mask  # noqa: E402
+from pipeline.data.sample_data import generate_sample_dataset  # noqa: E402
 
 BATCH = 8
 

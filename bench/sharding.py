@@ -43,6 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as a script, this file's folder leads sys.path and its name would shadow the ``models`` package (which
+# pipeline.data.imageops imports for the format allow-list).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
+
 from PIL import Image
 
 # The holefill imports live in _load_holefill(): the --baseline-only child runs in a venv with only Pillow+numpy.

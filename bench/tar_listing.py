@@ -23,8 +23,13 @@ import sys
 import tarfile
 import time
 
-from pipeline.data.sources import TAR_LIST_BLOCK, scan_tar
-from pipeline.fsutil import url_to_fs
+# Run as a script, this file's folder leads sys.path and its name would shadow the ``models`` package (which
+# pipeline.data.imageops imports for the format allow-list).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
+
+from pipeline.data.sources import TAR_LIST_BLOCK, scan_tar  # noqa: E402
+from pipeline.fsutil import url_to_fs  # noqa: E402
 
 PLACES2_MEMBERS = 1_803_460
 PLACES2_BYTES = 105 * 10**9

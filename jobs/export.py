@@ -1,14 +1,16 @@
-"""Export a registered generator to TorchScript or ONNX, verified against the eager model, logged on its version.
+"""Export a registered generator with torch.export or to ONNX, verified against the eager model, logged on its version.
 
     python jobs/export.py models:/lbam@champion --format onnx              # writes lbam-v<N>.onnx, logs it
-    python jobs/export.py --model models:/rn/4 --format torchscript --out rn.pt
+    python jobs/export.py --model models:/rn/4 --format exported_program --out rn.pt2   # torch.export.load reads it
     python jobs/export.py --model ckpt/checkpoint_000010 --format onnx --no-log   # a training checkpoint
 
 The exported graph takes ``image`` (B,3,H,W) in [0,1] and ``mask`` (B,1,H,W), 1 = hole (H, W multiples of
 the architecture's size rule: RN 4, LBAM 128) and returns the composited result. Before anything is logged
-the file is run on random inputs of two sizes and must match the eager generator within ``tolerance``
+the file is run on random inputs of three sizes and must match the eager generator within ``tolerance``
 (1e-4); it is then logged under ``exports/v<N>/`` of the version's run and the version is tagged
-``holefill.export.<format>``. ONNX needs ``pip install 'holefill[export]'`` (onnx, onnxruntime).
+``holefill.export.<format>``. Both formats come from one ``torch.export`` of the model (no TorchScript); ONNX
+uses torch's torch.export-based exporter and needs ``pip install 'holefill[export]'`` (onnx, onnxscript,
+onnxruntime).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pipeline.tracking import check_tracking_server, mlflow_client, resolve_trac
 FLAGS = {
     "model": Flag("model", "models:/name@alias (default models:/lbam@champion), models:/name/N, checkpoint, weights"),
     "format": Flag("format", "what to write", options={"choices": tuple(SUFFIX)}),
-    "out": Flag("out", "output file (default <name>-v<version>.<pt|onnx>)"),
+    "out": Flag("out", "output file (default <name>-v<version>.<pt2|onnx>)"),
     "arch": Flag("arch", "architecture of a plain weights file (rn, lbam)"),
     "no_log": Flag("log_to_mlflow", "write the file only; log nothing to MLflow", const=False),
 }

@@ -6,8 +6,12 @@
 
 Requests: ``POST /inpaint`` with JSON ``{"image": base64 PNG/JPEG, "mask": base64 PNG (255 = hole), "strategy":
 "crop" | "whole" (optional)}``; the answer holds the inpainted PNG (base64) and the ``model_version`` that made
-it; a bad request gets HTTP 400 with a one-line ``error`` (only that request: the others batched with it are
-answered). The pixel limit and the large-photo windows are the served version's own serving defaults.
+it; a refused request gets HTTP 400 (bad input, a format outside PNG/JPEG/WebP, over a pixel limit, ``whole`` over
+``max_whole_pixels``), 413 (body over ``max_body_bytes``), 503 with ``Retry-After`` (replica full:
+``max_inflight_bytes``) or 504 (past ``request_timeout_s``), each JSON with a one-line ``error`` (only that request:
+the others batched with it are answered). The limits and the large-photo windows are the served version's own
+serving defaults unless the config overrides them; README "Serving a model" lists them. A replica keeps a local
+copy of the version it serves (``cache_dir``) and starts from it while the registry is down.
 ``POST /inpaint/-/refresh`` re-resolves the alias at once on every replica (it is re-resolved every
 ``refresh_interval_s`` anyway); ``GET /inpaint/-/version`` names the version of every replica. Connects to the
 Ray cluster in ``RAY_ADDRESS`` (else starts a local one) and runs until interrupted.

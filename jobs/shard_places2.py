@@ -10,7 +10,9 @@
         --out /data/eval-v1 --eval --set eval.per_bucket=2000       # the pinned eval set
 
 Runs on the Ray cluster named by RAY_ADDRESS, else on an embedded local Ray. Re-running after a crash skips
-the shards already published. Prints the manifest URL and its hash at the end. Every key of the config is in
+the shards already published. One job per ``out`` at a time: a job started while another one writes
+the same ``out`` prints ``skipped: another shard job holds <out>/.shardjob.lock (host, pid, since ...)`` and exits
+0. Prints the manifest URL and its hash at the end. Every key of the config is in
 ``pipeline/data/shardjob/config.py::ShardJobConfig``; flags below are shortcuts for the common ones (``--set`` wins).
 """
 
@@ -21,6 +23,9 @@ import sys
 from pipeline.data.manifest import ManifestError
 from pipeline.data.shardjob.run import ShardJobConfig, ShardJobError, run_shard_job
 from pipeline.jobcli import Flag, run_job
+from pipeline.errors import one_line
+from pipeline.redaction import redact
+from pipeline.locks import LockBusy
 
 FLAGS = {
     "source": Flag("source.url", "file list (.txt), tar archive (.tar) or image folder; any fsspec URL"),
@@ -39,8 +44,11 @@ def shard(config: ShardJobConfig) -> int:
     """Run the shard job; print the manifest URL and hash. A failed run (not bad config) exits 1."""
     try:
         result = run_shard_job(config)
-    except (ManifestError, FileNotFoundError, ValueError, ShardJobError) as exc:
-        print(f"shard_places2: {exc}", file=sys.stderr)
+    except LockBusy as exc:  # another shard job is writing this out: nothing to do now
+        print(f"shard_places2: skipped: {exc}")
+        return 0
+    except (ManifestError, OSError, ValueError, ShardJobError) as exc:  # OSError: storage refused a list or write
+        print(f"shard_places2: {redact(one_line(exc))}", file=sys.stderr)
         return 1
     print(f"manifest: {result.manifest_url}")
     print(f"manifest_hash: {result.manifest_hash}")

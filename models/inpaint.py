@@ -17,12 +17,16 @@ strategy): the generators were trained at 256², so a 12-megapixel photo with a 
 through the network whole (memory grows with the pixel count, and the fill would be made far outside the
 trained scale). Instead each hole region gets a window of its bounding box plus ``margin`` pixels of
 context; a window whose longer side exceeds ``limit`` is downscaled to it for the network and the
-prediction upscaled back; only the hole's pixels are pasted into the full-resolution result.
+prediction upscaled back; only the hole's pixels are pasted into the full-resolution result. The work is
+bounded whatever the mask: at most ``max_windows`` windows (scattered holes are merged into fewer, larger
+windows, each still at most ``limit`` pixels a side for the network), and an optional ``deadline``
+(:func:`time.monotonic` seconds) is checked before every window (:class:`DeadlineExceeded`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,9 +37,26 @@ import torch.nn.functional as F
 from models.registry import get_architecture
 from models.input_checks import check_mask
 
-__all__ = ["CropStrategy", "Fit", "composite", "hole_windows", "inpaint_tensor"]
+__all__ = ["DEFAULT_MAX_WHOLE_PIXELS", "DEFAULT_REQUEST_TIMEOUT_S", "CropStrategy", "DeadlineExceeded", "Fit", "check_deadline", "composite", "hole_windows", "inpaint_tensor"]
 
 Fit = Literal["pad", "crop"]
+
+
+# What a served request may cost by default (the serving defaults' and the pyfunc model's): whole images above
+# 1024 x 1024 go through windows (RN's whole pass on a CPU needs ~1.6 KB a pixel: 1024^2 is +1.75 GB), and a
+# request's inference stops at its deadline (checked between generator calls).
+DEFAULT_MAX_WHOLE_PIXELS = 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's inference deadline passed before its work was done (checked between generator calls)."""
+
+
+def check_deadline(deadline: float | None, what: str = "inpainting") -> None:
+    """Raise :class:`DeadlineExceeded` when ``deadline`` (:func:`time.monotonic` seconds) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"{what} did not finish within the request's deadline")
 
 
 def composite(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,14 +123,17 @@ class CropStrategy:
     ``trigger``: images whose longer side is at most this go through whole (the window would be most of the
     image anyway). ``margin``: context pixels kept on every side of a hole's bounding box. ``limit``: a window
     whose longer side exceeds this is downscaled to it for the network (keep it near the trained scale).
+    ``max_windows``: at most this many windows (generator calls) per image; holes scattered wider are merged
+    into fewer, larger windows.
     """
 
     margin: int = 128
     trigger: int = 1024
     limit: int = 512
+    max_windows: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("margin", "trigger", "limit"):
+        for name in ("margin", "trigger", "limit", "max_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "margin" else 1):
                 raise ValueError(f"CropStrategy.{name} must be a {'non-negative' if name == 'margin' else 'positive'} "
@@ -161,18 +185,28 @@ def _merge_overlapping(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int
     return sorted(boxes)
 
 
-def hole_windows(mask: torch.Tensor, margin: int) -> list[tuple[int, int, int, int]]:
+def hole_windows(mask: torch.Tensor, margin: int, max_windows: int = 16) -> list[tuple[int, int, int, int]]:
     """Disjoint windows ``(top, left, bottom, right)`` covering every hole of a (H,W) mask with ``margin`` context.
 
     Holes are found on a coarse grid (cells of at least 8 pixels, at most ~256 cells per side) so that finding
     them costs about the same on a 12-megapixel photo as on a thumbnail; a window is a region's cell-aligned bounding
-    box grown by ``margin`` and clipped to the image, and overlapping windows are merged.
+    box grown by ``margin`` and clipped to the image, and overlapping windows are merged. When the holes make more
+    than ``max_windows`` regions the grid is coarsened (cells doubled) until they make at most that many, so
+    neither the windows nor the merging of them grows with how the mask scatters its holes.
     """
     h, w = mask.shape[-2:]
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be a positive integer, got {max_windows!r}")
+    hole = (mask.reshape(1, 1, h, w) > 0).float()
     cell = max(8, math.ceil(max(h, w) / 256))
-    occupied = F.max_pool2d((mask.reshape(1, 1, h, w) > 0).float(), cell, stride=cell, ceil_mode=True)[0, 0] > 0
+    while True:
+        occupied = F.max_pool2d(hole, cell, stride=cell, ceil_mode=True)[0, 0] > 0
+        regions = _components(occupied.cpu().tolist())
+        if len(regions) <= max_windows or cell >= max(h, w):
+            break
+        cell *= 2
     boxes = []
-    for top, left, bottom, right in _components(occupied.cpu().tolist()):
+    for top, left, bottom, right in regions:
         boxes.append((max(top * cell - margin, 0), max(left * cell - margin, 0),
                       min(bottom * cell + margin, h), min(right * cell + margin, w)))
     return _merge_overlapping(boxes)
@@ -195,11 +229,12 @@ def _inpaint_window(generator: nn.Module, arch: str, image: torch.Tensor, mask: 
 
 
 def _inpaint_cropped_windows(generator: nn.Module, arch: str, image: torch.Tensor, mask: torch.Tensor,
-                             strategy: CropStrategy) -> torch.Tensor:
+                             strategy: CropStrategy, deadline: float | None = None) -> torch.Tensor:
     # Windows are small and of any size: padding to the size multiple is the fit that always applies.
     out = image.float().clone()
     for b in range(image.shape[0]):
-        for top, left, bottom, right in hole_windows(mask[b, 0], strategy.margin):
+        for top, left, bottom, right in hole_windows(mask[b, 0], strategy.margin, strategy.max_windows):
+            check_deadline(deadline)
             window = (slice(b, b + 1), slice(None), slice(top, bottom), slice(left, right))
             out[window] = _inpaint_window(generator, arch, image[window].float(), mask[window].float(), "pad",
                                           strategy.limit)
@@ -227,17 +262,21 @@ def _inpaint_whole(generator: nn.Module, arch: str, image: torch.Tensor, mask: t
 
 @torch.no_grad()
 def inpaint_tensor(generator: nn.Module, arch: str, image: torch.Tensor, mask: torch.Tensor,
-                   fit: Fit = "pad", strategy: CropStrategy | None = None) -> torch.Tensor:
+                   fit: Fit = "pad", strategy: CropStrategy | None = None,
+                   deadline: float | None = None) -> torch.Tensor:
     """Inpaint a batch of any size: (B,3,H,W) image in [0,1], (B,1,H,W) mask (1 = hole) -> composited (B,3,H,W).
 
     The generator fills the hole its own way (as in training) and runs in the dtype and on the device of its
     parameters; the result comes back as float32 on the image's device. With ``strategy`` (a
     :class:`CropStrategy`) images larger than its ``trigger`` are inpainted window by window around the holes
     (``fit`` then applies to smaller images only; windows are padded); without it the whole image goes through.
+    ``deadline`` (:func:`time.monotonic` seconds) is checked before each generator call: past it,
+    :class:`DeadlineExceeded`.
     """
     _check_any_size_inputs(image, mask)
     if fit not in ("pad", "crop"):
         raise ValueError(f"fit must be 'pad' or 'crop', got {fit!r}")
     if strategy is not None and max(image.shape[-2:]) > strategy.trigger:
-        return _inpaint_cropped_windows(generator, arch, image, mask, strategy)
+        return _inpaint_cropped_windows(generator, arch, image, mask, strategy, deadline)
+    check_deadline(deadline)
     return _inpaint_whole(generator, arch, image, mask, fit)

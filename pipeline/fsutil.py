@@ -7,8 +7,9 @@ options object can travel with a job whose source is local and whose destination
 Atomic publication (:func:`atomic_write`) writes to a temporary name *in the destination folder* and then
 moves it into place. What "atomic" means differs per backend:
 
-* local / ``file://``: the move is ``os.replace`` on the same filesystem, so readers see either no file or
-  the complete file, never a prefix. A crash leaves at most a ``.tmp-*`` file behind.
+* local / ``file://``: the temporary is ``fsync``'d, the move is ``os.replace`` on the same filesystem and the
+  folder is ``fsync``'d after it, so readers see either no file or the complete file, never a prefix, and after
+  a power loss the name holds the whole file (never 0 bytes). A crash leaves at most a ``.tmp-*`` file behind.
 * S3: an object only becomes visible when its upload completes (single PUT or completed multipart upload),
   so a reader never sees a partial object. The move is a server-side copy followed by a delete of the
   temporary key; a crash between the two leaves a stray ``.tmp-*`` object and the complete final object.
@@ -31,6 +32,7 @@ import errno
 import hashlib
 import io
 import logging
+import os
 import posixpath
 import random
 import time
@@ -43,6 +45,7 @@ from pydantic import Field, SecretStr
 
 from pipeline.config import Config
 from pipeline.errors import one_line
+from pipeline.redaction import redact
 
 __all__ = [
     "ReadRetry",
@@ -50,6 +53,8 @@ __all__ = [
     "TransientReadError",
     "atomic_write",
     "exists",
+    "fsync_file",
+    "fsync_folder",
     "is_remote",
     "join_url",
     "open_url",
@@ -129,12 +134,13 @@ class ReadRetry(Config):
 class TransientReadError(OSError):
     """A read that kept failing for a passing reason (throttling, 5xx, reset, timeout) after every retry.
 
-    Not a bad input: a job that meets it publishes nothing and a re-run resumes. ``str()`` is one line.
+    Not a bad input: a job that meets it publishes nothing and a re-run resumes. ``str()`` is one line, with the
+    URL's credentials redacted (it reaches job logs and manifests' failure lines).
     """
 
     def __init__(self, url: str, cause: BaseException, attempts: int) -> None:
-        self.url, self.cause, self.attempts = url, one_line(cause, 300, typed=True), attempts
-        super().__init__(f"reading {url} failed {attempts} times ({self.cause})")
+        self.url, self.cause, self.attempts = redact(url), redact(one_line(cause, 300, typed=True)), attempts
+        super().__init__(f"reading {self.url} failed {attempts} times ({self.cause})")
 
     def __reduce__(self):  # crosses process boundaries (Ray tasks) intact
         return (_rebuild_transient, (self.url, self.cause, self.attempts))
@@ -208,8 +214,8 @@ def retry_stream(items: Callable[[], Iterable[T]], url: str, policy: ReadRetry |
             if on_retry is not None:
                 on_retry(attempt, exc, delay)
             else:
-                log.warning("reading %s failed (%s); retry %d/%d in %.1f s", url, one_line(exc, 200, typed=True),
-                            attempt, policy.attempts - 1, delay)
+                log.warning("reading %s failed (%s); retry %d/%d in %.1f s", redact(url),
+                            redact(one_line(exc, 200, typed=True)), attempt, policy.attempts - 1, delay)
             sleep(delay)
         finally:
             close = getattr(stream, "close", None)
@@ -281,10 +287,17 @@ def open_url(url: str, mode: str = "rb", storage_options: StorageOptionsLike = N
     return fs.open(path, mode, **kwargs)
 
 
-def read_bytes(url: str, storage_options: StorageOptionsLike = None) -> bytes:
-    """The whole content of ``url``."""
+def read_bytes(url: str, storage_options: StorageOptionsLike = None, max_bytes: int | None = None) -> bytes:
+    """The whole content of ``url``; with ``max_bytes``, a ``ValueError`` (one line) for anything longer, having read
+    no more than ``max_bytes + 1`` bytes whatever the store says of the object's size."""
     fs, path = _fresh(url, storage_options)
-    return fs.cat_file(path)
+    if max_bytes is None:
+        return fs.cat_file(path)
+    with fs.open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{redact(url)} is over the {max_bytes}-byte bound for this kind of file")
+    return data
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -362,12 +375,40 @@ def atomic_write(url: str, storage_options: StorageOptionsLike = None) -> Iterat
     try:
         with fs.open(temporary, "wb") as handle:
             yield handle
+        if not is_remote(url):  # durable: the bytes reach the disk before the name points at them
+            fsync_file(temporary)
         fs.mv(temporary, path)
+        if not is_remote(url):  # ... and the rename itself survives a power loss
+            fsync_folder(posixpath.dirname(path) or ".")
     except BaseException:
         with contextlib.suppress(Exception):
             if fs.exists(temporary):
                 fs.rm(temporary)
         raise
+
+
+def fsync_file(path: str) -> None:
+    """``fsync`` a local file's content (a checkpoint's small files after Ray copied them into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: str) -> None:
+    """``fsync`` a local folder, so the names created or renamed in it survive a power loss (no-op where the
+    platform cannot open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; nothing more can be done there
+    finally:
+        os.close(fd)
 
 
 def publish_bytes(url: str, data: bytes, storage_options: StorageOptionsLike = None) -> None:

@@ -5,7 +5,8 @@ A job declares its shortcut flags as :class:`Flag` records (flag -> config key) 
 (shortcut flags first, ``--set`` last, so ``--set`` wins), makes its relative local paths absolute against the
 caller's working directory (:mod:`pipeline.paths`; Ray workers run elsewhere) and logs them, runs the work
 and turns every ``ValueError`` (``ConfigError`` included) into ``<job>: <one line>`` on stderr and exit
-status 2. The work returns the job's exit status.
+status 2 (a Ray that did not start: one line and status 3, :data:`pipeline.raycluster.RAY_START_EXIT_STATUS`).
+The work returns the job's exit status.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from pipeline.config import Config, add_config_arguments, parse_job_config
 from pipeline.joblog import setup_job_logging
 from pipeline.paths import ray_working_dir_copy, resolve_config_paths
+from pipeline.raycluster import RAY_START_EXIT_STATUS, RayStartError
+from pipeline.redaction import redact
 
 __all__ = ["Flag", "build_parser", "flag_overrides", "run_job"]
 
@@ -82,13 +85,18 @@ def run_job(prog: str, doc: str | None, config_type: type[C], work: Callable[[C]
         resolved = resolve_config_paths(config)
         logger = setup_job_logging(log_name or prog)  # after the config: a config error stays the only line on stderr
         for change in resolved:
-            logger.info("path %s: %s -> %s", change.key, change.given, change.resolved)
+            logger.info("path %s: %s -> %s", change.key, redact(change.given), redact(change.resolved))
             if ray_working_dir_copy(change.resolved) is not None:
                 logger.warning("path %s lies in Ray's copy of the job's --working-dir, which lacks git-ignored "
                                "files (data under .holefill-local/, for one): give data as absolute paths or URLs",
                                change.key)
         status = work(config)
+    except RayStartError as exc:  # the machine, not the input: its own status
+        print(f"{prog}: {redact(str(exc))}", file=sys.stderr)
+        return RAY_START_EXIT_STATUS
     except ValueError as exc:  # ConfigError and every other one-line rule violation
-        print(f"{prog}: {exc}", file=sys.stderr)
+        # A Ray task's error (RayTaskError subclasses its cause's type) carries a traceback: show the cause's line.
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), ValueError) else exc
+        print(f"{prog}: {redact(str(cause))}", file=sys.stderr)
         return 2
     return 0 if status is None else int(status)

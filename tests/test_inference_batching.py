@@ -137,7 +137,7 @@ def test_validation_during_training(rn, eval_set):
     assert generator.training  # handed back in the mode it came in
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["exported_program", "onnx"])
 def test_exported_models(rn, pixels, expected, tmp_path, fmt):
     from pipeline.lifecycle.exporting import _runner, export_generator
 
@@ -147,7 +147,7 @@ def test_exported_models(rn, pixels, expected, tmp_path, fmt):
     with torch.no_grad():
         batched = run(image, mask)
         alone = torch.cat([run(image[i:i + 1], mask[i:i + 1]) for i in range(3)])
-    if fmt == "torchscript":  # the same kernels as eager: bit for bit
+    if fmt == "exported_program":  # the same aten kernels as eager: bit for bit
         assert torch.equal(batched, alone) and torch.equal(batched, expected)
         return
     # onnxruntime's own kernels: its batch equals its batch of one up to its vectorised float rounding (before,

@@ -1,4 +1,4 @@
-"""The model lifecycle: the retrain lock (fast), then end to end on a real MLflow server, the session's Ray head, real
+"""The model lifecycle (the lock itself: tests/test_locks.py), end to end on a real MLflow server, the session's Ray head, real
 shards and real LBAM training (ZeRO 2, 2 workers): first champion, a zero-step challenger refused, a better-trained challenger
 promoted, retrain no-op, retrain on new images (only the new ones sharded, fine-tuned, gated), and two
 overlapping retrains."""
@@ -18,46 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lifecycle.retraining import LockHeld, RetrainLock
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The lock (fast)
-
-
-def test_second_lock_is_refused_naming_the_holder_and_release_frees_it(tmp_path):
-    first = RetrainLock(str(tmp_path), stale_after_s=3600)
-    first.acquire()
-    with pytest.raises(LockHeld, match=rf"another retrain run holds .*\.retrain\.lock \(host .*, pid {os.getpid()}"):
-        RetrainLock(str(tmp_path), stale_after_s=3600).acquire()
-    first.release()
-    with RetrainLock(str(tmp_path), stale_after_s=3600) as again:
-        assert again.held
-    assert not (tmp_path / ".retrain.lock").exists()
-
-
-def test_a_lock_older_than_the_stale_limit_is_broken(tmp_path):
-    old = RetrainLock(str(tmp_path), stale_after_s=60, clock=lambda: time.time() - 3600)
-    old.acquire()
-    fresh = RetrainLock(str(tmp_path), stale_after_s=60)
-    fresh.acquire()
-    assert fresh.holder()["token"] == fresh.token
-    old.release()  # the run that lost its lock must not delete the new holder's
-    assert fresh.holder()["token"] == fresh.token
-    fresh.release()
-
-
-def test_a_lock_left_by_a_dead_process_on_this_host_is_broken(tmp_path):
-    holder = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            from pipeline.lifecycle.retraining import RetrainLock
-            RetrainLock({str(tmp_path)!r}, stale_after_s=3600).acquire()  # exits without releasing
-        """)], cwd=REPO, check=True, timeout=120)
-    assert holder.returncode == 0 and (tmp_path / ".retrain.lock").exists()
-    with RetrainLock(str(tmp_path), stale_after_s=3600) as lock:
-        assert lock.holder()["pid"] == os.getpid()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,8 +285,8 @@ def test_two_overlapping_retrains_the_second_exits_cleanly_saying_why(world, tmp
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from pipeline.lifecycle.retraining import RetrainLock
-            lock = RetrainLock({str(world['root'] / 'versions')!r}, stale_after_s=3600)
+            from pipeline.lifecycle.retraining import RetrainJobConfig, retrain_lock
+            lock = retrain_lock(RetrainJobConfig.model_validate_json(open({str(config_path)!r}).read()))
             lock.acquire()
             print("locked", flush=True)
             time.sleep(600)
@@ -335,7 +296,7 @@ def test_two_overlapping_retrains_the_second_exits_cleanly_saying_why(world, tmp
         second = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
                                 capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-3000:]
-        assert "retrain: locked: another retrain run holds" in second.stdout and f"pid {holder.pid}" in second.stdout
+        assert "retrain: locked: another retrain job holds" in second.stdout and f"pid {holder.pid}" in second.stdout
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)
@@ -343,4 +304,27 @@ def test_two_overlapping_retrains_the_second_exits_cleanly_saying_why(world, tmp
     third = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and "retrain: nothing_new" in third.stdout, third.stderr[-3000:]
-    assert "breaking stale retrain lock" in third.stderr
+    assert "breaking the stale retrain job lock" in third.stderr
+
+
+@pytest.mark.e2e
+def test_a_retrain_with_an_empty_day_old_lock_breaks_it_and_runs(world, tmp_path):
+    config_path = tmp_path / "retrain.yaml"
+    config_path.write_text(json.dumps(_retrain_config(world).model_dump(mode="json")))
+    lock = world["root"] / "versions" / ".retrain.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_bytes(b"")  # a kill or a full disk between creating a lock and writing its record
+    day_ago = time.time() - 86400
+    os.utime(lock, (day_ago, day_ago))
+    done = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "retrain: nothing_new" in done.stdout, done.stderr[-3000:]
+    assert "breaking the stale retrain job lock" in done.stderr and "its record is unreadable (0 bytes)" in done.stderr
+    assert not lock.exists()
+    # A young unreadable lock is not somebody's live run: one line, non-zero exit (never a silent "locked").
+    lock.write_bytes(b"")
+    young = subprocess.run([sys.executable, "jobs/retrain.py", "--config", str(config_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    lock.unlink()
+    assert young.returncode == 2 and young.stderr.strip().splitlines()[-1].startswith(
+        "retrain: the retrain job lock"), young.stderr[-2000:]

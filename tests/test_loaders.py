@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import json
 import pickle
 import tarfile
@@ -16,7 +17,7 @@ from PIL import Image
 from pipeline.data.imageops import encode_mask_png
 from pipeline.data.loaders import make_eval_loader, make_train_loader
 from pipeline.data.shard_stream import ShardRef, resolve_shard_urls
-from pipeline.data.tario import tar_members
+from pipeline.data.tario import TarFormatError, tar_members
 from pipeline.data.train_geometry import random_crop_flip
 from pipeline.fsutil import ReadRetry, TransientReadError
 from support.s3_server import s3_endpoint  # noqa: F401  (pytest fixture)
@@ -246,16 +247,18 @@ def test_tar_member_reader_rejects_corrupt_headers_and_truncated_members():
         list(tar_members(io.BytesIO(bytes(data)), lambda name: True))
 
 
-def test_a_truncated_shard_is_skipped_in_training_and_an_error_in_evaluation(tmp_path, caplog):
+def test_a_truncated_shard_ends_training_and_evaluation_with_one_error_naming_the_shard_and_offset(tmp_path):
     good, broken = _write_shards(tmp_path, 2, 4)
     with tarfile.open(broken) as archive:
-        inside_third_sample = archive.getmembers()[7].offset_data + 10
+        member = archive.getmembers()[7]
+        inside_third_sample = member.offset_data + 10
     with open(broken, "r+b") as handle:
         handle.truncate(inside_third_sample)
     loader = make_train_loader([good, broken], batch_size=4, crop_size=48, batches_per_epoch=4, num_workers=0, shuffle_buffer=0)
-    assert len(list(loader)) == 4
-    assert "ends inside" in caplog.text
-    with pytest.raises(ValueError, match="ends inside"):
+    expected = rf"shard {re.escape(broken)}: damaged tar at offset {member.offset_data}: stream ends inside a member"
+    with pytest.raises(TarFormatError, match=expected):
+        list(loader)
+    with pytest.raises(TarFormatError, match=expected):
         list(make_eval_loader([broken], batch_size=2, crop_size=48))
 
 

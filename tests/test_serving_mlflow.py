@@ -19,7 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.serving_helpers import TINY_CHAMPION, TINY_MAX_PIXELS, decode, encode, environment_without_holefill, hole_mask, photo
+from support.serving_helpers import (
+    TINY_CHAMPION,
+    TINY_MAX_PIXELS,
+    TINY_MAX_WHOLE_PIXELS,
+    decode,
+    encode,
+    environment_without_holefill,
+    hole_mask,
+    hostile_bodies,
+    photo,
+    scattered_holes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -31,9 +42,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+def _post(url: str, payload: dict | bytes) -> tuple[int, dict]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -126,3 +137,35 @@ def test_bad_requests_get_http_400_with_a_one_line_reason(served_champion, case,
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert body["reason"].startswith(reason) and "\n" not in body["reason"]
     assert "Traceback" not in json.dumps(body)
+
+
+@pytest.mark.e2e
+def test_hostile_requests_get_json_4xx_with_one_line_and_a_good_request_keeps_its_bytes(served_champion):
+    url = f"{served_champion['url']}/invocations"
+    pixels, hole = photo(300, 451), hole_mask(300, 451)
+    good = _request(encode(pixels), encode(hole))
+    status, before = _post(url, good)
+    assert status == 200
+    cases = [(_request(data, encode(hole)), 400, "image is not a readable image (PNG, JPEG or WebP only)")
+             for name, data in hostile_bodies(TINY_MAX_PIXELS).items() if name != "bomb"]
+    cases += [
+        (_request(hostile_bodies(TINY_MAX_PIXELS)["bomb"], encode(hole)), 400,
+         f"image is 497x497 = 247009 pixels, over the limit of {TINY_MAX_PIXELS}"),
+        ({**good, "params": {"strategy": "whole"}}, 400,
+         f"strategy whole is limited to {TINY_MAX_WHOLE_PIXELS} pixels, the image is 451x300"),
+        (_request(bytes(4 * TINY_MAX_PIXELS + (1 << 20) + 1), encode(hole)), 400,
+         f"image is {4 * TINY_MAX_PIXELS + (1 << 20) + 1} bytes, over the limit of {4 * TINY_MAX_PIXELS + (1 << 20)}"),
+        (b" " * 6_000_000, 413, "request body of 6000000 bytes is over the limit of"),
+        (b"[" * 200_000, 400, "request body is not JSON this server reads: nested too deeply"),
+        (b'{"dataframe_split": ', 400, "request body is not valid JSON"),
+    ]
+    for payload, expected, reason in cases:
+        status, body = _post(url, payload)
+        assert (status, body.get("reason", "")[:len(reason)]) == (expected, reason), body
+        assert "\n" not in body["reason"] and "Traceback" not in json.dumps(body)
+    many = scattered_holes(300, 451)
+    status, body = _post(url, _request(encode(pixels), encode(many)))
+    assert status == 200 and np.array_equal(decode(base64.b64decode(body["predictions"][0]["image"]))[many == 0],
+                                            pixels[many == 0])
+    status, after = _post(url, good)
+    assert status == 200 and after == before

@@ -4,10 +4,12 @@ version in every answer, batches same-size requests into one generator call, ans
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +21,22 @@ import torch.nn as nn
 from models.registry import get_architecture
 from pipeline.lifecycle.packaging import MODEL_FORMAT, HiresSettings, LoadedModel, ServingDefaults
 from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeJobConfig, build_app
-from support.serving_helpers import TINY_RN, decode, encode, hole_mask, photo, register_tiny_rn, small_windows
+from support.serving_helpers import (
+    TINY_MAX_WHOLE_PIXELS,
+    TINY_RN,
+    decode,
+    encode,
+    hole_mask,
+    hostile_bodies,
+    photo,
+    register_tiny_rn,
+    scattered_holes,
+    small_windows,
+)
 
 MODEL = "ray-rn"
+BODY_LIMIT = 2_500_000
+INFLIGHT_LIMIT = 6_000_000
 
 
 def _call(url: str, payload: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
@@ -40,7 +55,7 @@ def _request(pixels: np.ndarray, hole: np.ndarray) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(ray_head, mlflow_server):
+def served(ray_head, mlflow_server, tmp_path_factory):
     import ray
     from mlflow import MlflowClient
     from ray import serve
@@ -56,8 +71,11 @@ def served(ray_head, mlflow_server):
     # Two replicas: the admin refresh reaches both whichever the proxy picks. The periodic one is slow enough
     # (6 s; the checks after the admin call take milliseconds) that only the broadcast can explain the second
     # replica catching up at once.
+    # Small replica bounds (what a request may hold) so that the hostile cases cost a few MB.
     config = ServeJobConfig(model=MODEL, tracking_uri=mlflow_server, refresh_interval_s=6, max_batch_size=4,
-                         batch_wait_timeout_s=0.5, num_cpus=0.5, num_replicas=2, port=port)
+                            batch_wait_timeout_s=0.5, num_cpus=0.5, num_replicas=2, port=port,
+                            max_body_bytes=BODY_LIMIT, max_inflight_bytes=INFLIGHT_LIMIT,
+                            cache_dir=str(tmp_path_factory.mktemp("replica-cache")))
     ray.init(address=ray_head.address, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -116,6 +134,60 @@ def test_concurrent_requests_are_answered_by_one_version_each(served):
 def test_bad_requests_get_http_400_with_a_one_line_reason(served, payload, reason):
     status, body = _call(served["url"], json.loads(payload) if isinstance(payload, str) else payload)
     assert status == 400 and body["error"].startswith(reason) and "\n" not in body["error"]
+
+
+def _raw(url: str, body: bytes, chunked: bool = False, timeout: float = 120) -> tuple[int, dict, dict]:
+    """POST raw bytes (with Content-Length, or chunked without it): status, headers, JSON body."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        try:
+            if chunked:
+                conn.request("POST", parts.path, body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                             headers={"Content-Type": "application/json"}, encode_chunked=True)
+            else:
+                conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/json"})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered before reading it all: its answer is still there
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+def test_hostile_requests_get_json_4xx_or_503_and_a_good_request_keeps_its_bytes(served):
+    url = served["url"]
+    pixels, hole = photo(300, 451), hole_mask(300, 451)
+    status, before = _call(url, _request(pixels, hole))
+    assert status == 200
+    mask = _request(pixels, hole)["mask"]
+    cases = [(_raw(url, json.dumps({"image": base64.b64encode(data).decode(), "mask": mask}).encode()),
+              400, "image is " + ("over" if name == "bomb" else "not a readable image (PNG, JPEG or WebP only)"))
+             for name, data in hostile_bodies(200_000).items()]
+    cases[-1] = (cases[-1][0], 400, "image is 497x497 = 247009 pixels, over the limit of 200000")
+    junk = json.dumps({"image": "A" * (BODY_LIMIT + 100_000), "mask": mask}).encode()
+    cases += [
+        (_raw(url, b"[" * 200_000), 400, "request body is not JSON this server reads: nested too deeply"),
+        (_raw(url, b'{"image": "'), 400, "request body is not JSON"),
+        (_raw(url, junk), 413, f"request body of {len(junk)} bytes is over the limit of {BODY_LIMIT} bytes"),
+        (_raw(url, junk, chunked=True), 413, f"request body is over the limit of {BODY_LIMIT} bytes"),
+        # Under the body limit, but its copies would take more than the replica may hold at once.
+        (_raw(url, json.dumps({"image": "A" * (BODY_LIMIT - 100_000), "mask": mask}).encode()), 503,
+         "replica busy"),
+        (_raw(url, json.dumps({**_request(pixels, hole), "strategy": "whole"}).encode()), 400,
+         f"strategy whole is limited to {TINY_MAX_WHOLE_PIXELS} pixels, the image is 451x300"),
+    ]
+    for (status, headers, body), expected, reason in cases:
+        assert (status, body["error"][:len(reason)]) == (expected, reason) and "\n" not in body["error"]
+        if status == 503:
+            assert headers.get("retry-after") == "1"
+    # Holes everywhere: at most max_windows windows, answered like any photo.
+    many = scattered_holes(300, 451)
+    status, body = _call(url, _request(pixels, many))
+    assert status == 200 and np.array_equal(decode(base64.b64decode(body["image"]))[many == 0], pixels[many == 0])
+    status, after = _call(url, _request(pixels, hole))
+    assert status == 200 and after["image"] == before["image"] and after["model_version"] == before["model_version"]
 
 
 class Recording(nn.Module):
@@ -225,3 +297,44 @@ def test_the_alias_is_followed_by_refresh_and_a_failing_registry_keeps_the_curre
     with pytest.raises(StopIteration):
         inpainter.refresh()
     assert inpainter.current.version == "2"
+
+
+@pytest.mark.e2e
+def test_a_replica_restarts_from_its_local_copy_while_the_registry_is_down_then_follows_the_alias(
+        mlflow_server, tmp_path, monkeypatch, caplog):
+    from mlflow import MlflowClient
+
+    from pipeline.lifecycle.serving import LocalCopies
+    from support.fault_proxy import Fault, FaultProxy
+
+    name = "restart-rn"
+    first = register_tiny_rn(mlflow_server, name, seed=3).version
+    second = register_tiny_rn(mlflow_server, name, seed=4).version
+    client = MlflowClient(mlflow_server)
+    client.set_registered_model_alias(name, "champion", first)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a registry that is down answers at once
+    pixels, hole = photo(40, 48), hole_mask(40, 48)
+    with FaultProxy(mlflow_server) as registry:
+        config = ServeJobConfig(model=name, tracking_uri=registry.url)
+        copies = LocalCopies(str(tmp_path / "cache"), name, "champion", registry.url)
+        running = AliasFollowingInpainter(config, copies=copies)  # the replica before its restart
+        expected = running.run_batch([running.decode(_request(pixels, hole))])[0].png
+        assert copies.last() == first and (copies.folder(first) / "MLmodel").is_file()
+
+        registry.set_faults(Fault("503", times=10 ** 9, match=lambda method, path: True))  # the registry goes down
+        with pytest.raises(Exception):
+            AliasFollowingInpainter(config)  # without a local copy a replica cannot start
+        with caplog.at_level("WARNING", logger="holefill.serve"):
+            restarted = AliasFollowingInpainter(config, copies=LocalCopies(str(tmp_path / "cache"), name, "champion",
+                                                                           registry.url))
+        assert restarted.current.version == first and restarted.from_local_copy
+        assert f"starting {name} from the local copy of version {first}" in caplog.text
+        assert restarted.run_batch([restarted.decode(_request(pixels, hole))])[0].png == expected
+
+        client.set_registered_model_alias(name, "champion", second)  # moved while this replica cannot see it
+        with pytest.raises(Exception):
+            restarted.refresh()
+        assert restarted.current.version == first
+        registry.clear()  # the registry is back: the alias is followed again
+        assert restarted.refresh() == second and not restarted.from_local_copy
+        assert copies.last() == second

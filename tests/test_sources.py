@@ -101,10 +101,15 @@ def test_missing_listed_file_is_listed_and_fails_only_when_read(tmp_path):
         reader.read(items[1])
 
 
-def test_key_collision_names_both_paths(tmp_path):
-    (tmp_path / "list.txt").write_text("/a/b.c.jpg 0\n/a/b_c.jpg 0\n")
-    with pytest.raises(ValueError, match=r"key collision: 'a/b\.c\.jpg' and 'a/b_c\.jpg' both map to key 'a_b_c'"):
-        list_source(SourceSettings(url=str(tmp_path / "list.txt"), stat=False))
+def test_a_key_collision_keeps_the_first_path_in_sorted_order_and_rejects_the_later_naming_both(tmp_path):
+    (tmp_path / "list.txt").write_text("/a/b_c.jpg 0\n/a/b.c.jpg 0\n")
+
+    listing = list_source(SourceSettings(url=str(tmp_path / "list.txt"), stat=False))
+
+    assert [(i.key, i.path) for i in listing.items] == [("a_b_c", "a/b.c.jpg")]
+    (rejected,) = listing.rejected
+    assert (rejected.key, rejected.source, rejected.reason) == ("a_b_c", "a/b_c.jpg", "key collision")
+    assert "a/b.c.jpg" in rejected.detail
 
 
 def test_directory_tree_lists_images_only_and_skips_hidden_and_temporary_files(tmp_path):

@@ -282,7 +282,7 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     global_state = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
                     os.environ.get("MLFLOW_REGISTRY_URI"))
     version = log_and_register_generator(mlflow_server, tracker.run_id, generator, image, mask,
-                                         "rn-roundtrip", tags={"dataset_version": "v7", "password": "x"})
+                                         "rn-roundtrip", tags={"dataset_version": "v7", "password": "x"}, arch="rn")
     tracker.finish()
     # MLflow's fluent state (and the environment it exports) is as it was: the library leaks no configuration.
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
@@ -313,7 +313,7 @@ def test_loading_a_registered_model_leaves_no_download_behind(mlflow_server, tmp
     image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
     mask[..., 4:8, 4:8] = 1
     version = log_and_register_generator(mlflow_server, tracker.run_id, get_architecture("rn").generator().eval(),
-                                         image, mask, "rn-download")
+                                         image, mask, "rn-download", arch="rn")
     tracker.finish()
     scratch = tmp_path / "scratch"
     scratch.mkdir()

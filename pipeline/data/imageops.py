@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models.codec import ALLOWED_FORMATS
+from pipeline.errors import one_line
+
 __all__ = [
     "ALLOWED_FORMATS",
     "BadImageError",
@@ -37,9 +40,9 @@ __all__ = [
     "to_rgb",
 ]
 
-# Formats a shard source may be in. Anything else (EPS, which runs Ghostscript; PSD; ICO; ...) is
-# rejected at identification time, which also keeps Pillow's more exotic parsers off untrusted input.
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+# ALLOWED_FORMATS (PNG, JPEG, WebP) is holefill's one allow-list of formats it decodes from outside, shared with
+# serving (models/codec.py, which models/ code can import). Anything else (EPS, which runs Ghostscript; TIFF, BMP,
+# GIF, PSD, ICO, ...) is rejected at identification time, keeping Pillow's other parsers off untrusted input.
 
 # Pillow's own default limit (about 1 GB of RGB for 24-bit images).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -186,7 +189,7 @@ def prepare_image(
     except Image.DecompressionBombError as exc:
         raise BadImageError("decompression bomb", str(exc).split(".")[0]) from None
     except UnidentifiedImageError:
-        raise BadImageError("not an image") from None
+        raise BadImageError("not an image", f"not {', '.join(ALLOWED_FORMATS)}") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise BadImageError("corrupt header", str(exc)) from None
 
@@ -292,11 +295,25 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     )
 
 
-def _decode_gray8_png(data: bytes) -> np.ndarray | None:
+def _inflate_exactly(compressed: bytes, expected: int) -> bytes:
+    """Inflate ``compressed`` into exactly ``expected`` bytes, never producing more than ``expected + 1``: a zlib
+    bomb (a few KB inflating to GBs) stops at its declared size instead of allocating what it claims."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(compressed, expected + 1)
+    except zlib.error as exc:
+        raise ValueError(f"mask is not a readable PNG: {exc}") from None
+    if len(raw) != expected or inflater.unconsumed_tail:
+        got = f"more than {expected}" if len(raw) > expected or inflater.unconsumed_tail else str(len(raw))
+        raise ValueError(f"mask is not a readable PNG: {got} bytes of pixel data, its header declares {expected}")
+    return raw
+
+
+def _decode_gray8_png(data: bytes, max_pixels: int) -> np.ndarray | None:
     """Fast path for the PNGs :func:`encode_mask_png` writes (8-bit gray, rows filtered None or Up).
 
     Returns ``None`` for any other valid layout (palette, 1-bit, other filters, ...), which the caller
-    hands to Pillow; raises ``ValueError`` for a PNG that is corrupt.
+    hands to Pillow; raises ``ValueError`` for a PNG that is corrupt or declares more than ``max_pixels``.
     """
     if not data.startswith(_PNG_SIGNATURE):
         return None
@@ -317,6 +334,8 @@ def _decode_gray8_png(data: bytes) -> np.ndarray | None:
             if length != 13 or bytes(body[8:]) != _GRAY8_IHDR_TAIL:
                 return None
             width, height = struct.unpack_from(">II", body)
+            if width * height > max_pixels:
+                raise ValueError(f"mask is not a readable PNG: {width}x{height} is over {max_pixels} pixels")
         elif kind == b"IDAT":
             idat.append(body)
         elif kind == b"IEND":
@@ -325,12 +344,7 @@ def _decode_gray8_png(data: bytes) -> np.ndarray | None:
             return None  # changes how gray values map; let Pillow apply it
     if width == 0 or height == 0 or not idat:
         raise ValueError("mask is not a readable PNG: no IHDR or no image data")
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise ValueError(f"mask is not a readable PNG: {exc}") from None
-    if len(raw) != height * (width + 1):
-        raise ValueError(f"mask is not a readable PNG: {len(raw)} bytes of pixel data for {width}x{height}")
+    raw = _inflate_exactly(b"".join(idat), height * (width + 1))
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
     filters = rows[:, 0]
     if not filters.any():
@@ -341,19 +355,23 @@ def _decode_gray8_png(data: bytes) -> np.ndarray | None:
     return None
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
+def decode_mask_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a mask PNG into a (H, W) uint8 array with values {0, 255} (255 = hole).
 
     Gray values are binarised at 128 so a mask resized or re-saved by another tool still reads right.
-    The masks holefill writes take a direct inflate path; any other PNG is decoded by Pillow.
+    The masks holefill writes take a direct inflate path, bounded by the size their header declares; any other
+    PNG is decoded by Pillow after the same pixel check. Every bad input, bombs included, is one ``ValueError``.
     """
-    array = _decode_gray8_png(data)
+    array = _decode_gray8_png(data, max_pixels)
     if array is None:
         try:
             im = Image.open(io.BytesIO(data), formats=("PNG",))
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"{im.width}x{im.height} is over {max_pixels} pixels")
             im.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as exc:
-            raise ValueError(f"mask is not a readable PNG: {exc}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error, struct.error, EOFError,
+                Image.DecompressionBombError) as exc:
+            raise ValueError(f"mask is not a readable PNG: {one_line(exc)}") from None
         if im.mode not in ("L", "1"):
             im = im.convert("L")
         array = np.asarray(im)

@@ -31,6 +31,7 @@ import webdataset as wds
 
 from pipeline.data.masks.pool import MaskPool
 from pipeline.data.shard_stream import ShardSamples, Verify, decode_sample, resolve_shards
+from pipeline.data.tario import TarFormatError
 from pipeline.data.train_geometry import GEOMETRIES, Geometry, center_crop, train_sample
 from pipeline.fsutil import ReadRetry, StorageOptionsLike
 
@@ -80,6 +81,11 @@ class _StreamSeed:
 
 
 def _warn_and_continue(exn: Exception) -> bool:
+    """Training's shard handler: a shard that stays unreadable or does not match its manifest is skipped (a
+    multi-day run goes on); a shard whose tar structure is damaged ends the run with its one-line error naming
+    the shard and offset (a published shard that does not parse will not parse on any later draw either)."""
+    if isinstance(exn, TarFormatError):
+        raise exn
     log.warning("skipping bad shard data: %s", exn)
     return True
 
@@ -209,9 +215,11 @@ def make_train_loader(
     before :func:`to_float` (uint8 image (B,3,S,S), mask (B,S,S) 0|255), for conversion on the GPU;
     ``pin_memory`` pins them in page-locked memory so a ``non_blocking`` copy is truly asynchronous.
 
-    Shard reads that fail transiently are retried (``read_retry``, logged); a shard that stays unreadable, is
-    corrupt, or does not match its manifest (``verify``: ``size``, ``sha256`` or ``none``) is skipped with a
-    warning naming it, and another is drawn: a multi-day run is not killed by one bad object.
+    Shard reads that fail transiently are retried (``read_retry``, logged); a shard that stays unreadable, or does
+    not match its manifest (``verify``: ``size``, ``sha256`` or ``none``) is skipped with a warning naming it, and
+    another is drawn: a multi-day run is not killed by one unreachable object. A shard whose tar structure is
+    damaged (truncated, a bad header, a pax record that does not parse) ends the loader at once with one
+    :class:`pipeline.data.tario.TarFormatError` naming the shard and the offset: it would fail on every draw.
 
     ``geometry`` (``crop``, ``rn``, ``lbam``: :mod:`pipeline.data.train_geometry`) turns a stored image into a
     crop as holefill or as each paper's loader did. ``mask_pool`` (pool index URLs, :mod:`pipeline.data.masks.pool`)

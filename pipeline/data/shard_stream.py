@@ -36,6 +36,7 @@ from pipeline.data.manifest import load_manifest
 from pipeline.data.tario import tar_members
 from pipeline.errors import one_line
 from pipeline.fsutil import ReadRetry, StorageOptionsLike, open_url, retry_stream
+from pipeline.redaction import redact
 
 __all__ = [
     "MEMBER_WHITELIST",
@@ -166,7 +167,9 @@ def read_shard(ref: ShardRef, storage_options: StorageOptionsLike, handler: Call
     retried with backoff and jitter (:func:`pipeline.fsutil.retry_stream`), each retry logged as a warning, and
     resumes after the members already yielded (no sample twice). A shard that is corrupt part way, or does not
     match its manifest (``verify``), or whose retries ran out, yields its samples up to there, then ``handler``
-    decides: ``True`` skips the rest of the shard, ``False`` (or raising) stops the loader. Errors name the shard.
+    decides: ``True`` skips the rest of the shard, ``False`` (or raising) stops the loader. Errors name the shard;
+    a damaged tar structure is one :class:`pipeline.data.tario.TarFormatError` naming the shard and the offset,
+    raised as soon as the parser meets it (never retried: the same bytes fail the same way).
     """
 
     def members() -> Iterator[dict]:
@@ -182,8 +185,8 @@ def read_shard(ref: ShardRef, storage_options: StorageOptionsLike, handler: Call
                 yielded += 1
                 yield member
         except Exception as exc:
-            if ref.url not in str(exc):  # a TransientReadError names it already
-                exc.args = (f"{ref.url}: {exc}",)
+            if redact(ref.url) not in str(exc):  # a TransientReadError names it already
+                exc.args = (f"shard {redact(ref.url)}: {exc}",)  # a TarFormatError keeps its type and offset
             if not handler(exc):
                 raise exc
 

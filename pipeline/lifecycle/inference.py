@@ -1,6 +1,7 @@
 """Inpainting files and model references with a trained generator.
 
-:func:`load_model_ref` turns an MLflow URI, a training checkpoint or a weights file into a generator;
+:func:`load_model_ref` turns any model reference (an MLflow URI, a training checkpoint, a weights file, an official
+release) into a generator, through its :class:`~models.record.GeneratorRecord`;
 :func:`inpaint_paths` inpaints image files (any size, through :func:`models.inpaint.inpaint_tensor`) with
 masks from files or generated ones, and writes the composited results. Large photos go through windows
 around their holes (``hires``, see :class:`pipeline.lifecycle.packaging.HiresSettings`) unless told otherwise.
@@ -8,10 +9,9 @@ around their holes (``hires``, see :class:`pipeline.lifecycle.packaging.HiresSet
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Mapping
 
 
 import numpy as np
@@ -20,14 +20,13 @@ import torch.nn as nn
 
 from PIL import Image, ImageOps
 
-from models.convert import extract_state_dict, load_weights_file
+from models.codec import open_checked
 from models.inpaint import CropStrategy, Fit, inpaint_tensor
-from models.registry import get_architecture
 from pipeline.config import Config
-from pipeline.data.imageops import decode_mask_png, to_rgb
+from pipeline.data.imageops import DEFAULT_MAX_PIXELS, decode_mask_png, to_rgb
 from pipeline.data.masks.generators import make_mask
 from pipeline.errors import one_line
-from pipeline.lifecycle.packaging import HiresSettings, load_generator
+from pipeline.lifecycle.packaging import HiresSettings, load_generator_record
 from pipeline.paths import LocalPath, OutputPathStr, PathStr
 from pipeline.tracking import to_hwc_uint8
 
@@ -44,7 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # models.codec.ALLOWED_FORMATS
 DEFAULT_MODEL = "models:/lbam@champion"
 
 
@@ -52,59 +51,47 @@ DEFAULT_MODEL = "models:/lbam@champion"
 # Model references
 
 
-def load_model_ref(ref: str, tracking_uri: str | None = None, arch: str | None = None) -> tuple[nn.Module, str]:
-    """Load a generator from an MLflow URI or a local checkpoint: ``(module in eval mode, arch)``.
+def load_model_ref(ref: str, tracking_uri: str | None = None, arch: str | None = None,
+                   kwargs: Mapping[str, Any] | None = None) -> tuple[nn.Module, str]:
+    """The generator of any model reference: ``(module in eval mode, arch)``.
 
-    * ``models:/name@alias``, ``models:/name/version``, ``runs:/…``, or a local MLflow model folder
-      (one holding ``MLmodel``): through :func:`pipeline.lifecycle.packaging.load_generator`;
-    * a training checkpoint folder (``state.json`` + ``generator.pt``): arch from ``state.json``;
-    * a weights file (``.pt``/``.pth``, any fsspec URL): loaded ``weights_only``; ``arch`` is required
-      unless the file wraps the state dict as ``{"arch": ..., "state_dict": ...}``.
+    The reference is read as a :class:`~models.record.GeneratorRecord` by
+    :func:`pipeline.lifecycle.packaging.load_generator_record` (a registered version or MLflow model folder, a
+    training checkpoint folder of any network, a weights file of any form, an official release) and built by
+    :meth:`~models.record.GeneratorRecord.build`. ``arch`` / ``kwargs`` name the network of a plain weights file
+    (a non-default one's keywords are read off its shapes where they can be).
     """
-    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        return load_generator(ref, tracking_uri)
-    path = Path(ref)
-    if path.is_dir() and (path / "MLmodel").is_file():
-        return load_generator(str(path), tracking_uri)
-    if path.is_dir() and (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text())
-        return _build(state.get("arch") if arch is None else arch, str(path / "generator.pt"), ref)
-    if path.is_dir():
-        raise ValueError(f"model folder {ref} holds neither an MLflow model (MLmodel) nor a checkpoint (state.json)")
-    return _build(arch, ref, ref)
-
-
-def _build(arch: str | None, weights_url: str, ref: str) -> tuple[nn.Module, str]:
-    payload = load_weights_file(weights_url)
-    if arch is None and isinstance(payload, dict) and isinstance(payload.get("arch"), str):
-        arch = payload["arch"]
-    if arch is None:
-        raise ValueError(f"cannot tell the architecture of {ref}: pass --arch (one of rn, lbam)")
-    generator = get_architecture(arch).generator()
-    try:
-        generator.load_state_dict(extract_state_dict(payload), strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{ref} does not hold {arch} generator weights: {one_line(exc)}") from None
-    return generator.float().eval(), arch
+    record = load_generator_record(ref, tracking_uri, arch=arch, kwargs=kwargs)
+    return record.build(), record.arch
 
 
 # ----------------------------------------------------------------------------------------------------
 # Files
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image file (EXIF orientation applied, any mode -> RGB) as a (1,3,H,W) float tensor in [0,1]."""
+def _read_checked(path: str | Path, name: str) -> Image.Image:
+    """A user's file opened through the serving codec's checks: PNG, JPEG or WebP only, pixels bounded, header only."""
     try:
-        with Image.open(path) as im:
-            im = to_rgb(ImageOps.exif_transpose(im))
-            array = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {name}: {one_line(exc)}") from None
+    return open_checked(data, name, DEFAULT_MAX_PIXELS)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file (PNG, JPEG or WebP; EXIF orientation applied, any mode -> RGB) as a (1,3,H,W) float
+    tensor in [0,1]."""
+    im = _read_checked(path, f"image {path}")
+    try:
+        array = np.asarray(to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8).copy()
+    except Exception as exc:  # a corrupt stream is the input's fault: one line
+        raise ValueError(f"cannot read image {path}: {one_line(exc)}") from None
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
 def load_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
     """Read a mask PNG (255 = hole, binarised at 128) as (1,1,H,W) float; it must match the image size."""
+    _read_checked(path, f"mask {path}")
     array = decode_mask_png(Path(path).read_bytes())
     if array.shape != (height, width):
         raise ValueError(f"mask {path} is {array.shape[1]}x{array.shape[0]}, image is {width}x{height}: sizes must match")
@@ -187,7 +174,8 @@ class InpaintJobConfig(Config):
     """``jobs/inpaint.py``: the model, the inputs and how to fit sizes."""
 
     model: PathStr = DEFAULT_MODEL
-    arch: str | None = None
+    arch: str | None = None  # a plain weights file's architecture
+    generator_kwargs: dict[str, Any] | None = None  # a plain weights file's generator keywords (when its shapes don't say)
     image: PathStr
     mask: Annotated[str | None, LocalPath()] = None
     out: OutputPathStr

@@ -6,8 +6,11 @@
 pillow and mlflow, so ``mlflow models serve`` / ``build-docker`` run it anywhere, without holefill and
 without unpickling anything. Its inputs are encoded image + mask bytes (what an HTTP client sends).
 
-:func:`load_generator` rebuilds the generator in a holefill process from the model's two artifacts (state
-dict + JSON spec) without executing the model's code; it reads versions registered before this format
+:func:`log_and_register_generator` packages a :class:`~models.record.GeneratorRecord` as it is (no module is built:
+its weights become the ``generator_weights`` artifact, its arch, keywords and provenance the ``generator_spec`` one,
+its provenance also the version's ``holefill.provenance.*`` tags). :func:`load_generator_record` reads any
+reference back as a record: MLflow references from the model's two artifacts (state dict + JSON spec) without
+executing the model's code, every other form through :func:`pipeline.generators.read_generator`; it reads versions registered before this format
 (a cloudpickled ``python_model.pkl`` with the same two artifacts) the same way, so they keep loading and
 their pickle is never opened. Serving such an old version outside holefill needs it re-registered:
 :func:`reregister_version`. (MLflow 3's default ``mlflow.pytorch`` format is torch.export, which cannot
@@ -34,20 +37,26 @@ from pydantic import Field
 
 import models
 from models.codec import DEFAULT_MAX_PIXELS, encode_png
-from models.inpaint import CropStrategy
-from models.registry import architectures, get_architecture
+from models.convert import extract_state_dict, load_weights_bytes
+from models.inpaint import DEFAULT_MAX_WHOLE_PIXELS, DEFAULT_REQUEST_TIMEOUT_S, CropStrategy
+from models.record import GeneratorRecord, weights_problem
+from models.registry import get_architecture
 from pipeline.config import Config
 from pipeline.errors import one_line
+from pipeline.fsutil import StorageOptionsLike
+from pipeline.generators import read_generator
 from pipeline.tracking import mlflow_client, redact, tag_dict
 
-__all__ = ["HiresSettings", "LoadedModel", "ServingDefaults", "architecture_of", "build_generator", "load_generator",
-           "load_model", "log_and_register_generator", "model_format", "reregister_version"]
+__all__ = ["HiresSettings", "LoadedModel", "ServingDefaults", "is_mlflow_ref", "load_generator", "load_generator_record",
+           "load_model", "log_and_register_generator", "model_format", "provenance_tags", "reregister_version"]
 
 # The model's code file is executed by MLflow, never imported here (it calls mlflow.models.set_model on import);
 # these names are the contract with it (tests/test_serving_packaging.py checks they agree).
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 GENERATOR_WEIGHTS = "generator_weights"  # artifact key: state dict file (torch.save, weights_only)
-GENERATOR_SPEC = "generator_spec"  # artifact key: JSON with the architecture name and builder kwargs
+GENERATOR_SPEC = "generator_spec"  # artifact key: JSON with the architecture name, builder kwargs and provenance
+PROVENANCE_TAG = "holefill.provenance."  # version tags: where the weights came from (kind, source, sha256, ...)
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 MODEL_FORMAT = "holefill-generator/2"  # a model from code
 LEGACY_FORMAT = "holefill-generator/1"  # a cloudpickled wrapper (registered before models from code)
 _MODELS_PACKAGE = Path(models.__file__).resolve().parent  # bundled as the model's code
@@ -65,6 +74,7 @@ class HiresSettings(Config):
     margin: int = Field(default=128, ge=0)
     trigger: int = Field(default=1024, ge=1)
     limit: int = Field(default=512, ge=1)
+    max_windows: int = Field(default=16, ge=1)  # generator calls per image at most: scattered holes are merged
 
     def crop_strategy(self) -> CropStrategy | None:
         """The :class:`models.inpaint.CropStrategy`, or ``None`` for ``strategy: whole``."""
@@ -76,51 +86,51 @@ class HiresSettings(Config):
         name = name or self.strategy
         if name not in ("crop", "whole"):
             raise ValueError(f"strategy must be crop or whole, got {name!r}")
-        return CropStrategy(margin=self.margin, trigger=self.trigger, limit=self.limit) if name == "crop" else None
+        if name == "whole":
+            return None
+        return CropStrategy(margin=self.margin, trigger=self.trigger, limit=self.limit, max_windows=self.max_windows)
 
 
 class ServingDefaults(Config):
-    """What a registered model does with HTTP requests (stored as the model's ``model_config``)."""
+    """What a registered model does with HTTP requests (stored as the model's ``model_config``).
+
+    ``max_pixels``: the largest image (and mask) a request may carry. ``max_whole_pixels``: the largest image that
+    goes through the generator whole (a request asking ``strategy: whole`` above it gets 400; the crop strategy
+    uses windows above it). ``request_timeout_s``: a request's inference deadline (checked between generator calls).
+    ``hires``: the windows of the crop strategy (``hires.max_windows`` bounds them per image).
+    """
 
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_whole_pixels: int = Field(default=DEFAULT_MAX_WHOLE_PIXELS, ge=1)
+    request_timeout_s: float = Field(default=DEFAULT_REQUEST_TIMEOUT_S, gt=0)
     hires: HiresSettings = HiresSettings()
 
     def model_config_dict(self) -> dict[str, Any]:
         """The flat dict :mod:`pipeline.lifecycle.pyfunc_model` reads from ``context.model_config``."""
-        return {"max_pixels": self.max_pixels, "strategy": self.hires.strategy, "margin": self.hires.margin,
-                "trigger": self.hires.trigger, "limit": self.hires.limit}
+        return {"max_pixels": self.max_pixels, "max_whole_pixels": self.max_whole_pixels,
+                "request_timeout_s": self.request_timeout_s, "strategy": self.hires.strategy,
+                "margin": self.hires.margin, "trigger": self.hires.trigger, "limit": self.hires.limit,
+                "max_windows": self.hires.max_windows}
 
     @classmethod
     def from_model_config(cls, config: Mapping[str, Any] | None) -> "ServingDefaults":
-        """The inverse of :meth:`model_config_dict` (a version without a ``model_config``: the defaults)."""
+        """The inverse of :meth:`model_config_dict` (a version without a ``model_config``, or registered before a
+        key existed: the defaults for what it lacks)."""
         config = dict(config or {})
-        hires = {k: config[k] for k in ("strategy", "margin", "trigger", "limit") if k in config}
-        return cls(**({"max_pixels": int(config["max_pixels"])} if "max_pixels" in config else {}),
-                   hires=HiresSettings(**hires))
+        hires = {k: config[k] for k in ("strategy", "margin", "trigger", "limit", "max_windows") if k in config}
+        top = {k: config[k] for k in ("max_pixels", "max_whole_pixels", "request_timeout_s") if k in config}
+        return cls(**top, hires=HiresSettings(**hires))
 
 
-def build_generator(spec: Mapping[str, Any], weights_path: str | os.PathLike) -> tuple[nn.Module, str]:
-    """Rebuild a generator from its spec (``{"arch", "generator_kwargs"}``) and a weights_only state dict file."""
-    arch = str(spec["arch"])
-    generator = get_architecture(arch).generator(**dict(spec.get("generator_kwargs") or {}))
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    generator.load_state_dict(state, strict=True)
-    return generator.float().eval(), arch
+def is_mlflow_ref(ref: str) -> bool:
+    """Whether ``ref`` is read through MLflow: ``models:/``, ``runs:/``, ``mlflow-artifacts:/`` or a local model folder
+    (one holding ``MLmodel``)."""
+    return ref.startswith(MLFLOW_SCHEMES) or (Path(ref).is_dir() and (Path(ref) / "MLmodel").is_file())
 
 
-def architecture_of(model: nn.Module) -> str:
-    """The registered architecture name whose generator builds modules of ``model``'s class."""
-    declared = getattr(model, "arch_name", None)
-    if isinstance(declared, str):
-        return declared
-    for name in architectures():
-        builder = get_architecture(name).generator
-        if isinstance(builder, type) and isinstance(model, builder):
-            return name
-    for name in architectures():
-        if type(get_architecture(name).generator()) is type(model):
-            return name
-    raise ValueError(f"{type(model).__name__} is not the generator of any registered architecture; pass arch=")
+def provenance_tags(record: GeneratorRecord) -> dict[str, str]:
+    """A record's provenance as version tags (``holefill.provenance.<key>``)."""
+    return {f"{PROVENANCE_TAG}{key}": value for key, value in record.provenance.items()}
 
 
 @contextlib.contextmanager
@@ -209,41 +219,48 @@ def _input_example(image: torch.Tensor, mask: torch.Tensor):
     return pd.DataFrame({"image": [encode_png(image[:1])], "mask": [buffer.getvalue()]})
 
 
-def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module, example_image: torch.Tensor,
-                               example_mask: torch.Tensor, registered_model: str,
+def log_and_register_generator(tracking_uri: str, run_id: str, generator: GeneratorRecord | nn.Module,
+                               example_image: torch.Tensor, example_mask: torch.Tensor, registered_model: str,
                                tags: Mapping[str, Any] | None = None, *, arch: str | None = None,
                                generator_kwargs: Mapping[str, Any] | None = None, name: str = "generator",
                                serving: ServingDefaults | None = None):
-    """Log ``model`` (as fp32) to run ``run_id`` as a model from code and register it under ``registered_model``.
+    """Log ``generator`` to run ``run_id`` as a model from code and register it under ``registered_model``.
 
-    ``(example_image, example_mask)`` ((1,3,H,W) in [0,1], (1,1,H,W) with a hole; keep them small: MLflow runs
-    the model on them to validate serving) become the PNG input example. ``serving`` sets the pixel limit and
-    the high-resolution strategy of the served model. ``tags`` (redacted) go on the new model version, with
-    ``holefill.arch``. ``generator_kwargs`` rebuild the network at load time; by default the ones ``model`` was
-    built with (its ``constructor_kwargs``). Returns the ``ModelVersion``.
+    ``generator`` is a :class:`~models.record.GeneratorRecord` (what training and ``jobs/register_official.py``
+    hand over: packaged as it is, no module built), or a built module with its ``arch`` (and ``generator_kwargs``,
+    by default the ones it declares: ``constructor_kwargs``) for callers holding one. ``(example_image,
+    example_mask)`` ((1,3,H,W) in [0,1], (1,1,H,W) with a hole; keep them small: MLflow runs the model on them to
+    validate serving) become the PNG input example. ``serving`` sets the pixel limit and the high-resolution
+    strategy of the served model. ``tags`` (redacted) go on the new model version, with ``holefill.arch`` and the
+    record's provenance (``holefill.provenance.*``). Returns the ``ModelVersion``.
     """
     # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow
     from mlflow.models import Model
 
-    arch = arch or architecture_of(model)
+    if isinstance(generator, GeneratorRecord):
+        problem = generator.matches(arch or generator.arch,
+                                    generator.kwargs if generator_kwargs is None else generator_kwargs)
+        if problem is not None:
+            raise ValueError(f"cannot register this generator record: {problem}")
+        record = generator
+    else:
+        if arch is None:
+            raise ValueError(f"registering a {type(generator).__name__} module needs its architecture: pass arch=")
+        record = GeneratorRecord.from_module(generator, arch, generator_kwargs)
+    arch = record.arch
     if not bool((example_mask > 0.5).any()):
         raise ValueError("example_mask has no hole: the input example must be a request the model accepts")
     client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
-    with torch.no_grad():
-        state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-                 for k, v in model.state_dict().items()}
-    version_tags = tag_dict({**dict(tags or {}), "holefill.arch": arch})
+    version_tags = tag_dict({**dict(tags or {}), **provenance_tags(record), "holefill.arch": arch})
     example = _input_example(example_image.detach().float().cpu(), example_mask.detach().float().cpu())
     with tempfile.TemporaryDirectory(prefix="holefill-model-") as tmp:
         weights = Path(tmp) / "generator.pt"
         spec = Path(tmp) / "generator.json"
-        torch.save(state, weights)
-        if generator_kwargs is None:
-            generator_kwargs = getattr(model, "constructor_kwargs", {})
-        spec.write_text(json.dumps({"arch": arch, "generator_kwargs": dict(generator_kwargs),
-                                    "format": MODEL_FORMAT}))
+        torch.save(record.state_dict, weights)
+        spec.write_text(json.dumps({"arch": arch, "generator_kwargs": record.kwargs, "format": MODEL_FORMAT,
+                                    "provenance": redact(record.provenance)}))
         code = _bundle_models_package(Path(tmp))
         # MLflow validates the input example by loading the saved model, which prepends its code folder (in
         # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
@@ -265,13 +282,15 @@ def log_and_register_generator(tracking_uri: str, run_id: str, model: nn.Module,
 @dataclass(frozen=True)
 class LoadedModel:
     """A registered generator rebuilt in a holefill process: the module (eval mode), its architecture, its spec
-    and format, and the serving defaults it was registered with (what the pyfunc model applies to requests)."""
+    and format, the serving defaults it was registered with (what the pyfunc model applies to requests) and its
+    record (``None`` only where a caller assembled one from a module)."""
 
     generator: nn.Module
     arch: str
     spec: dict[str, Any]
     format: str
     serving: ServingDefaults
+    record: GeneratorRecord | None = None
 
 
 def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str, ServingDefaults]:
@@ -295,14 +314,14 @@ def _artifact_files(model_dir: Path, model_uri: str) -> tuple[Path, Path, str, S
     return weights, spec, LEGACY_FORMAT if legacy else MODEL_FORMAT, serving
 
 
-def _read_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
-    """The generator, spec, format and serving defaults of a model URI or folder (weights and spec artifacts only)."""
+def _read_record(model_uri: str, tracking_uri: str | None) -> tuple[GeneratorRecord, dict[str, Any], str, ServingDefaults]:
+    """The record, spec, format and serving defaults of a model URI or folder (weights and spec artifacts only)."""
     # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow.artifacts
 
     if Path(model_uri).is_dir():
         return _from_folder(Path(model_uri), model_uri)
-    # The download goes as soon as the module is built (45 MB for RN, 267 MB for LBAM, on every load).
+    # The download goes as soon as the record is read (45 MB for RN, 267 MB for LBAM, on every load).
     with _fluent_target(tracking_uri, None), tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=download)
@@ -311,14 +330,49 @@ def _read_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
         return _from_folder(Path(local), model_uri)
 
 
-def _from_folder(model_dir: Path, model_uri: str) -> LoadedModel:
+def _from_folder(model_dir: Path, model_uri: str) -> tuple[GeneratorRecord, dict[str, Any], str, ServingDefaults]:
     weights, spec_file, fmt, serving = _artifact_files(model_dir, model_uri)
     try:
         spec = json.loads(spec_file.read_text())
-        generator, arch = build_generator(spec, weights)
+        if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
+            raise ValueError("its generator_spec names no architecture")
+        provenance = spec.get("provenance") or {"kind": "registered model"}
+        state = extract_state_dict(load_weights_bytes(weights.read_bytes(), GENERATOR_WEIGHTS))
+        record = GeneratorRecord(spec["arch"], spec.get("generator_kwargs") or {}, state, provenance)
+        problem = weights_problem(record.arch, record.kwargs, record.state_dict)
+        if problem is not None:
+            raise ValueError(problem)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise ValueError(f"model {redact(model_uri)} holds unreadable generator weights: {one_line(exc)}") from None
-    return LoadedModel(generator, arch, spec, fmt, serving)
+    return record, spec, fmt, serving
+
+
+def _read_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
+    record, spec, fmt, serving = _read_record(model_uri, tracking_uri)
+    return LoadedModel(record.build(), record.arch, spec, fmt, serving, record)
+
+
+def load_generator_record(ref: str, tracking_uri: str | None = None, *, arch: str | None = None,
+                          kwargs: Mapping[str, Any] | None = None,
+                          storage_options: StorageOptionsLike = None) -> GeneratorRecord:
+    """The :class:`~models.record.GeneratorRecord` of any model reference.
+
+    * ``models:/name@alias``, ``models:/name/N``, ``runs:/…``, ``mlflow-artifacts:/…`` or a local MLflow model
+      folder (one holding ``MLmodel``): the version's ``generator_weights`` and ``generator_spec`` artifacts,
+      never its code or pickle (``tracking_uri``: MLflow's configured one by default);
+    * anything else (a checkpoint folder, a weights file of any form, an official release; local or fsspec URL):
+      :func:`pipeline.generators.read_generator`.
+
+    ``arch`` / ``kwargs``: what the caller knows of the network (they must agree with a reference that says).
+    One-line ``ValueError`` on failure.
+    """
+    if not is_mlflow_ref(ref):
+        return read_generator(ref, arch=arch, kwargs=kwargs, storage_options=storage_options)
+    record = _read_record(ref, tracking_uri)[0]
+    problem = record.matches(arch or record.arch, record.kwargs if kwargs is None else kwargs)
+    if problem is not None:
+        raise ValueError(f"model {redact(ref)}: {problem}")
+    return record
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
@@ -329,8 +383,8 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.
     weights and spec artifacts only: neither the model's code nor (for versions registered before models from
     code) its pickle is executed, so both formats load.
     """
-    loaded = _read_model(model_uri, tracking_uri)
-    return loaded.generator, loaded.arch
+    record = _read_record(model_uri, tracking_uri)[0]
+    return record.build(), record.arch
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
@@ -340,7 +394,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
 
 def model_format(model_uri: str, tracking_uri: str | None = None) -> str:
     """:data:`MODEL_FORMAT` (model from code) or :data:`LEGACY_FORMAT` (pickled wrapper) of a holefill model."""
-    return _read_model(model_uri, tracking_uri).format
+    return _read_record(model_uri, tracking_uri)[2]
 
 
 def reregister_version(tracking_uri: str, registered_model: str, version: str | int,
@@ -354,13 +408,12 @@ def reregister_version(tracking_uri: str, registered_model: str, version: str | 
     """
     client = mlflow_client(tracking_uri)
     old = client.get_model_version(registered_model, str(version))
-    loaded = _read_model(f"models:/{registered_model}/{old.version}", tracking_uri)
-    generator, arch, spec = loaded.generator, loaded.arch, loaded.spec
-    size = get_architecture(arch).train_size or 64
+    record, _, _, old_serving = _read_record(f"models:/{registered_model}/{old.version}", tracking_uri)
+    size = get_architecture(record.arch).train_size or 64
     image = torch.full((1, 3, size, size), 0.5)
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
-    tags = {**{k: v for k, v in old.tags.items() if k != "holefill.arch"}, "holefill.reregistered_from": str(old.version)}
-    return log_and_register_generator(tracking_uri, old.run_id, generator, image, mask, registered_model, tags,
-                                      arch=arch, generator_kwargs=spec.get("generator_kwargs") or {},
-                                      serving=serving or loaded.serving)
+    tags = {**{k: v for k, v in old.tags.items() if k != "holefill.arch" and not k.startswith(PROVENANCE_TAG)},
+            "holefill.reregistered_from": str(old.version)}
+    return log_and_register_generator(tracking_uri, old.run_id, record, image, mask, registered_model, tags,
+                                      serving=serving or old_serving)

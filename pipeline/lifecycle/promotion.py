@@ -6,7 +6,11 @@ Rules:
   is where the alias was before the last promotion (one-step rollback: move ``champion`` back to it).
 * The alias is read from the registry every time it is needed, so a human moving it (MLflow UI,
   ``MlflowClient.set_registered_model_alias``) is honoured by every job. A promotion re-reads it just
-  before moving it and refuses to move it when it changed while the evaluation ran.
+  before moving it and refuses to move it when it changed while the evaluation ran; it reads both aliases back
+  after moving them and records a mismatch as a ``conflict`` (never moving them back: the human wins).
+* Promotions of one registered model are serialised by one lock (:func:`promotion_lock`, :mod:`pipeline.locks`):
+  each compares against the champion the previous one left. Its decision is recorded as pending before the
+  aliases move and completed after; a re-run completes a pending record.
 * A challenger is promoted only when the gate passes: every rule compares challenger and champion,
   evaluated in the same call on the same pinned eval set. With no champion yet, the first valid model
   (evaluated on a non-empty set, finite metrics, above the optional absolute floors) becomes champion.
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Literal, Mapping
@@ -30,7 +36,9 @@ from pydantic import Field, field_validator
 from pipeline.buckets import BUCKET_NAMES
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import EvaluationSettings
+from pipeline.fsutil import StorageOptionsLike, StorageSettings
 from pipeline.lifecycle.evidence import bucket_pictures, comparison_markdown, log_evidence
+from pipeline.locks import Lock, LockSettings, lock_url
 from pipeline.paths import PathStr
 from pipeline.tracking import MAX_TAG_VALUE_CHARS, truncate
 
@@ -45,6 +53,7 @@ __all__ = [
     "current_champion",
     "evaluate_gate",
     "promote",
+    "promotion_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -235,21 +244,34 @@ def current_champion(client, name: str, alias: str = CHAMPION) -> str | None:
 
 @dataclass
 class PromotionOutcome:
-    """What ``promote`` did: ``action`` is ``promoted``, ``first_champion``, ``refused``, ``already_champion``
-    or ``champion_moved`` (a human moved the alias during evaluation; nothing changed)."""
+    """What ``promote`` did: ``action`` is ``promoted``, ``first_champion``, ``refused``, ``already_champion``,
+    ``champion_moved`` (a human moved the alias during evaluation; nothing changed) or ``conflict`` (the aliases
+    read back after the move are not what this promotion set: someone moved them at the same moment; left as
+    they are)."""
 
     model: str
     challenger: str
     champion_before: str | None
     champion_after: str | None
-    action: Literal["promoted", "first_champion", "refused", "already_champion", "champion_moved"]
+    action: Literal["promoted", "first_champion", "refused", "already_champion", "champion_moved", "conflict"]
     decision: GateDecision | None = None
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] | None = None
+    completed_pending: bool = False
 
     @property
     def promoted(self) -> bool:
         return self.action in ("promoted", "first_champion")
+
+
+def promotion_lock(lock_root: str, name: str, settings: LockSettings | None = None,
+                   storage_options: StorageOptionsLike = None) -> Lock:
+    """The lock serialising every promotion of registered model ``name`` (``<lock_root>/.promotion-<name>.lock``);
+    ``jobs/promote.py`` and retraining take the same one."""
+    settings = settings or LockSettings()
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return Lock(lock_url(os.path.expanduser(lock_root), f"promotion-{safe}"), f"promotion of {name}",
+                stale_after_s=settings.stale_after_s, heartbeat_s=settings.heartbeat_s, storage_options=storage_options)
 
 
 def _describe(outcome: PromotionOutcome, eval_set: str, evidence_run: str | None = None) -> str:
@@ -266,6 +288,22 @@ def _describe(outcome: PromotionOutcome, eval_set: str, evidence_run: str | None
     pictures = (f"\nPictures per bucket (input | champion | challenger | truth): run `{evidence_run}`, "
                 "artifacts `pictures/`" if evidence_run else "")
     return "\n".join(part for part in (head, basis, reasons, table, metrics, pictures) if part)
+
+
+def _set_tags(client, outcome: PromotionOutcome, tags: Mapping[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(outcome.model, outcome.challenger, key, truncate(value, MAX_TAG_VALUE_CHARS))
+
+
+def _record_pending(client, outcome: PromotionOutcome, eval_set: str) -> None:
+    """Before the aliases move: the decision about to take effect, marked pending (a crash leaves it findable)."""
+    _set_tags(client, outcome, {
+        f"{TAG}.state": "pending",
+        f"{TAG}.decision": outcome.action,
+        f"{TAG}.compared_to": outcome.champion_before or "none",
+        f"{TAG}.eval_set": eval_set,
+        f"{TAG}.started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
 
 
 def _record(client, outcome: PromotionOutcome, eval_set: str, evaluator: Evaluator | None = None,
@@ -298,35 +336,68 @@ def _record(client, outcome: PromotionOutcome, eval_set: str, evaluator: Evaluat
             tags[f"{TAG}.challenger_{metric}"] = f"{outcome.challenger_metrics[metric]:.6g}"
         if outcome.champion_metrics and metric in outcome.champion_metrics:
             tags[f"{TAG}.champion_{metric}"] = f"{outcome.champion_metrics[metric]:.6g}"
-    for key, value in tags.items():
-        client.set_model_version_tag(outcome.model, outcome.challenger, key, truncate(value, MAX_TAG_VALUE_CHARS))
+    _set_tags(client, outcome, tags)
     client.update_model_version(outcome.model, outcome.challenger, description=_describe(outcome, eval_set, evidence_run))
+    _set_tags(client, outcome, {f"{TAG}.state": "completed"})  # last: the record is whole
 
 
-def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: GateSettings,
-            eval_set: str = "", champion_alias: str = CHAMPION,
-            evidence_experiment: str = "holefill-promotion") -> PromotionOutcome:
-    """Evaluate version ``challenger`` of model ``name`` against the current champion and move the alias
-    when the gate passes (``previous_champion`` keeps the old one). The decision is recorded on the
-    challenger version whatever it is: tags, a description with the gate's checks and the per-bucket metric
-    table, and a run in ``evidence_experiment`` with the table and per-bucket pictures (when ``evaluator`` has
-    a ``samples(name, version)`` method, as :class:`pipeline.lifecycle.evaluations.RegistryEvaluator` does).
-    ``eval_set`` names the pinned eval set (its manifest hash) in the record.
-    """
-    challenger = str(challenger)
-    client.get_model_version(name, challenger)  # a missing version fails here, before any evaluation
-    champion = current_champion(client, name, champion_alias)
-    if champion == challenger:
-        log.info("%s version %s already is %s: nothing to do", name, challenger, champion_alias)
-        return PromotionOutcome(name, challenger, champion, champion, "already_champion")
-
+def _evaluate(name: str, challenger: str, champion: str | None, evaluator: Evaluator,
+              gate: GateSettings) -> tuple[dict[str, float], dict[str, float] | None, GateDecision]:
     log.info("evaluating challenger %s/%s", name, challenger)
     challenger_metrics = dict(evaluator(name, challenger))
     champion_metrics = None
     if champion is not None:
         log.info("evaluating champion %s/%s on the same eval set", name, champion)
         champion_metrics = dict(evaluator(name, champion))
-    decision = evaluate_gate(challenger_metrics, champion_metrics, gate)
+    return challenger_metrics, champion_metrics, evaluate_gate(challenger_metrics, champion_metrics, gate)
+
+
+def _complete_pending(client, name: str, challenger: str, tags: Mapping[str, str], evaluator: Evaluator,
+                      gate: GateSettings, eval_set: str, champion_alias: str,
+                      evidence_experiment: str) -> PromotionOutcome:
+    """A promotion that moved the alias and died before its record was whole: write the record now."""
+    compared = tags.get(f"{TAG}.compared_to", "none")
+    champion_before = None if compared == "none" else compared
+    challenger_metrics, champion_metrics, decision = _evaluate(name, challenger, champion_before, evaluator, gate)
+    action = tags.get(f"{TAG}.decision") or ("first_champion" if champion_before is None else "promoted")
+    decision.reasons.append(f"record completed by a later run (the promotion that moved {champion_alias} "
+                            f"stopped before recording its decision)")
+    outcome = PromotionOutcome(name, challenger, champion_before, challenger, action, decision, challenger_metrics,
+                               champion_metrics, completed_pending=True)
+    _record(client, outcome, tags.get(f"{TAG}.eval_set") or eval_set, evaluator, evidence_experiment)
+    log.info("%s version %s: completed the pending %s record", name, challenger, action)
+    return outcome
+
+
+def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: GateSettings,
+            eval_set: str = "", champion_alias: str = CHAMPION,
+            evidence_experiment: str = "holefill-promotion", lock: Lock | None = None) -> PromotionOutcome:
+    """Evaluate version ``challenger`` of model ``name`` against the current champion and move the alias
+    when the gate passes (``previous_champion`` keeps the old one). The decision is recorded on the
+    challenger version whatever it is: tags, a description with the gate's checks and the per-bucket metric
+    table, and a run in ``evidence_experiment`` with the table and per-bucket pictures (when ``evaluator`` has
+    a ``samples(name, version)`` method, as :class:`pipeline.lifecycle.evaluations.RegistryEvaluator` does).
+    ``eval_set`` names the pinned eval set (its manifest hash) in the record.
+
+    Compare-and-set: call it holding ``lock`` (:func:`promotion_lock`, checked again before the aliases move), so
+    promotions of one model run one after the other, each against the champion its predecessor left. The decision
+    is recorded as ``holefill.promotion.state=pending`` before the aliases move and ``completed`` after; a re-run
+    on a version whose record is pending and which is champion completes that record. After the move both aliases
+    are read back: a mismatch (someone moved them at that moment) is recorded as ``conflict`` and left as it is,
+    so a human's choice in the MLflow UI always wins.
+    """
+    challenger = str(challenger)
+    version = client.get_model_version(name, challenger)  # a missing version fails here, before any evaluation
+    champion = current_champion(client, name, champion_alias)
+    if champion == challenger:
+        tags = dict(version.tags or {})
+        if tags.get(f"{TAG}.state") == "pending":
+            return _complete_pending(client, name, challenger, tags, evaluator, gate, eval_set, champion_alias,
+                                     evidence_experiment)
+        log.info("%s version %s already is %s: nothing to do", name, challenger, champion_alias)
+        return PromotionOutcome(name, challenger, champion, champion, "already_champion")
+
+    challenger_metrics, champion_metrics, decision = _evaluate(name, challenger, champion, evaluator, gate)
     action = "refused"
     if decision.passed:
         action = "first_champion" if champion is None else "promoted"
@@ -334,6 +405,8 @@ def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: Gate
                                champion_metrics)
 
     if decision.passed:
+        if lock is not None:
+            lock.check()
         now = current_champion(client, name, champion_alias)
         if now != champion:
             # Someone moved the alias while we evaluated: their choice wins; this comparison is stale.
@@ -342,17 +415,32 @@ def promote(client, name: str, challenger: str, evaluator: Evaluator, gate: Gate
                 f"{champion_alias} moved from {champion or 'none'} to {now or 'none'} during evaluation: "
                 "left as is; run promote again to compare against the new champion")
         else:
+            _record_pending(client, outcome, eval_set)
             if champion is not None:
                 client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
             client.set_registered_model_alias(name, champion_alias, challenger)
-            outcome.champion_after = challenger
+            # Compare-and-set: read both back; whatever differs was set by someone else at this moment and stays.
+            after = current_champion(client, name, champion_alias)
+            previous_after = current_champion(client, name, PREVIOUS_CHAMPION)
+            outcome.champion_after = after
+            if after != challenger or (champion is not None and previous_after != champion):
+                outcome.action = "conflict"
+                decision.reasons.append(
+                    f"after moving the aliases {champion_alias} is {after or 'none'} and {PREVIOUS_CHAMPION} "
+                    f"{previous_after or 'none'} (expected {challenger} and {champion or 'none'}): someone moved them "
+                    "at the same time; left as they are")
     _record(client, outcome, eval_set, evaluator, evidence_experiment)
     log.info("%s version %s: %s (%s)", name, challenger, outcome.action, "; ".join(decision.reasons))
     return outcome
 
 
+DEFAULT_LOCK_ROOT = "~/.holefill/locks"
+
+
 class PromoteJobConfig(Config):
-    """``jobs/promote.py``: the model, the challenger (version number, alias or ``latest``), the gate."""
+    """``jobs/promote.py``: the model, the challenger (version number, alias or ``latest``), the gate, and the
+    lock serialising promotions of the model (``lock_root``: a folder every promoting job sees, ``s3://…`` on a
+    cluster; ``lock_wait_s``: how long to wait for another promotion of the model before skipping, exit 0)."""
 
     registered_model: str
     challenger: str = "latest"
@@ -360,6 +448,10 @@ class PromoteJobConfig(Config):
     tracking_uri: str | None = None
     gate: GateSettings = GateSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    lock_root: str = Field(DEFAULT_LOCK_ROOT, min_length=1)
+    lock_wait_s: float = Field(default=1800.0, ge=0)
+    lock: LockSettings = Field(default_factory=LockSettings)
+    storage_options: StorageSettings = Field(default_factory=StorageSettings)
 
 
 def resolve_version(client, name: str, ref: str) -> str:

@@ -2,9 +2,10 @@
 
 One run of :func:`run_retraining`, safe from cron or a KubeRay RayCronJob:
 
-1. takes the **retrain lock** on the data root (atomic exclusive create; a second, overlapping run sees the
-   lock and exits cleanly saying who holds it; a lock older than ``lock.stale_after_s``, or left by a dead
-   process on this host, is broken with a warning);
+1. takes the **retrain lock** on the data root (:class:`pipeline.locks.Lock`: created atomically with its record,
+   renewed every ``lock.heartbeat_s`` while the run lives; a second, overlapping run sees it and exits 0 saying who
+   holds it; a lock not renewed for ``lock.stale_after_s``, unreadable and that old, or left by a dead process on
+   this host, is broken with a warning; an unreadable young one is a one-line error);
 2. finds the latest data version (``<data_root>/LATEST.json``, else ``base_manifest``) and the source items
    its watermark has not ingested; with fewer than ``min_new_items`` it stops right there ("nothing new");
 3. validates the training config of the run (once: the YAML, its overrides and what retraining sets, as
@@ -13,8 +14,14 @@ One run of :func:`run_retraining`, safe from cron or a KubeRay RayCronJob:
 4. fine-tunes from the current ``champion`` (read from the registry now, so a hand-moved alias is honoured)
    on the new version, registers the result (alias ``challenger``), evaluates it against the champion on the
    pinned eval set and moves ``champion`` only if the gate passes;
-5. publishes ``LATEST.json`` last: a run that fails before the end leaves the previous version current,
-   so the next run retries the same new items.
+5. publishes ``LATEST.json`` last, after the challenger trained on these images is registered and gated: a run
+   that fails before the end leaves the previous version current, so the next run retries the same new items.
+
+**Idempotent.** The training run's name carries the fingerprint of the data version's shard plan
+(:func:`run_name`), and the registered challenger the tag ``holefill.retrain.data_plan``: a retry on the same
+data resumes that run (or, already registered, gates that version without training again); a retry after more
+images arrived builds another plan, so it trains a new run from the champion's weights, never resuming (and
+registering) weights that did not see its data.
 """
 
 from __future__ import annotations
@@ -22,9 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Literal, Mapping
@@ -36,27 +40,32 @@ from pipeline.data.manifest import load_manifest, manifest_url_for
 from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 from pipeline.data.sources import SourceSettings, list_source, new_items
 from pipeline.evaluation.evaluate import EvaluationSettings
-from pipeline.fsutil import StorageSettings, is_remote, join_url, publish_bytes, url_to_fs
+from pipeline.fsutil import StorageSettings, join_url, publish_bytes, url_to_fs
+from pipeline.generators import write_generator
 from pipeline.lifecycle.evaluations import RegistryEvaluator
-from pipeline.lifecycle.packaging import load_generator
-from pipeline.lifecycle.promotion import CHALLENGER, GateSettings, current_champion, promote
+from pipeline.lifecycle.packaging import load_generator_record
+from pipeline.lifecycle.promotion import (
+    CHALLENGER,
+    DEFAULT_LOCK_ROOT,
+    GateSettings,
+    current_champion,
+    promote,
+    promotion_lock,
+)
 from pipeline.lifecycle.training import train_and_register
+from pipeline.locks import Lock, LockBusy, LockSettings
 from pipeline.paths import LocalPath, OutputPathStr, PathStr
 from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 from pipeline.train.config import TrainJobConfig, load_train_config
 
-__all__ = ["LockHeld", "RetrainJobConfig", "RetrainLock", "RetrainOutcome", "run_retraining"]
+__all__ = ["LockSettings", "RetrainJobConfig", "RetrainOutcome", "retrain_lock", "run_retraining"]
 
 log = logging.getLogger(__name__)
 
 LATEST_NAME = "LATEST.json"
 LOCK_NAME = ".retrain.lock"
-
-
-class LockSettings(Config):
-    """The retrain lock: a lock older than ``stale_after_s`` belongs to a run that died without cleaning up."""
-
-    stale_after_s: float = Field(default=6 * 3600, gt=0)
+PLAN_TAG = "holefill.retrain.data_plan"
+FROM_TAG = "holefill.retrain.fine_tuned_from"
 
 
 # What retraining sets itself for each data version; every other shard-job setting is the ``shard`` section.
@@ -87,6 +96,9 @@ class RetrainJobConfig(Config):
     gate: GateSettings = Field(default_factory=GateSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     lock: LockSettings = Field(default_factory=LockSettings)
+    promotion_lock_root: str = Field(DEFAULT_LOCK_ROOT, min_length=1,
+                                     description="lock_root of jobs/promote.py: promotions of the model are serialised")
+    promotion_lock_wait_s: float = Field(default=1800.0, ge=0)
 
 
 @dataclass
@@ -107,119 +119,10 @@ class RetrainOutcome:
 # The lock
 
 
-class LockHeld(RuntimeError):
-    """Another retrain run holds the lock; the message says who and since when."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RetrainLock:
-    """An exclusive lock file on the data root (local path or fsspec URL).
-
-    Acquisition is one atomic exclusive create: ``O_CREAT | O_EXCL`` locally, fsspec's ``"xb"`` mode
-    elsewhere (S3 conditional put where the filesystem supports it). The file records holder, host, pid
-    and time. A held lock is broken only when it is stale: older than ``stale_after_s``, or written on this
-    host by a process that no longer exists. Release removes the file only if it is still ours.
-    """
-
-    def __init__(self, data_root: str, stale_after_s: float, storage_options: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.url = join_url(data_root, LOCK_NAME)
-        self.stale_after_s = stale_after_s
-        self._fs, self._path = url_to_fs(self.url, storage_options)
-        self._local = not is_remote(self.url)
-        self._clock = clock
-        self.token = uuid.uuid4().hex
-        self.held = False
-
-    def _record(self) -> bytes:
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "created_at": self._clock(),
-                           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
-
-    def _create(self) -> bool:
-        data = self._record()
-        if self._local:
-            os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
-            try:
-                fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            return True
-        try:
-            with self._fs.open(self._path, "xb") as handle:
-                handle.write(data)
-            return True
-        except FileExistsError:
-            return False
-
-    def holder(self) -> dict[str, Any] | None:
-        """The current lock record, ``None`` when unlocked (``{}`` when unreadable, e.g. being written)."""
-        try:
-            with self._fs.open(self._path, "rb") as handle:
-                return json.loads(handle.read() or b"{}")
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError):
-            return {}
-
-    def _stale_reason(self, record: Mapping[str, Any]) -> str | None:
-        created = record.get("created_at")
-        if isinstance(created, (int, float)) and self._clock() - created > self.stale_after_s:
-            return f"older than {self.stale_after_s:.0f} s"
-        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) \
-                and not _pid_alive(record["pid"]):
-            return f"its process {record['pid']} on this host is gone"
-        return None
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`LockHeld` naming the holder."""
-        for _ in range(2):
-            if self._create():
-                self.held = True
-                return
-            record = self.holder()
-            if record is None:
-                continue  # released between our attempt and our look: try once more
-            reason = self._stale_reason(record)
-            if reason is None:
-                raise LockHeld(
-                    f"another retrain run holds {self.url} (host {record.get('host', '?')}, pid {record.get('pid', '?')}, "
-                    f"since {record.get('created', '?')})")
-            log.warning("breaking stale retrain lock %s (%s): %s", self.url, reason, record)
-            try:
-                self._fs.rm(self._path)
-            except FileNotFoundError:
-                pass
-        raise LockHeld(f"could not take {self.url}: another run took it while a stale lock was being broken")
-
-    def release(self) -> None:
-        """Remove the lock if it is still ours (a run that lost it to staleness must not delete the new one)."""
-        if not self.held:
-            return
-        record = self.holder()
-        if record and record.get("token") == self.token:
-            self._fs.rm(self._path)
-        else:
-            log.warning("retrain lock %s is no longer ours (%s); leaving it", self.url, record)
-        self.held = False
-
-    def __enter__(self) -> "RetrainLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+def retrain_lock(config: RetrainJobConfig) -> Lock:
+    """The retrain lock on ``data_root`` (:class:`pipeline.locks.Lock`: atomic, renewed, broken when stale)."""
+    return Lock(join_url(config.data_root, LOCK_NAME), "retrain job", stale_after_s=config.lock.stale_after_s,
+                heartbeat_s=config.lock.heartbeat_s, storage_options=config.storage_options)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,13 +130,24 @@ class RetrainLock:
 
 
 def read_latest(data_root: str, storage_options: Any = None) -> dict[str, Any] | None:
-    """``{"version": N, "manifest": url}`` of the latest published data version, or ``None``."""
-    fs, path = url_to_fs(join_url(data_root, LATEST_NAME), storage_options)
+    """``{"version": N, "manifest": url}`` of the latest published data version, or ``None``.
+
+    An unreadable ``LATEST.json`` (empty, truncated, not this shape) is a one-line ``ValueError`` naming it: the
+    data version it pointed at is the newest ``v<N>/manifest.json``; rewrite or delete it by hand."""
+    url = join_url(data_root, LATEST_NAME)
+    fs, path = url_to_fs(url, storage_options)
     try:
         with fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
+            raw = handle.read(1 << 20)
     except FileNotFoundError:
         return None
+    try:
+        record = json.loads(raw)
+        int(record["version"]), str(record["manifest"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{url} is unreadable ({len(raw)} bytes: {type(exc).__name__}); point it at the newest "
+                         f"published v<N>/manifest.json by hand or delete it to start from base_manifest") from None
+    return record
 
 
 def publish_latest(data_root: str, version: int, manifest_url: str, storage_options: Any = None) -> None:
@@ -253,16 +167,10 @@ def version_folder(data_root: str, version: int) -> str:
 
 
 def export_champion_weights(tracking_uri: str, name: str, version: str, url: str, storage_options: Any = None) -> str:
-    """Write the champion generator's fp32 state dict (``weights_only``-loadable) to ``url`` for the workers."""
-    import io
-
-    import torch
-
-    generator, _ = load_generator(f"models:/{name}/{version}", tracking_uri)
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in generator.state_dict().items()}, buffer)
-    publish_bytes(url, buffer.getvalue(), storage_options)
-    return url
+    """Write the champion's generator record (``weights_only``-loadable, what ``model.init_weights`` reads) to ``url``
+    for the workers."""
+    ref = f"models:/{name}/{version}"
+    return write_generator(load_generator_record(ref, tracking_uri).with_provenance(init_from=ref), url, storage_options)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,20 +179,28 @@ def export_champion_weights(tracking_uri: str, name: str, version: str, url: str
 
 def run_retraining(config: RetrainJobConfig, env: Mapping[str, str] | None = None,
                    train_fn: Callable[[TrainJobConfig], Any] | None = None) -> RetrainOutcome:
-    """One retrain run (see the module docstring). ``train_fn`` defaults to ``train_and_register``."""
+    """One retrain run (see the module docstring). ``train_fn`` defaults to ``train_and_register``.
+
+    Another run holding the lock is the outcome ``locked`` (exit 0); a lock that cannot be read or broken, or one
+    lost during the run, is a one-line :class:`pipeline.locks.LockError` (a ``ValueError``: exit 2)."""
     # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
 
     tracking_uri = resolve_tracking_uri(config.tracking_uri, env if env is not None else os.environ)
     check_tracking_server(tracking_uri)
-    lock = RetrainLock(config.data_root, config.lock.stale_after_s, config.storage_options)
+    lock = retrain_lock(config)
     try:
         lock.acquire()
-    except LockHeld as exc:
+    except LockBusy as exc:
+        log.info("%s", exc)
         return RetrainOutcome("locked", str(exc))
     try:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        return _retrain_locked(config, tracking_uri, client, train_fn)
+        return _retrain_locked(config, tracking_uri, client, train_fn, lock)
+    except LockBusy as exc:  # the promotion lock, after waiting: the challenger waits for the next run's gate
+        message = f"{exc}: LATEST.json not moved, the next run carries on from here"
+        log.warning(message)
+        return RetrainOutcome("locked", message)
     finally:
         lock.release()
 
@@ -322,7 +238,20 @@ def _train_config(config: RetrainJobConfig, tracking_uri: str, manifest_url: str
     return train
 
 
-def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn) -> RetrainOutcome:
+def run_name(registered_model: str, number: int, plan_sha256: str) -> str:
+    """The training run of data version ``number`` built by plan ``plan_sha256``: a retry on the same data resumes
+    it; a retry after new images arrived (another plan) is another run, started from ``init_weights``."""
+    return f"retrain-{registered_model}-data-v{number}-{plan_sha256[:12]}"
+
+
+def _trained_version(client, name: str, plan: str) -> str | None:
+    """The version a previous attempt already trained and registered on the data of ``plan``, if any."""
+    versions = client.search_model_versions(f"name='{name}'")
+    found = [v for v in versions if (v.tags or {}).get(PLAN_TAG) == plan]
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_fn, lock: Lock) -> RetrainOutcome:
     previous_number, previous_url = _previous_version(config)
     previous = load_manifest(previous_url, config.storage_options) if previous_url else None
     listing = list_source(config.source, config.storage_options)
@@ -342,32 +271,58 @@ def _retrain_locked(config: RetrainJobConfig, tracking_uri: str, client, train_f
     evaluator = RegistryEvaluator(tracking_uri, config.eval_manifest, config.evaluation)
     log.info("retrain: %d new items -> data version %d at %s", len(fresh), number, out)
     sharded = run_shard_job(shard_config)
-    # Train on what the shard job published: a folder already holding another version gets a version folder of
-    # its own beside it, so the planned URL is only a placeholder for validating the config up front.
-    train_config = derive(train_config, {"data": {"train_manifest": sharded.manifest_url}})
+    lock.check()
+    # Train on what the shard job published: a folder already holding another version (an earlier attempt that saw
+    # other images) gets a version folder of its own beside it. The run name carries the plan's fingerprint, so an
+    # attempt on other data never resumes (and re-registers) a run trained on the old data.
+    plan = sharded.manifest.plan_sha256
+    train_config = derive(train_config, {"data": {"train_manifest": sharded.manifest_url},
+                                         "run": {"name": run_name(config.registered_model, number, plan)}})
     champion = _champion(client, config.registered_model)  # read now: a hand-moved alias is honoured
-    if champion is not None:
-        init_url = export_champion_weights(tracking_uri, config.registered_model, champion,
-                                           join_url(out, "init", f"champion-v{champion}.pt"), config.storage_options)
-        train_config = derive(train_config, {"model": {"init_weights": init_url}})
-        log.info("fine-tuning from champion version %s", champion)
+    version = _trained_version(client, config.registered_model, plan)
+    if version is not None:
+        log.info("version %s of %s was already trained on this data (plan %s) by an earlier attempt: gating it",
+                 version, config.registered_model, plan[:12])
+        fine_tuned_from = client.get_model_version(config.registered_model, version).tags.get(FROM_TAG, "")
     else:
-        log.info("no champion yet: training from scratch")
-    if train_fn is None:
-        train_fn = train_and_register
-    result = train_fn(train_config)
-    version = str(result.model_version)
+        if champion is not None:
+            init_url = export_champion_weights(tracking_uri, config.registered_model, champion,
+                                               join_url(out, "init", f"champion-v{champion}.pt"), config.storage_options)
+            train_config = derive(train_config, {"model": {"init_weights": init_url}})
+            log.info("fine-tuning from champion version %s", champion)
+        else:
+            log.info("no champion yet: training from scratch")
+        if train_fn is None:
+            train_fn = train_and_register
+        result = train_fn(train_config)
+        if result.model_version is None:
+            raise RuntimeError(f"training run {train_config.run.name} registered no model version")
+        version = str(result.model_version)
+        fine_tuned_from = f"version {champion}" if champion else "none (trained from scratch)"
+        lock.check()
+        client.set_model_version_tag(config.registered_model, version, "holefill.retrain.dataset_version", str(number))
+        client.set_model_version_tag(config.registered_model, version, FROM_TAG, fine_tuned_from)
+        client.set_model_version_tag(config.registered_model, version, "holefill.retrain.manifest",
+                                     sharded.manifest_url)
+        client.set_model_version_tag(config.registered_model, version, PLAN_TAG, plan)  # last: "registered"
+    lock.check()
     client.set_registered_model_alias(config.registered_model, CHALLENGER, version)
-    client.set_model_version_tag(config.registered_model, version, "holefill.retrain.dataset_version", str(number))
-    client.set_model_version_tag(config.registered_model, version, "holefill.retrain.fine_tuned_from",
-                                 f"version {champion}" if champion else "none (trained from scratch)")
 
-    outcome = promote(client, config.registered_model, version, evaluator, config.gate, eval_set=evaluator.manifest_hash)
+    gate_lock = promotion_lock(config.promotion_lock_root, config.registered_model, config.lock, config.storage_options)
+    gate_lock.acquire(wait_s=config.promotion_lock_wait_s)  # still busy after the wait: LockBusy, LATEST unmoved
+    try:
+        outcome = promote(client, config.registered_model, version, evaluator, config.gate,
+                          eval_set=evaluator.manifest_hash, lock=gate_lock)
+    finally:
+        gate_lock.release()
+    # The watermark moves last: only once the challenger trained on these images is registered and gated.
+    lock.check()
     publish_latest(config.data_root, number, sharded.manifest_url, config.storage_options)
     message = (f"retrained on data version {number} (+{len(fresh)} images): {config.registered_model} version "
                f"{version} {outcome.action}")
     log.info(message)
-    return RetrainOutcome("retrained", message, len(fresh), sharded.manifest_url, f"{number}", version, outcome)
+    return RetrainOutcome("retrained", message, len(fresh), sharded.manifest_url, f"{number}", version, outcome,
+                          {"fine_tuned_from": fine_tuned_from, "run_name": train_config.run.name})
 
 
 def _champion(client, name: str) -> str | None:

@@ -55,9 +55,32 @@ def tiny_champion(mlflow_server) -> str:
     return version.version
 
 
+TINY_MAX_WHOLE_PIXELS = 100_000
+TINY_MAX_WINDOWS = 4
+
+
 def small_windows(max_pixels: int = 1_000_000) -> ServingDefaults:
-    """Serving defaults that send even a 300x451 photo through 64-pixel windows (fast, and exercises the strategy)."""
-    return ServingDefaults(max_pixels=max_pixels, hires=HiresSettings(strategy="crop", margin=8, trigger=128, limit=64))
+    """Serving defaults that send even a 300x451 photo through 64-pixel windows (fast, and exercises the strategy),
+    at most 4 windows an image and whole images up to 100 000 pixels."""
+    return ServingDefaults(max_pixels=max_pixels, max_whole_pixels=TINY_MAX_WHOLE_PIXELS,
+                           hires=HiresSettings(strategy="crop", margin=8, trigger=128, limit=64,
+                                               max_windows=TINY_MAX_WINDOWS))
+
+
+def scattered_holes(height: int, width: int, every: int = 12) -> np.ndarray:
+    """A (H,W) uint8 mask with a one-pixel hole every ``every`` pixels: a window explosion for a naive crop strategy."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[::every, ::every] = 255
+    return mask
+
+
+def hostile_bodies(max_pixels: int) -> dict[str, bytes]:
+    """Encoded hostile images that are small to send: formats outside the allow-list and a decode bomb."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n(/etc/passwd) (r) file\nshowpage\n%%EOF\n"
+    dds = b"DDS " + (124).to_bytes(4, "little") + bytes(120)
+    side = int(max_pixels ** 0.5) + 50
+    return {"TGA": encode(photo(16, 16), "TGA"), "SGI": encode(photo(16, 16), "SGI"), "EPS": eps, "DDS": dds,
+            "BMP": encode(photo(16, 16), "BMP"), "bomb": encode(np.zeros((side, side), np.uint8))}
 
 
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:

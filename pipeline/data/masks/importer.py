@@ -17,7 +17,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import posixpath
+import struct
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
@@ -25,9 +28,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models.codec import ALLOWED_FORMATS
 from pipeline.buckets import BUCKET_NAMES, bucket_of
+from pipeline.errors import one_line
 from pipeline.fsutil import StorageOptionsLike, join_url, open_url, url_to_fs
-from pipeline.data.imageops import encode_mask_png
+from pipeline.data.imageops import DEFAULT_MAX_PIXELS, encode_mask_png
 from pipeline.data.masks.generators import hole_ratio
 from pipeline.data.masks.pool import write_mask_pool
 
@@ -42,7 +47,10 @@ __all__ = [
     "write_imported_masks",
 ]
 
-MASK_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+# The files an import reads: the extensions of holefill's one format allow-list (PNG, JPEG, WebP).
+MASK_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+# A mask file larger than this is refused before it is read (NVIDIA's 512x512 masks are a few KB).
+MAX_MASK_FILE_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +82,29 @@ def binarize_mask(gray: np.ndarray, *, white_is_hole: bool = True, threshold: in
 
 
 def import_mask(
-    data: bytes, *, size: int | tuple[int, int] = 256, white_is_hole: bool = True, threshold: int = 128
+    data: bytes, *, size: int | tuple[int, int] = 256, white_is_hole: bool = True, threshold: int = 128,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode one external mask file to holefill's form at ``size`` (side, or ``(height, width)``).
 
-    Binarised first, then resized with nearest-neighbour, so the result stays strictly {0, 255}.
+    Binarised first, then resized with nearest-neighbour, so the result stays strictly {0, 255}. Like the shard
+    job: PNG, JPEG or WebP only (``models.codec.ALLOWED_FORMATS``), the pixel count checked from the header before
+    anything is decoded (``max_pixels``), and every bad file, decompression bombs included, one ``ValueError``.
     """
     height, width = (size, size) if isinstance(size, int) else size
     if height <= 0 or width <= 0:
         raise ValueError(f"mask size must be positive, got {size}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"{im.width}x{im.height} is over {max_pixels} pixels (a decompression bomb?)")
+            if im.width <= 0 or im.height <= 0:
+                raise ValueError("zero size")
             gray = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"mask file is not a readable image: {exc}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"mask file is not a {', '.join(ALLOWED_FORMATS)} image") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error, Image.DecompressionBombError) as exc:
+        raise ValueError(f"mask file is not a readable image: {one_line(exc)}") from None
     mask = binarize_mask(gray, white_is_hole=white_is_hole, threshold=threshold)
     if mask.shape != (height, width):
         mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
@@ -114,13 +131,21 @@ def import_mask_folder(
     """
     fs, root = url_to_fs(source, storage_options)
     root = root.rstrip("/")
-    files = sorted(p for p in fs.find(root) if p.lower().endswith(MASK_EXTENSIONS))
+    found = fs.find(root, detail=True)
+    files = sorted(p for p in found if p.lower().endswith(MASK_EXTENSIONS))
+    real_root = os.path.realpath(root)
+    for path in files:  # a local symlink may point anywhere: it is followed only inside the folder
+        if found[path].get("islink") and not os.path.realpath(path).startswith(real_root.rstrip("/") + "/"):
+            raise ValueError(f"{posixpath.relpath(path, root)}: a symlink out of {source}")
     if not files:
         raise ValueError(f"no mask files ({', '.join(MASK_EXTENSIONS)}) under {source}")
     imported: list[ImportedMask] = []
     for path in files:
         relative = posixpath.relpath(path, root) if path.startswith(root) else posixpath.basename(path)
         try:
+            info = fs.info(path)
+            if int(info.get("size") or 0) > MAX_MASK_FILE_BYTES:
+                raise ValueError(f"{info['size']} bytes, over the {MAX_MASK_FILE_BYTES} a mask file may have")
             mask = import_mask(fs.cat_file(path), size=size, white_is_hole=white_is_hole, threshold=threshold)
         except ValueError as exc:
             raise ValueError(f"{relative}: {exc}") from None

@@ -15,11 +15,12 @@ from pipeline.buckets import HOLE_RATIO_BUCKETS, check_buckets
 from pipeline.config import Config
 from pipeline.fsutil import ReadRetry, StorageSettings
 from pipeline.paths import LocalPath, OutputPathStr
+from pipeline.redaction import redact
 from pipeline.data.imageops import DEFAULT_MAX_PIXELS
 from pipeline.data.masks.generators import MaskSettings
-from pipeline.data.sources import SourceSettings
+from pipeline.data.sources import DEFAULT_MAX_INPUT_BYTES, SourceSettings
 
-__all__ = ["EXECUTION_ONLY", "EvalSetSettings", "ShardJobConfig"]
+__all__ = ["EXECUTION_ONLY", "EvalSetSettings", "ShardJobConfig", "identity_bounds"]
 
 # Settings that change how a run goes, never what it writes: left out of the manifest and its hash.
 EXECUTION_ONLY = frozenset({"out", "storage_options", "num_cpus", "max_in_flight", "verify", "max_rejected_fraction",
@@ -56,6 +57,10 @@ class ShardJobConfig(Config):
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     jpeg_subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:4:4"
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard")
+    max_input_bytes: int = Field(
+        default=DEFAULT_MAX_INPUT_BYTES, ge=1,
+        description="largest input file read; larger ones are rejected 'too large' before any byte is read",
+    )
     eval: EvalSetSettings = Field(default_factory=EvalSetSettings)
     limit: int | None = Field(default=None, ge=1, description="use only the first N items (sorted by key)")
     parent: Annotated[str | None, LocalPath()] = Field(default=None, description="manifest of the version this one extends")
@@ -101,7 +106,24 @@ class ShardJobConfig(Config):
         return self
 
     def recorded(self) -> dict[str, Any]:
-        """The config as stored in the manifest: no secrets, no output location (a copy keeps its hash), no
-        execution-only settings (the same data sharded on another cluster has the same hash)."""
-        return self.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
+        """The config as stored in the manifest: no secrets (URL credentials redacted: ``bob:***@``,
+        ``X-Amz-Signature=***``), no output location (a copy keeps its hash), no execution-only settings (the
+        same data sharded on another cluster has the same hash); ``max_input_bytes`` only when not its default."""
+        recorded = self.model_dump(mode="json", exclude=set(EXECUTION_ONLY) | {"max_input_bytes"})
+        recorded.update(identity_bounds(self))
+        source = recorded["source"]
+        for name in ("url", "root", "index_url"):
+            if isinstance(source.get(name), str):
+                source[name] = redact(source[name])
+        if isinstance(recorded.get("parent"), str):
+            recorded["parent"] = redact(recorded["parent"])
+        return recorded
+
+
+def identity_bounds(config: ShardJobConfig) -> dict[str, Any]:
+    """Bounds added after versions were published that belong to a version's identity only when changed: at their
+    default a version keeps the identity (manifest, plan fingerprint) it had before they existed, so published
+    versions resume instead of being written again beside themselves."""
+    default = ShardJobConfig.model_fields["max_input_bytes"].default
+    return {} if config.max_input_bytes == default else {"max_input_bytes": config.max_input_bytes}
 

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from pipeline.errors import one_line
+from pipeline.redaction import redact
 from pipeline.fsutil import TransientReadError
 from pipeline.raycluster import ensure_ray
 from pipeline.data.shardjob.config import ShardJobConfig
@@ -30,8 +31,8 @@ def failure_line(cause: BaseException, where: str) -> str:
     if isinstance(cause, TransientReadError):
         return (f"{cause} while writing {where}; nothing published, no input rejected: "
                 f"re-run resumes (finished shards are reused)")
-    return (f"{type(cause).__name__} while writing {where}: {one_line(cause, 300)}; nothing published, no input rejected: "
-            f"re-run resumes once the storage is readable")
+    return (f"{type(cause).__name__} while writing {where}: {redact(one_line(cause, 300))}; nothing published, "
+            f"no input rejected: re-run resumes once the storage is readable")
 
 
 class Progress:

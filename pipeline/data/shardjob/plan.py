@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.data.manifest import HoleRatioHistogram, RejectedInput, canonical_json
 from pipeline.data.masks.generators import describe
-from pipeline.data.shardjob.config import ShardJobConfig
+from pipeline.data.shardjob.config import ShardJobConfig, identity_bounds
 from pipeline.data.sources import SourceItem
 
 __all__ = [
@@ -100,6 +100,7 @@ def task_settings(config: ShardJobConfig) -> dict[str, Any]:
         "jpeg_subsampling": config.jpeg_subsampling,
         "max_pixels": config.max_pixels,
         "eval": config.eval.model_dump(mode="json") if config.eval.enabled else None,
+        **identity_bounds(config),
     }
 
 

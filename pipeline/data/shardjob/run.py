@@ -12,7 +12,12 @@ Shape of a run (:func:`run_shard_job`):
    (the ``.tar.json`` sidecar records the plan's fingerprint, size and sha256); if so it returns the recorded
    result, otherwise it writes the shard to a temporary name, publishes it atomically, then its sidecar;
 5. check the share of rejected inputs, regroup short shards into full ones (see below);
-6. write the key list (watermark) and ``manifest.json`` atomically.
+6. write the key list (watermark) and ``manifest.json`` atomically (and durably: ``fsync`` of file and folder).
+
+**One job per ``out`` at a time.** The whole job holds the lock ``out/.shardjob.lock`` (:mod:`pipeline.locks`); a job
+started while another one lives raises :class:`pipeline.locks.LockBusy` naming it (``jobs/shard_places2.py``
+prints it and exits 0). Just before publishing the job checks again that the lock is its own and that ``out``
+holds no other plan's manifest; if either fails it publishes nothing (one line).
 
 **A published version is immutable.** A run never writes a file that a published manifest lists with other
 bytes: a re-run into a folder whose manifest has the same plan fingerprint (:func:`~pipeline.data.shardjob.plan.
@@ -49,6 +54,7 @@ when the source allows it. An eval set is identified by its manifest hash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 from collections.abc import Callable
@@ -56,6 +62,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from pipeline.buckets import bucket_name
+from pipeline.errors import one_line
+from pipeline.redaction import redact
 from pipeline.fsutil import (
     TransientReadError,
     exists,
@@ -65,6 +73,7 @@ from pipeline.fsutil import (
     url_to_fs,
     with_retries,
 )
+from pipeline.locks import Lock, LockSettings, lock_url
 from pipeline.paths import resolve_config_paths
 from pipeline.data.manifest import (
     HoleRatioHistogram,
@@ -179,56 +188,109 @@ def run_shard_job(config: ShardJobConfig, emit: Callable[[str], None] | None = N
     emit = emit or log.info
     config = config.model_copy(deep=True)
     for change in resolve_config_paths(config):  # the shard tasks run in other directories than this driver
-        emit(f"path {change.key}: {change.given} -> {change.resolved}")
-    try:
-        return _run(config, emit)
-    except TransientReadError as exc:  # a read of the driver's own (listing, manifests, key lists)
-        raise ShardJobError(failure_line(exc, "the job's plan")) from None
+        emit(f"path {change.key}: {redact(change.given)} -> {redact(change.resolved)}")
+    # One job at a time per `out` (pipeline.locks): another live job there is LockBusy (the job says so, exit 0).
+    lock = Lock(lock_url(config.out, "shardjob"), "shard job", stale_after_s=LockSettings().stale_after_s,
+                heartbeat_s=LockSettings().heartbeat_s, storage_options=config.storage_options)
+    with lock:
+        try:
+            return _run(config, emit, lock)
+        except TransientReadError as exc:  # a read of the driver's own (listing, manifests, key lists)
+            raise ShardJobError(failure_line(exc, "the job's plan")) from None
 
 
-def _run(config: ShardJobConfig, emit: Callable[[str], None]) -> ShardJobResult:
-    listing = with_retries(lambda: list_source(config.source, config.storage_options), config.source.url,
+def _check_still_ours(config: ShardJobConfig, fingerprint: str, lock: Lock) -> None:
+    """Just before publishing: the lock is still ours and ``config.out`` holds no other plan's manifest."""
+    lock.check()
+    location = manifest_url_for(config.out)
+    if exists(location, config.storage_options):
+        try:
+            published = load_manifest(location, config.storage_options)
+        except ManifestError:
+            published = None
+        if published is None or published.plan_sha256 != fingerprint:
+            raise ShardJobError(f"{location} was published by another job while this one ran; it stays as it is "
+                                "and nothing of this run was published: re-run to write beside it")
+
+
+def _run(config: ShardJobConfig, emit: Callable[[str], None], lock: Lock) -> ShardJobResult:
+    listing = with_retries(lambda: list_source(config.source, config.storage_options), redact(config.source.url),
                            config.read_retry)
     items = listing.items
+    refused = list(listing.rejected)  # refused while listing (outside the root, hostile names, collisions): never read
     parent: Manifest | None = None
     if config.parent is not None:
-        parent = with_retries(lambda: load_manifest(config.parent, config.storage_options), config.parent,
+        parent = with_retries(lambda: load_manifest(config.parent, config.storage_options), redact(config.parent),
                               config.read_retry)
         if manifest_url_for(config.out) == parent.location:
             raise ValueError("an incremental version must be written to a new folder, not over its parent")
         items = new_items(items, parent, config.storage_options, by=config.incremental_by)
+        known = {(entry.source, entry.reason) for entry in parent.rejected}
+        refused = [entry for entry in refused if (entry.source, entry.reason) not in known]  # listed once
     if config.limit is not None:
         items = items[: config.limit]
     first_index = len(parent.shards) if parent is not None else 0
     fingerprint = run_fingerprint(config, items, manifest_hash(parent) if parent is not None else None)
     config = config.model_copy(update={"out": destination(config, fingerprint, emit)})
-    emit(f"source {listing.description.kind} {config.source.url}: {listing.description.items} items, "
-         f"{len(items)} to shard into {config.out}")
+    emit(f"source {listing.description.kind} {redact(config.source.url)}: {listing.description.items} items, "
+         f"{len(items)} to shard into {redact(config.out)}")
+    if refused:
+        emit(f"{len(refused)} source entries refused while listing ({_reason_counts(refused)}); listed in the manifest")
     # A file list's root is listed up front: images it lacks fail the job before any task runs.
     if config.source.resolved_kind == "file_list" and config.source.stat:
         missing = [RejectedInput(key=i.key, source=i.path, reason="missing") for i in items if i.size is None]
-        check_rejections(missing, len(items), config)
+        check_rejections(refused + missing, len(items) + len(refused), config)
 
     short: list[ShardResult] = []
     if config.eval.enabled:
         results, attempted = _run_eval_rounds(items, config, emit)
-        check_rejections([r for result in results for r in result.rejected], len(attempted), config)
+        check_rejections(refused + [r for result in results for r in result.rejected], len(attempted) + len(refused),
+                         config)
     else:
         plans = plan_shards(items, config.samples_per_shard, first_index=first_index)
         progress = Progress(len(items), emit)
         results = run_tasks(plans, config, progress, len(plans), 0, write_shard)
         attempted = items
-        check_rejections([r for result in results for r in result.rejected], len(attempted), config)
+        check_rejections(refused + [r for result in results for r in result.rejected], len(attempted) + len(refused),
+                         config)
         results, short = _fill_short_shards(results, config, emit, first_index + len(plans))
 
-    manifest = _build_manifest(config, listing.description, attempted, results, parent, fingerprint, superseded=short)
-    manifest_url = write_manifest(manifest, config.out, config.storage_options)
+    was_published = exists(manifest_url_for(config.out), config.storage_options)
+    try:
+        _check_still_ours(config, fingerprint, lock)
+        manifest = _build_manifest(config, listing.description, attempted, results, parent, fingerprint,
+                                   superseded=short, refused=refused)
+        _check_still_ours(config, fingerprint, lock)
+        manifest_url = write_manifest(manifest, config.out, config.storage_options)
+    except OSError as exc:  # a full disk, a quota, a read-only bucket: one line, nothing published
+        _unpublish_keys(config, was_published)
+        raise ShardJobError(f"publishing the manifest of {redact(config.out)} failed "
+                            f"({one_line(exc, 200, typed=True)}); nothing published: free the space (or fix the "
+                            "storage) and re-run, which reuses the finished shards") from None
     _remove_shards([result.name for result in short], config)  # superseded by the fill shards
     digest = manifest_hash(manifest)
     reused = sum(r.reused for r in results)
-    emit(f"manifest {manifest_url} sha256 {digest} ({manifest.total_samples} samples in "
+    emit(f"manifest {redact(manifest_url)} sha256 {digest} ({manifest.total_samples} samples in "
          f"{len(manifest.shards)} shards, {len(manifest.rejected)} rejected; {reused} shards reused)")
     return ShardJobResult(manifest_url, manifest, digest, len(results) - reused, reused, results)
+
+
+def _reason_counts(rejected: Sequence[RejectedInput]) -> str:
+    """``"3 missing, 1 too large"``: how many of each reason, most frequent first."""
+    counts: dict[str, int] = {}
+    for entry in rejected:
+        counts[entry.reason] = counts.get(entry.reason, 0) + 1
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _unpublish_keys(config: ShardJobConfig, was_published: bool) -> None:
+    """Remove a key list written for a manifest that never appeared (a published version's own list stays)."""
+    if was_published or exists(manifest_url_for(config.out), config.storage_options):
+        return
+    with contextlib.suppress(OSError):
+        fs, path = url_to_fs(join_url(config.out, "keys.txt.gz"), config.storage_options)
+        if fs.exists(path):
+            fs.rm(path)
 
 
 def check_rejections(rejected: Sequence[RejectedInput], attempted: int, config: ShardJobConfig) -> None:
@@ -242,7 +304,7 @@ def check_rejections(rejected: Sequence[RejectedInput], attempted: int, config: 
     counts: dict[str, int] = {}
     for entry in rejected:
         counts[entry.reason] = counts.get(entry.reason, 0) + 1
-    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+    reasons = _reason_counts(rejected)
     message = (f"{len(rejected)} of {attempted} inputs rejected ({reasons}), more than "
                f"max_rejected_fraction={config.max_rejected_fraction:g}; no manifest published")
     if counts.get("missing") and config.source.resolved_kind == "file_list":
@@ -250,7 +312,7 @@ def check_rejections(rejected: Sequence[RejectedInput], attempted: int, config: 
         root = config.source.root or parent_url(config.source.url)
         found = suggest_root(config.source, first.source, config.storage_options)
         hint = f"--root {found} finds them" if found else "point --root at the folder that holds them"
-        message += f": the listed images are not under {root} (e.g. {first.source}); {hint}"
+        message += f": the listed images are not under {redact(root)} (e.g. {first.source}); {redact(hint)}"
     raise ValueError(message)
 
 
@@ -320,8 +382,10 @@ def _build_manifest(
     parent: Manifest | None,
     plan_sha256: str,
     superseded: Sequence[ShardResult] = (),
+    refused: Sequence[RejectedInput] = (),
 ) -> Manifest:
-    """The manifest of ``results``; ``superseded`` short shards (regrouped into others) add only their rejects."""
+    """The manifest of ``results``; ``superseded`` short shards (regrouped into others) add only their rejects;
+    ``refused`` are the source entries refused while listing (never read)."""
     shards: list[ShardEntry] = []
     rejected: list[RejectedInput] = []
     histograms: list[HoleRatioHistogram] = []
@@ -345,6 +409,7 @@ def _build_manifest(
             dataset_version=parent.dataset_version,
             manifest_hash=manifest_hash(parent),
         )
+    rejected += refused
     for result in superseded:
         rejected += result.rejected
     for result in results:

@@ -6,7 +6,8 @@ name, publishes it atomically, then publishes the sidecar (a shard without a mat
 the next run). Memory stays flat in the shard size: samples are read, encoded and streamed one at a time.
 
 Reads are retried (:func:`pipeline.fsutil.with_retries`) while they fail transiently; only inputs that are bad
-in themselves (missing, empty, not an image, truncated image data, decompression bombs, no mask in the eval
+in themselves (missing, over ``max_input_bytes`` (checked before reading, and the read bounded), resolving outside
+the source root, empty, not an image, truncated image data, decompression bombs, no mask in the eval
 bucket) become rejections. A read that kept failing raises :class:`pipeline.fsutil.TransientReadError`: the
 task fails without publishing its shard or sidecar, so nothing of the failure is recorded anywhere.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.buckets import bucket_of
+from pipeline.redaction import redact
 from pipeline.fsutil import (
     atomic_write,
     join_url,
@@ -41,7 +43,7 @@ from pipeline.data.shardjob.plan import (
     fill_fingerprint,
     plan_fingerprint,
 )
-from pipeline.data.sources import SourceItem, SourceReader
+from pipeline.data.sources import InputTooLargeError, OutsideRootError, SourceItem, SourceReader
 from pipeline.data.tario import HashingWriter, TarAppender, tar_members
 
 __all__ = ["EncodedSample", "encode_sample", "write_fill_shard", "write_shard"]
@@ -134,7 +136,8 @@ def _existing_result(name: str, fingerprint: str, config: ShardJobConfig) -> Sha
 
 
 def _member_url(item: SourceItem) -> str:
-    return item.url if item.offset is None else f"{item.url}[{item.path}]"
+    """How a read is named in retry warnings and failures (credentials redacted)."""
+    return redact(item.url if item.offset is None else f"{item.url}[{item.path}]")
 
 
 def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
@@ -152,7 +155,8 @@ def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
     bucket_counts: dict[str, int] = {}
     targets = plan.targets or (None,) * len(plan.items)
 
-    with SourceReader(config.storage_options) as reader, atomic_write(url, config.storage_options) as handle:
+    with SourceReader(config.storage_options, config.max_input_bytes) as reader, \
+            atomic_write(url, config.storage_options) as handle:
         sink = HashingWriter(handle)
         archive = TarAppender(sink)
         for item, target in zip(plan.items, targets):
@@ -162,6 +166,12 @@ def write_shard(plan: ShardPlan, config: ShardJobConfig) -> ShardResult:
                 data = with_retries(lambda item=item: reader.read(item), _member_url(item), config.read_retry)
             except FileNotFoundError:
                 rejected.append(RejectedInput(key=item.key, source=item.path, reason="missing"))
+                continue
+            except InputTooLargeError as exc:  # known from the listing (nothing read) or the bounded read
+                rejected.append(RejectedInput(key=item.key, source=item.path, reason="too large", detail=str(exc)))
+                continue
+            except OutsideRootError as exc:  # a symlink planted after the listing
+                rejected.append(RejectedInput(key=item.key, source=item.path, reason="outside root", detail=str(exc)))
                 continue
             finally:
                 timings["read"] += time.process_time() - clock
