@@ -223,10 +223,10 @@ def restore_checkpoint(directory: str | Path, engines: GanEngines, *, rank: int,
     rng_file = directory / "rng" / f"rank_{rank}.pt"
     if rng_file.exists():
         # An RNG file of holefill before RNG_FORMAT 2 held NumPy's state as a pickled ndarray: refused, never unpickled.
-        state = load_checkpoint_file(rng_file, hint=f" (a checkpoint from before {RNG_FORMAT} resumes with fresh RNG "
-                                                     "states once its rng/ folder is deleted)")
+        rng = load_checkpoint_file(rng_file, hint=f" (a checkpoint from before {RNG_FORMAT} resumes with fresh RNG "
+                                                   "states once its rng/ folder is deleted)")
         try:
-            set_rng_state(state, _device(engines))
+            set_rng_state(rng, _device(engines))
         except ValueError as exc:
             raise CheckpointRefused(f"refusing checkpoint file {rng_file}: {exc}") from None
     if dist.is_available() and dist.is_initialized():
