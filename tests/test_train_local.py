@@ -277,7 +277,9 @@ def test_a_resubmission_refuses_a_planted_checkpoint_file_in_one_line_and_never_
     # run code on the workers: rank 1's RNG file of every checkpoint gets a payload; the resubmission ends in one
     # line naming the file (the job prints it and exits 2), attempted once (max_failures 0), and nothing ran.
     marker = tmp_path / "payload-ran"
-    for checkpoint in Path(rn_run.result.checkpoint_path).parent.glob("checkpoint_*"):
+    checkpoints = [path for path in Path(rn_run.result.checkpoint_path).parent.glob("checkpoint_*") if path.is_dir()]
+    assert checkpoints  # Ray's checkpoint_manager_snapshot.json sits beside them
+    for checkpoint in checkpoints:
         rng_file = checkpoint / "rng" / "rank_1.pt"
         torch.save({**torch.load(rng_file, weights_only=True), "planted": Payload(marker)}, rng_file)
     config = rn_run.config.model_copy(deep=True)
