@@ -142,7 +142,8 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
             raise ValueError(f"MLflow tracking store {shown}: folder {folder} does not exist")
 
 
-def mlflow_client(uri: str):
+def mlflow_client(uri: str | None):
+    """An ``MlflowClient`` whose tracking and registry are both ``uri`` (MLflow's configured ones when ``None``)."""
     # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     from mlflow import MlflowClient
 

@@ -300,8 +300,6 @@ def test_the_alias_is_followed_by_refresh_and_a_failing_registry_keeps_the_curre
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="known open bug (issue 26): the replica built against the FaultProxy URL answers "
-                   "'Registered Model ... not found' before the registry goes down; restart from a local copy unproven")
 def test_a_replica_restarts_from_its_local_copy_while_the_registry_is_down_then_follows_the_alias(
         mlflow_server, tmp_path, monkeypatch, caplog):
     from mlflow import MlflowClient

@@ -47,7 +47,7 @@ from pipeline.fsutil import StorageOptionsLike
 from pipeline.generators import read_generator
 from pipeline.tracking import mlflow_client, redact, tag_dict
 
-__all__ = ["HiresSettings", "LoadedModel", "ServingDefaults", "is_mlflow_ref", "load_generator", "load_generator_record",
+__all__ = ["HiresSettings", "LoadedModel", "ServingDefaults", "download_model", "is_mlflow_ref", "load_generator", "load_generator_record",
            "load_model", "log_and_register_generator", "model_format", "provenance_tags", "reregister_version"]
 
 # The model's code file is executed by MLflow, never imported here (it calls mlflow.models.set_model on import);
@@ -322,12 +322,33 @@ def _read_record(model_uri: str, tracking_uri: str | None) -> tuple[GeneratorRec
     if Path(model_uri).is_dir():
         return _from_folder(Path(model_uri), model_uri)
     # The download goes as soon as the record is read (45 MB for RN, 267 MB for LBAM, on every load).
-    with _fluent_target(tracking_uri, None), tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=download)
-        except Exception as exc:
-            raise ValueError(f"cannot load model {redact(model_uri)}: {one_line(exc)}") from None
-        return _from_folder(Path(local), model_uri)
+    with tempfile.TemporaryDirectory(prefix="holefill-load-") as download:
+        return _from_folder(download_model(model_uri, tracking_uri, download), model_uri)
+
+
+def download_model(model_uri: str, tracking_uri: str | None, dst_path: str | os.PathLike[str]) -> Path:
+    """Download the MLflow model folder ``model_uri`` names into ``dst_path``; returns the folder.
+
+    Every lookup goes to ``tracking_uri`` (MLflow's configured one when ``None``): MLflow's own resolution of
+    ``models:/…`` reads the process-wide registry URI whatever its caller passed, so a replica pointed at another
+    server (or at a proxy in front of it) would look the version up in the wrong registry. ``ValueError`` with a
+    one-line reason when the model cannot be found or read.
+    """
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
+    import mlflow.artifacts
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    try:
+        source = model_uri
+        if model_uri.startswith("models:/"):
+            client = mlflow_client(tracking_uri)
+            found = get_model_name_and_version(client, model_uri)
+            source = (client.get_logged_model(found[0]).artifact_location if len(found) == 1
+                      else client.get_model_version_download_uri(*found))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_path),
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    except Exception as exc:
+        raise ValueError(f"cannot load model {redact(model_uri)}: {one_line(exc)}") from None
 
 
 def _from_folder(model_dir: Path, model_uri: str) -> tuple[GeneratorRecord, dict[str, Any], str, ServingDefaults]:

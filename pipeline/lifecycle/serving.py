@@ -74,7 +74,7 @@ from models.codec import decode_opened, encode_png, read_headers, to_float
 from models.inpaint import CropStrategy, DeadlineExceeded, check_deadline, inpaint_tensor
 from pipeline.config import Config, load_config
 from pipeline.errors import one_line
-from pipeline.lifecycle.packaging import HiresSettings, LoadedModel, ServingDefaults, load_model
+from pipeline.lifecycle.packaging import HiresSettings, LoadedModel, ServingDefaults, download_model, load_model
 from pipeline.tracking import mlflow_client, redact, resolve_tracking_uri
 
 __all__ = ["AliasFollowingInpainter", "Answer", "InflightBytes", "InpaintRequest", "InpaintingDeployment", "LocalCopies",
@@ -254,17 +254,12 @@ class LocalCopies:
 
     def fetch(self, version: str) -> Path:
         """The local copy of ``version``, downloaded from the registry when there is none yet."""
-        # lazy: importing MLflow takes seconds, paid only where a registry is read
-        import mlflow.artifacts
-
         target = self.folder(version)
         if (target / "MLmodel").is_file():
             return target
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{version}-", dir=self.root) as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.model}/{version}", dst_path=tmp,
-                                                        tracking_uri=self.tracking_uri,
-                                                        registry_uri=self.tracking_uri)
+            local = download_model(f"models:/{self.model}/{version}", self.tracking_uri, tmp)
             try:
                 os.replace(local, target)
             except OSError:  # another replica on this node published it first
