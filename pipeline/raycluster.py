@@ -19,7 +19,7 @@ died before the job began, ``The current node timed out during startup``. What t
 
 So the local case starts its head with ``ray start --head --block`` (Ray's own CLI), which accepts the agents'
 ports: given free ports, the raylet skips three waits, and the fourth port file (the agent's HTTP port, which
-``ray start`` does not hand to the raylet) is written for it (:func:`_announce_agent_listen_port`): the raylet
+``ray start`` does not hand to the raylet) is written for it (:func:`announce_agent_listen_port`): the raylet
 registers at once, whatever the agents' import time; ``--include-dashboard=false`` and ``--no-monitor`` leave
 out processes the job does not use. The head gets a private
 ``--temp-dir`` and free ports (two jobs side by side never share or collide), dies with this process (``atexit``,
@@ -48,7 +48,7 @@ from typing import Any
 
 from pipeline.errors import one_line
 
-__all__ = ["RAY_START_EXIT_STATUS", "RayStartError", "ensure_ray", "stop_private_head"]
+__all__ = ["RAY_START_EXIT_STATUS", "RayStartError", "announce_agent_listen_port", "ensure_ray", "stop_private_head"]
 
 log = logging.getLogger("holefill.ray")
 
@@ -145,8 +145,9 @@ def _failure_cause(log_path: Path) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def _announce_agent_listen_port(temp_dir: Path, port: int) -> bool:
-    """Write the dashboard agent's HTTP port file for the raylet, as the agent will once it is up.
+def announce_agent_listen_port(temp_dir: Path, port: int) -> bool:
+    """Write the dashboard agent's HTTP port file for the raylet of the head started with ``--temp-dir=temp_dir``
+    and ``--dashboard-agent-listen-port=port``, as the agent will once it is up (call it while the head starts).
 
     The one agent wait ``ray start`` cannot skip: Ray's Python passes the raylet no
     ``--dashboard_agent_listen_port`` (ray/_private/services.py ``start_raylet``), so the raylet waits its fixed
@@ -179,7 +180,7 @@ def _start_head(timeout_s: float) -> _PrivateHead:
     deadline = time.monotonic() + timeout_s
     announced = False
     while time.monotonic() < deadline:
-        announced = announced or _announce_agent_listen_port(temp_dir, ports[4])
+        announced = announced or announce_agent_listen_port(temp_dir, ports[4])
         if _READY_LINE in log_path.read_text(errors="replace"):
             return head
         if process.poll() is not None:

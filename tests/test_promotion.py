@@ -383,4 +383,3 @@ def test_two_promote_jobs_started_together_end_with_the_best_as_champion_and_eve
         # Every version the alias passed through carries its (completed) decision.
         for version, decision in decisions.items():
             assert (decision == "promoted") == (version in {left, champion} - {"1"}), (decisions, champion, left)
-        print(f"round {round_}: first {first} {decisions[first]}, second {second} {decisions[second]}, psnr {psnr}")

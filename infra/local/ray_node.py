@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 
 from infra.local.processes import ProcessHandle, http_answers, launch_detached, stop_session, wait_for
 from pipeline.config import Config
+from pipeline.raycluster import announce_agent_listen_port
 
 __all__ = [
     "RayNodeSettings",
@@ -261,6 +262,9 @@ def start_ray_node(
     what = f"Ray {settings.role} node"
 
     def ready() -> bool:
+        if settings.role == "head" and settings.ports.dashboard_agent_listen is not None:
+            # the raylet's fixed 15 s wait for the dashboard agent fails on a busy machine (pipeline/raycluster.py)
+            announce_agent_listen_port(settings.temp_dir, settings.ports.dashboard_agent_listen)
         if settings.role == "head" and not http_answers(f"{dashboard_url}/api/version"):
             return False
         return alive_node_count(dashboard_url) >= expected_alive_nodes
