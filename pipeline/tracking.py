@@ -56,10 +56,13 @@ from pipeline.pictures import captioned_row, sample_grid, to_hwc_uint8  # noqa: 
 from pipeline.redaction import REDACTED, is_secret_name, redact  # noqa: F401  (re-exported: older import path)
 
 __all__ = [
+    "ManifestInput",
     "RunTracker",
     "check_tracking_server",
+    "log_manifest_inputs",
     "redact",
     "resolve_tracking_uri",
+    "version_model_id",
     "captioned_row",
     "sample_grid",
     "to_hwc_uint8",
@@ -74,6 +77,8 @@ MAX_KEY_CHARS = 250
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 TRUNCATION_MARK = "...[truncated]"
+MAX_DATASET_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest (mlflow.utils.validation)
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # the input tag MLflow's UI shows as a dataset's context
 
 # ----------------------------------------------------------------------------------------------------
 # Tracking URI
@@ -178,6 +183,53 @@ class _Operation:
 class _Losses:
     metrics_dropped: int = 0
     operations_dropped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ManifestInput:
+    """A published dataset version a run read, as MLflow shows it among the run's dataset inputs.
+
+    ``url``: the manifest file's URL (the dataset's source); ``sha256``: its content hash
+    (:func:`pipeline.data.manifest.manifest_hash`); ``context``: what the run used it for (``training``,
+    ``validation``, ``evaluation``); ``version``: its dataset version, where known.
+    """
+
+    url: str
+    sha256: str
+    context: str
+    version: str | None = None
+
+    def dataset_input(self):
+        """The ``mlflow.entities.DatasetInput``: named after the dataset's folder, digest = the manifest hash cut to
+        MLflow's 36-character digest limit (144 bits), the full hash and the version in its profile, the source
+        the redacted manifest URL (type ``s3``, ``local``, ... from its scheme)."""
+        # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        url = redact(self.url)
+        scheme = url.split("://", 1)[0] if "://" in url else "local"
+        folder = url.rstrip("/").rsplit("/", 2)
+        name = folder[-2] if len(folder) >= 2 and folder[-1].endswith(".json") else folder[-1]
+        profile = {"manifest_sha256": self.sha256, **({"dataset_version": self.version} if self.version else {})}
+        dataset = Dataset(name=name or "manifest", digest=self.sha256[:MAX_DATASET_DIGEST_CHARS],
+                          source_type="local" if scheme == "file" else scheme, source=json.dumps({"uri": url}),
+                          profile=json.dumps(profile))
+        return DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, self.context)])
+
+
+def version_model_id(version) -> str | None:
+    """The logged model (``m-…``) a registered ``ModelVersion`` holds: MLflow's REST answers leave
+    ``ModelVersion.model_id`` empty, so it is read from the version's source ``models:/<model id>`` then."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(getattr(version, "source", "") or "")
+    found = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", source)
+    return found.group(1) if found else None
+
+
+def log_manifest_inputs(client, run_id: str, manifests: list[ManifestInput]) -> None:
+    """Log ``manifests`` as the dataset inputs of run ``run_id`` (raises what MLflow raises)."""
+    client.log_inputs(run_id, datasets=[m.dataset_input() for m in manifests])
 
 
 class RunTracker:
@@ -288,6 +340,12 @@ class RunTracker:
                     log.warning("MLflow unreachable for a while: metric buffer full (%d points); dropping the oldest",
                                 self.max_buffered_metrics)
                 self._overflowing = True
+
+    def log_manifests(self, manifests: list[ManifestInput]) -> None:
+        """Queue the run's dataset inputs: the manifests it reads (see :class:`ManifestInput`)."""
+        manifests = list(manifests)
+        self._enqueue(f"{len(manifests)} dataset inputs",
+                      lambda: log_manifest_inputs(self._client, self.run_id, manifests))
 
     def log_image(self, image: np.ndarray | torch.Tensor, name: str, step: int) -> None:
         """Queue an image (HWC ``uint8`` array or CHW float tensor in [0,1]) under ``name`` at ``step``."""

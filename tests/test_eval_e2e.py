@@ -6,6 +6,7 @@ reference-checked pattern weights (tests/support/metrics_pattern.py), in the lay
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data.manifest import manifest_url_for
 from support.metrics_pattern import metric_pattern_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +103,10 @@ def test_evaluate_job_prints_and_records_every_metric_per_bucket_with_n_and_weig
     run_id = next(line for line in lines if line.startswith("recorded in MLflow run")).split()[4]
     run = world["client"].get_run(run_id)
     assert {"fid", "lpips", "p_ids", "u_ids", "psnr/0.50-0.60", "lpips/0.50-0.60", "count"} <= set(run.data.metrics)
+    (read,) = run.inputs.dataset_inputs  # the eval manifest, as the run's dataset input
+    assert [(t.key, t.value) for t in read.tags] == [("mlflow.data.context", "evaluation")]
+    assert read.dataset.digest == run.data.tags["holefill.eval_manifest_hash"][:36]
+    assert json.loads(read.dataset.source)["uri"] == manifest_url_for(world["eval"])
     assert run.data.tags["holefill.weights.inception"] == hashlib.sha256(
         world["weights"]["inception_weights"].read_bytes()).hexdigest()
     version = world["client"].get_model_version(MODEL, world["versions"][0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,3 +193,20 @@ def test_a_row_that_fails_is_noted_and_the_check_goes_on(tmp_path, monkeypatch):
     assert [row.batch for row in recorder.rows] == [8] and recorder.failures == 1
     assert "lbam bf16 batch 32 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n" in (
         tmp_path / "notes.txt").read_text()
+
+
+def test_the_wheelhouse_asks_the_gpu_host_for_any_pytest_from_8_while_the_cpu_suite_keeps_its_xdist_cap(tmp_path):
+    """The GPU host's pytest is whatever its image holds (9.2 today): ``tests/gpu`` runs without xdist, so the
+    wheelhouse's host requirements carry pytest's floor only; pyproject's ``<9.2`` (xdist's loadgroup) stays for the
+    CPU suite. Checked on the file ``make wheelhouse`` writes, with the specifier ``offline_install.py`` applies."""
+    out = tmp_path / "host-requirements.txt"
+    subprocess.run([sys.executable, str(REPO / "infra" / "gpu" / "wheelhouse_plan.py"), "--target-python", "3.12",
+                    "--host-requirements", str(out)], cwd=REPO, check=True, capture_output=True, timeout=120)
+    lines = [line.split("#")[0].strip() for line in out.read_text().splitlines() if not line.startswith("#")]
+    assumed = {req.name: req.specifier for req in map(Requirement, filter(None, lines))}
+    for version in ("8.0.0", "8.4.2", "9.1.1", "9.2.0", "9.3.0"):
+        assert assumed["pytest"].contains(version), (version, assumed["pytest"])
+    assert not assumed["pytest"].contains("7.4.4")
+    assert assumed["pytest-timeout"].contains("2.4.0")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"pytest>=8,<9.2"' in pyproject and '"pytest-xdist>=' in pyproject  # the CPU suite's pin is untouched

@@ -4,6 +4,7 @@ script, config and path it names exists here."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -21,6 +22,10 @@ DEPLOYED_ROOTS = ("/opt/holefill/", "/home/ubuntu/holefill/")
 REPO_PATH = re.compile(r"(?:^|(?<=[\s'\"=:(]))(?:/opt/holefill/|/home/ubuntu/holefill/)?"
                        r"((?:jobs|infra|pipeline|models|tests|bench)/[\w./-]*[\w])")
 KUBERAY_KINDS = {"RayJob", "RayCronJob", "RayCluster"}
+# The KubeRay release the manifests are written for, and its CRD fields as read from that release (the file says where).
+KUBERAY_VERSION = "1.7.0"
+KUBERAY = json.loads((REPO / "tests" / "data" / f"kuberay_{KUBERAY_VERSION}_fields.json").read_text())
+OPERATOR_VALUES = INFRA / "k8s" / "kuberay-operator-values.yaml"
 REQUIRED_REFERENCES = {"jobs/train_lbam.py", "jobs/retrain.py", "jobs/configs/train_lbam.yaml",
                        "jobs/configs/retrain.yaml"}
 CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
@@ -157,8 +162,48 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
 
 def check_ray_job_spec(spec: dict, where: str) -> None:
     assert spec["entrypoint"].startswith("python "), where
-    assert spec["shutdownAfterJobFinishes"] is True, f"{where}: cluster must go away after the job"
     check_ray_cluster_spec(spec["rayClusterSpec"], where)
+
+
+def crd_field_errors(node: Any, object_name: str, where: str) -> list[str]:
+    """Fields of ``node`` that the stated KubeRay version's CRD does not have, lacks, or has only as deprecated."""
+    spec = KUBERAY["objects"][object_name]
+    if not isinstance(node, dict):
+        return [f"{where}: {object_name} must be a mapping"]
+    errors = [f"{where}.{key}: no such field in KubeRay {KUBERAY_VERSION}'s {object_name}"
+              for key in node if key not in spec["fields"]]
+    errors += [f"{where}.{key}: required by {object_name}" for key in spec["required"] if key not in node]
+    errors += [f"{where}.{key}: deprecated in KubeRay {KUBERAY_VERSION}" for key in spec.get("deprecated", ()) if key in node]
+    for key, value in node.items():
+        enum = KUBERAY["enums"].get(f"{object_name}.{key}")
+        if enum is not None and value not in enum:
+            errors.append(f"{where}.{key}: {value!r} is not one of {enum}")
+    for key, child in spec.get("children", {}).items():
+        if key not in node:
+            continue
+        if child.endswith("[]"):
+            items = node[key] if isinstance(node[key], list) else [None]
+            for i, item in enumerate(items):
+                errors += crd_field_errors(item, child[:-2], f"{where}.{key}[{i}]")
+        else:
+            errors += crd_field_errors(node[key], child, f"{where}.{key}")
+    return errors
+
+
+def job_specs() -> list[tuple[str, dict, dict]]:
+    """(where, RayJob spec, the document) of every RayJob and every RayCronJob's job template."""
+    found = []
+    for path, doc in kuberay_docs():
+        where = f"{path.name}:{doc['metadata']['name']}"
+        if doc["kind"] == "RayJob":
+            found.append((where, doc["spec"], doc))
+        elif doc["kind"] == "RayCronJob":
+            found.append((f"{where}.jobTemplate", doc["spec"]["jobTemplate"], doc))
+    return found
+
+
+def ray_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
 
 
 def test_kuberay_manifests_have_the_fields_kuberay_requires():
@@ -177,6 +222,100 @@ def test_kuberay_manifests_have_the_fields_kuberay_requires():
             check_ray_job_spec(doc["spec"]["jobTemplate"], where)
         else:
             check_ray_cluster_spec(doc["spec"], where)
+
+
+def test_kuberay_manifests_use_only_fields_of_the_stated_kuberay_version():
+    errors = []
+    for path, doc in kuberay_docs():
+        where = f"{path.name}:{doc['kind']}"
+        errors += [f"{where}.{key}: not a top-level field" for key in doc if key not in ("apiVersion", "kind", "metadata", "spec")]
+        errors += crd_field_errors(doc["spec"], KUBERAY["kinds"][doc["kind"]], f"{where}.spec")
+    assert not errors, "\n".join(errors)
+
+
+def test_the_crd_field_check_fails_on_unknown_missing_and_deprecated_fields():
+    _, spec, _ = next(found for found in job_specs() if "retrain" in found[0])
+    cron = {"schedule": "17 3 * * *", "concurrencyPolicy": "Forbid", "jobTemplate": spec}
+    assert crd_field_errors(cron, "RayCronJobSpec", "x") == ["x.concurrencyPolicy: no such field in KubeRay 1.7.0's RayCronJobSpec"]
+    assert crd_field_errors({"jobTemplate": spec}, "RayCronJobSpec", "x") == ["x.schedule: required by RayCronJobSpec"]
+    legacy = {**spec, "deletionStrategy": {"onSuccess": {"policy": "DeleteCluster"}, "onFailure": {"policy": "DeleteNone"}}}
+    assert "x.deletionStrategy.onSuccess: deprecated in KubeRay 1.7.0" in crd_field_errors(legacy, "RayJobSpec", "x")
+    group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    nested = {**spec, "rayClusterSpec": {**spec["rayClusterSpec"], "workerGroupSpecs": [{**group, "gpus": 8}]}}
+    assert crd_field_errors(nested, "RayJobSpec", "x") == [
+        "x.rayClusterSpec.workerGroupSpecs[0].gpus: no such field in KubeRay 1.7.0's WorkerGroupSpec"]
+    bad_status = {**spec, "deletionStrategy": {"deletionRules": [{"policy": "DeleteCluster", "condition": {"jobStatus": "STOPPED"}}]}}
+    assert crd_field_errors(bad_status, "RayJobSpec", "x") == [
+        "x.deletionStrategy.deletionRules[0].condition.jobStatus: 'STOPPED' is not one of ['SUCCEEDED', 'FAILED']"]
+
+
+def test_every_rayjob_is_bounded_in_time_and_deleted_by_deletion_rules_however_it_ends():
+    for where, spec, doc in job_specs():
+        assert spec.get("activeDeadlineSeconds", 0) > 0, f"{where}: no activeDeadlineSeconds"
+        assert 0 < spec.get("preRunningDeadlineSeconds", 0) < spec["activeDeadlineSeconds"], f"{where}: preRunningDeadlineSeconds"
+        # KubeRay 1.7 refuses deletionRules beside shutdownAfterJobFinishes (and so beside ttlSecondsAfterFinished).
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec, where
+        rules = spec["deletionStrategy"]["deletionRules"]
+        by_condition: dict[tuple[str, str], dict[str, int]] = {}
+        for rule in rules:
+            condition = rule["condition"]
+            keys = [k for k in ("jobStatus", "jobDeploymentStatus") if k in condition]
+            assert len(keys) == 1, f"{where}: a condition names exactly one of jobStatus, jobDeploymentStatus: {rule}"
+            policies = by_condition.setdefault((keys[0], condition[keys[0]]), {})
+            assert rule["policy"] not in policies, f"{where}: duplicate rule {rule}"
+            policies[rule["policy"]] = condition.get("ttlSeconds", 0)
+            if spec["rayClusterSpec"].get("enableInTreeAutoscaling"):
+                assert rule["policy"] != "DeleteWorkers", f"{where}: KubeRay refuses DeleteWorkers with autoscaling"
+        # the cluster goes whether the job succeeded, failed, or never ran (deadline, submission failure)
+        for condition in (("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")):
+            policies = by_condition.get(condition, {})
+            assert {"DeleteCluster", "DeleteSelf"} & set(policies), f"{where}: nothing deletes the cluster on {condition}"
+            ttls = [policies[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in policies]
+            assert ttls == sorted(ttls), f"{where}: KubeRay requires ttl DeleteWorkers <= DeleteCluster <= DeleteSelf"
+            if any(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+                   for c in g["template"]["spec"]["containers"]):
+                assert policies.get("DeleteWorkers") == 0, f"{where}: GPU pods must go as soon as the job ends"
+
+
+def test_the_nightly_raycronjob_runs_in_utc_and_ends_before_the_next_night():
+    crons = [doc for _, doc in kuberay_docs() if doc["kind"] == "RayCronJob"]
+    assert crons
+    for doc in crons:
+        spec = doc["spec"]
+        assert spec["timeZone"] == "UTC"
+        minute, hour, *rest = spec["schedule"].split()
+        assert rest == ["*", "*", "*"] and minute.isdigit() and hour.isdigit(), "a once-a-day schedule"
+        # RayCronJob has no concurrencyPolicy: the job's own deadline keeps two nights' clusters apart.
+        template = spec["jobTemplate"]
+        assert template["activeDeadlineSeconds"] + max(
+            r["condition"].get("ttlSeconds", 0) for r in template["deletionStrategy"]["deletionRules"]
+            if r["policy"] == "DeleteWorkers") < 24 * 3600
+
+
+def test_ray_clusters_use_token_auth_and_expose_nothing_outside_kubernetes():
+    for where, spec, _ in job_specs():
+        cluster = spec["rayClusterSpec"]
+        auth = cluster.get("authOptions", {})
+        assert auth.get("mode") == "token", f"{where}: Ray token authentication is off"
+        assert not auth.get("enableK8sTokenAuth"), f"{where}: KubeRay {KUBERAY_VERSION} refuses K8s token auth for RayJobs"
+        assert ray_version(cluster["rayVersion"]) >= ray_version(KUBERAY["min_ray_version_for_token_auth"]), where
+        head = cluster["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{where}: the head Service is reachable from outside"
+        assert not head.get("enableIngress"), f"{where}: an unauthenticated ingress to the dashboard"
+
+
+def test_the_operator_values_turn_on_the_raycronjob_gate_and_keep_the_rest_at_their_defaults():
+    (values,) = load_docs(OPERATOR_VALUES)
+    gates = {gate["name"]: gate["enabled"] for gate in values["featureGates"]}
+    defaults = KUBERAY["feature_gates"]
+    assert set(gates) <= set(defaults), f"not feature gates of KubeRay {KUBERAY_VERSION}: {set(gates) - set(defaults)}"
+    assert defaults["RayCronJob"] is False and gates["RayCronJob"] is True
+    assert gates["RayJobDeletionPolicy"] is True, "deletionRules need it"
+    assert {name: on for name, on in gates.items() if on != defaults[name]} == {"RayCronJob": True}
+    readme = (INFRA / "README.md").read_text()
+    assert f"KubeRay {KUBERAY_VERSION}" in readme and "RayCronJob" in readme and OPERATOR_VALUES.name in readme
+    cron_text = (INFRA / "k8s" / "raycronjob-retrain.yaml").read_text()
+    assert "feature gate RayCronJob" in cron_text and OPERATOR_VALUES.name in cron_text
 
 
 def test_training_rayjob_runs_on_gpu_workers_and_retraining_is_scheduled():
@@ -242,6 +381,30 @@ def test_crontab_submits_retrain_through_ray_job_submit():
 def mlflow_server_args() -> list[str]:
     text = (INFRA / "mlflow" / "server.sh").read_text()
     return re.findall(r"^\s*(--[a-z-]+)", text, flags=re.MULTILINE)
+
+
+def test_production_mlflow_listens_on_loopback_unless_mlflow_basic_auth_is_on(tmp_path):
+    env = dict(line.split("=", 1) for line in (INFRA / "mlflow" / "mlflow.env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["MLFLOW_HOST"] == "127.0.0.1" and env["MLFLOW_AUTH"] == "none"
+
+    def run(**settings: str) -> subprocess.CompletedProcess:
+        base = {"PATH": "/usr/bin:/bin", "MLFLOW_BIN": "echo", "MLFLOW_BACKEND_STORE_URI": "postgresql://u@h/db",
+                "MLFLOW_ARTIFACTS_DESTINATION": "s3://b/p", "MLFLOW_ALLOWED_HOSTS": "mlflow.internal"}
+        return subprocess.run(["bash", str(INFRA / "mlflow" / "server.sh")], env={**base, **settings},
+                              capture_output=True, text=True, timeout=30)
+
+    default = run()
+    assert default.returncode == 0 and "--host 127.0.0.1 " in default.stdout and "--app-name" not in default.stdout
+    exposed = run(MLFLOW_HOST="0.0.0.0")
+    assert exposed.returncode == 2 and exposed.stderr.startswith("server.sh: MLFLOW_HOST=0.0.0.0 without authentication")
+    assert run(MLFLOW_AUTH="basic-auth", MLFLOW_HOST="0.0.0.0").returncode == 2  # no auth config, no secret
+    config = tmp_path / "basic_auth.ini"
+    config.write_text((INFRA / "mlflow" / "basic_auth.ini.example").read_text())
+    authed = run(MLFLOW_AUTH="basic-auth", MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH_CONFIG_PATH=str(config),
+                 MLFLOW_FLASK_SERVER_SECRET_KEY="s")
+    assert authed.returncode == 0 and "--app-name basic-auth" in authed.stdout and "--host 0.0.0.0 " in authed.stdout
+    assert run(MLFLOW_AUTH="ldap").stderr.startswith("server.sh: MLFLOW_AUTH=ldap: use none")
 
 
 def test_production_mlflow_uses_postgres_proxied_s3_artifacts_and_allowed_hosts():

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from support.local_stack import RayHead, add_worker_node, submit_job
+from support.local_stack import RayHead, add_worker_node
 
 from infra.local.mlflow_server import MlflowServerSettings, mlflow_server_argv
 from infra.local.processes import ProcessHandle, ServiceStartError, launch_detached, stop_session, wait_for
 from infra.local.ray_node import RayNodeSettings, RayPorts, alive_node_count, find_free_port_block, ray_start_argv
+from infra.local.ray_node import auth_headers, ray_node_env, venv_bin
 from infra.local.stack import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +91,31 @@ def test_mlflow_server_is_loopback_only_and_proxies_artifacts(tmp_path):
         LocalStack(tmp_path, host="192.168.1.10")
 
 
+def test_the_stack_makes_a_private_token_and_its_head_and_jobs_use_it(tmp_path):
+    stack = LocalStack(tmp_path / "stack", mlflow_port=5123)
+    stack._ensure_token()
+    token = stack.auth_token_path.read_text()
+    assert len(token) == 64 and stat.S_IMODE(stack.auth_token_path.stat().st_mode) == 0o600
+    stack._ensure_token()  # a second start keeps the token the running head has
+    assert stack.auth_token_path.read_text() == token
+    env = stack.head_env()
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(stack.auth_token_path)
+    assert auth_headers(env) == {"Authorization": f"Bearer {token}"}
+    assert auth_headers({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": "/nowhere"}) == {}
+    # without a token file the environment keeps the mode it had (the suite's own Ray: disabled)
+    assert ray_node_env({"RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"
+
+    stack.auth_token_path.chmod(0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        stack._ensure_token()
+    stack.auth_token_path.chmod(0o600)
+    stack.auth_token_path.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        stack._ensure_token()
+    with pytest.raises(ValueError, match=r"^RAY_AUTH_TOKEN_PATH .*: the Ray token file is empty$"):
+        auth_headers(env)
+
+
 def test_process_handle_does_not_follow_a_reused_pid():
     me = ProcessHandle.of(os.getpid())
     assert me.is_alive()
@@ -129,8 +159,10 @@ def test_wait_for_reports_an_early_exit_with_the_log_tail(tmp_path):
 JOB_SCRIPT = """
 import os
 import mlflow
+import ray
 
-print("holefill job says hello", flush=True)
+ray.init()  # the head's cluster, authenticated with the token the job inherits from the head
+print("holefill job says hello from", len(ray.nodes()), "node", flush=True)
 mlflow.set_experiment("local-stack-smoke")
 with mlflow.start_run(run_name=os.environ["HOLEFILL_RUN_NAME"]):
     mlflow.log_metric("answer", 42.0)
@@ -155,6 +187,23 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
+def _ray_job_submit(env: dict[str, str], address: str, job_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`ray job submit` as the README writes it, run from the job's folder."""
+    argv = [str(venv_bin() / "ray"), "job", "submit", "--address", address, "--working-dir", ".", *extra,
+            "--", "python", "smoke.py"]
+    return subprocess.run(argv, env=env, cwd=job_dir, capture_output=True, text=True, timeout=300)
+
+
+def _post_status(url: str) -> int:
+    request = urllib.request.Request(url, data=b'{"entrypoint": "touch /tmp/pwned"}', method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
 def _stack_cli(command: str, state_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(STACK_SCRIPT), command, "--state-dir", str(state_dir)],
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
@@ -175,18 +224,44 @@ def test_local_stack_runs_a_job_that_logs_to_mlflow_and_stops_cleanly(tmp_path):
         assert (again["ray"]["pid"], again["mlflow"]["pid"]) == (first["ray"]["pid"], first["mlflow"]["pid"])
 
         shown = _stack_cli("status", stack.state_dir)
-        assert shown.returncode == 0, shown.stderr
+        assert shown.returncode == 0, shown.stderr  # the stack's own checks authenticate with its token
         assert stack.dashboard_url in shown.stdout and stack.mlflow_uri in shown.stdout
+        exports = dict(re.findall(r"^export (\w+)=(\S+)", shown.stdout, flags=re.MULTILINE))
+        assert exports["RAY_AUTH_MODE"] == "token" and exports["RAY_AUTH_TOKEN_PATH"] == str(stack.auth_token_path)
+        assert stat.S_IMODE(stack.auth_token_path.stat().st_mode) == 0o600
 
         job_dir = tmp_path / "job"
         job_dir.mkdir()
         (job_dir / "smoke.py").write_text(JOB_SCRIPT)
         run_name = f"smoke-{uuid.uuid4().hex[:8]}"
-        # No MLFLOW_TRACKING_URI handed to the job: it inherits the head's, which the stack set to its server.
-        status, logs = submit_job(stack.dashboard_url, "python smoke.py", job_dir,
-                                  env={"HOLEFILL_RUN_NAME": run_name}, timeout=300)
-        assert status == "SUCCEEDED", logs
-        assert "holefill job says hello" in logs
+        home = tmp_path / "home"  # no ~/.ray/auth_token: a token can only come from what the stack printed
+        home.mkdir()
+        shell = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        shell.update(HOME=str(home), PATH=f"{venv_bin()}{os.pathsep}{os.environ['PATH']}")
+        address = exports["RAY_API_SERVER_ADDRESS"]
+
+        # Refused: no token, a wrong token, and the job agent's own endpoint on the node's address.
+        anonymous = _ray_job_submit({**shell, "RAY_AUTH_MODE": "disabled"}, address, job_dir)
+        assert anonymous.returncode != 0 and "Authentication required" in anonymous.stdout + anonymous.stderr
+        wrong = _ray_job_submit({**shell, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, address, job_dir)
+        assert wrong.returncode != 0 and "Authentication failed" in wrong.stdout + wrong.stderr
+        headers = auth_headers({**shell, **exports})
+        with urllib.request.urlopen(urllib.request.Request(f"{address}/api/v0/nodes?detail=1", headers=headers),
+                                    timeout=10) as answer:
+            (node,) = json.load(answer)["data"]["result"]["result"]
+        agent = f"http://{node['node_ip']}:{first['ray_agent_port']}/api/job_agent/jobs/"
+        assert _post_status(agent) == 401
+        assert _post_status(f"{address}/api/jobs/") == 401
+
+        # Accepted: the README's command after the printed exports. No MLFLOW_TRACKING_URI handed to the job:
+        # it inherits the head's, which the stack set to its server.
+        submitted = _ray_job_submit({**shell, **exports}, address, job_dir,
+                                    "--runtime-env-json", json.dumps({"env_vars": {"HOLEFILL_RUN_NAME": run_name}}))
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "holefill job says hello from 1 node" in submitted.stdout
+        with urllib.request.urlopen(urllib.request.Request(f"{address}/api/jobs/", headers=headers),
+                                    timeout=10) as answer:
+            assert len(json.load(answer)) == 1, "a refused submission left a job behind"
 
         client = MlflowClient(stack.mlflow_uri)
         experiment = client.get_experiment_by_name("local-stack-smoke")

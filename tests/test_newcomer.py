@@ -115,7 +115,10 @@ def test_the_local_stack_starts_its_ray_head_with_its_mlflow_server_and_prints_e
     stack = LocalStack(tmp_path, mlflow_port=5123)
     assert stack.head_env()["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5123"
     report = stack.status().report()
-    assert "export RAY_AUTH_MODE=disabled" in report and "export MLFLOW_TRACKING_URI=http://127.0.0.1:5123" in report
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5123" in report
+    # a client needs the mode and the token the head was started with (the stack's own file)
+    assert "export RAY_AUTH_MODE=token" in report and f"export RAY_AUTH_TOKEN_PATH={tmp_path / 'auth_token'}" in report
+    assert stack.head_env()["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "auth_token")
 
 
 # ---------------------------------------------------------------------------------------------- data

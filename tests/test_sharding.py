@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.buckets import BUCKET_NAMES, bucket_of
 from pipeline.config import ConfigError, load_config
 from pipeline.data.imageops import decode_mask_png
-from pipeline.data.manifest import load_manifest, manifest_hash, read_keys, verify_shards
+from pipeline.data.manifest import WIDS_INDEX_NAME, load_manifest, manifest_hash, read_keys, verify_shards
 from pipeline.data.masks.generators import hole_ratio
 from pipeline.data.sample_data import generate_sample_dataset
 from pipeline.data.shardjob.run import ShardJobConfig, ShardPlan, derive_mask_seed, plan_shards, run_shard_job, write_shard
@@ -159,6 +159,24 @@ def test_shards_are_readable_by_stock_tools_and_samples_are_complete(ray_cluster
         assert meta["mask"]["name"] == "lama_train_mix" and meta["mask"]["seed"] == 0 and meta["mask"]["params"]
     assert manifest.hole_ratio_histogram.total == 20
     assert read_keys(manifest.keys_url()) == set(samples)
+
+    # Beside the manifest, webdataset's wids shard index: the same shards, sample counts and sizes, with URLs that
+    # resolve (against the index's folder, as wids does) to the manifest's shards.
+    index_path = tmp_path / "out" / WIDS_INDEX_NAME
+    index = json.loads(index_path.read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1 and index["name"] == "1"
+    assert [(s["nsamples"], s["filesize"]) for s in index["shardlist"]] == [(s.samples, s.bytes) for s in manifest.shards]
+    assert [os.path.normpath(index_path.parent / s["url"]) for s in index["shardlist"]] == \
+        [os.path.normpath(url) for url in manifest.shard_urls()]
+    try:
+        import wids  # webdataset 0.2.x ships it; the 1.0 wheels leave it out
+    except ImportError:
+        wids = None
+    if wids is not None:  # random access by webdataset's own reader, from the index alone
+        dataset = wids.ShardListDataset(str(index_path), cache_dir=str(tmp_path / "wids-cache"), transformations=[])
+        assert len(dataset) == 20
+        assert {dataset[i]["__key__"] for i in range(len(dataset))} == set(samples)
+        assert dataset[7][".jpg"].read() == samples[dataset[7]["__key__"]]["jpg"]
 
 
 def test_rerun_reuses_verified_shards_and_rewrites_a_corrupted_one(ray_cluster, sample, tmp_path):

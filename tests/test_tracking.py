@@ -3,6 +3,7 @@ transient failures, sample grids, and the generator log/register/load round trip
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ import torch
 from pipeline.lifecycle.packaging import load_generator, log_and_register_generator
 from pipeline.tracking import (
     REDACTED,
+    ManifestInput,
     RunTracker,
     check_tracking_server,
     is_secret_name,
@@ -27,6 +29,7 @@ from pipeline.tracking import (
     resolve_tracking_uri,
     sample_grid,
     to_hwc_uint8,
+    version_model_id,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,10 +282,17 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     import mlflow
 
     tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-model")
+    tracker.log_params({"train.lr": 1e-4, "model.arch": "rn"})
+    tracker.log_metrics({"train/g_loss": 2.0, "val/psnr": 18.5}, step=5)
+    tracker.log_metrics({"train/g_loss": 1.5}, step=10)  # val/psnr's last value stays the one of step 5
+    tracker.log_manifests([ManifestInput("s3://bucket/places2/v3/manifest.json", "ab" * 32, "training", "3"),
+                           ManifestInput("/data/eval/manifest.json", "cd" * 32, "validation")])
+    assert tracker.flush(timeout_s=30)
     global_state = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
                     os.environ.get("MLFLOW_REGISTRY_URI"))
     version = log_and_register_generator(mlflow_server, tracker.run_id, generator, image, mask,
-                                         "rn-roundtrip", tags={"dataset_version": "v7", "password": "x"}, arch="rn")
+                                         "rn-roundtrip", tags={"dataset_version": "v7", "password": "x"}, arch="rn",
+                                         step=10)
     tracker.finish()
     # MLflow's fluent state (and the environment it exports) is as it was: the library leaks no configuration.
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
@@ -291,6 +301,23 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
     assert version.version == "1" and version.run_id == tracker.run_id
     assert version.tags["holefill.arch"] == "rn" and version.tags["dataset_version"] == "v7"
     assert version.tags["password"] == REDACTED
+    # MLflow 3's logged model: the run's params, the final step, the run's metrics at their last values; the run
+    # lists it as its output at that step, in the run's own experiment.
+    client = mlflow_client(mlflow_server)
+    logged = client.get_logged_model(version_model_id(version))
+    run = client.get_run(tracker.run_id)
+    assert logged.source_run_id == tracker.run_id and logged.experiment_id == run.info.experiment_id
+    assert logged.params["train.lr"] == "0.0001" and logged.params["model.arch"] == "rn"
+    assert sorted((m.key, m.step, m.value) for m in logged.metrics) == [("train/g_loss", 10, 1.5), ("val/psnr", 5, 18.5)]
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged.model_id, 10)]
+    # The manifests the run read are its dataset inputs: source = manifest URL, digest = its hash (MLflow keeps 36).
+    inputs = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert json.loads(inputs["training"].source) == {"uri": "s3://bucket/places2/v3/manifest.json"}
+    assert inputs["training"].source_type == "s3" and inputs["training"].name == "v3"
+    assert inputs["training"].digest == ("ab" * 32)[:36]
+    assert json.loads(inputs["training"].profile) == {"manifest_sha256": "ab" * 32, "dataset_version": "3"}
+    assert inputs["validation"].source_type == "local" and inputs["validation"].name == "eval"
 
     with torch.no_grad():
         expected = generator(image, mask)

@@ -30,11 +30,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.data.manifest import load_manifest, manifest_hash, manifest_url_for
 from pipeline.data.sample_data import generate_sample_dataset
 from pipeline.data.shardjob.run import ShardJobConfig, run_shard_job
 from pipeline.train.checkpoint import load_generator_record, read_state
 from pipeline.train.config import TrainJobConfig
 from pipeline.lifecycle.training import train_and_register as run_training
+from pipeline.tracking import version_model_id
 from infra.local.mlflow_server import MlflowServerSettings, start_mlflow_server, stop_mlflow_server
 from infra.local.ray_node import find_free_port_block
 from support.engine_probe import Payload
@@ -254,6 +256,20 @@ def test_rn_generator_is_registered_with_data_tags(rn_run, shards):
     assert version.tags["holefill.provenance.kind"] == "training run"
     assert version.tags["holefill.provenance.step"] == str(MAX_STEPS)
     assert version.tags["holefill.provenance.mlflow_run_id"] == result.mlflow_run_id
+    # MLflow 3: the logged model shows the run's params and final step, with the run's final metrics linked to it;
+    # the run page lists the manifests it read as dataset inputs (source = manifest URL, digest = its hash).
+    run = client.get_run(result.mlflow_run_id)
+    logged = client.get_logged_model(version_model_id(version))
+    assert logged.source_run_id == result.mlflow_run_id
+    assert logged.params["train.max_steps"] == str(MAX_STEPS) and logged.params["model.arch"] == "rn"
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged.model_id, MAX_STEPS)]
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["train/g_loss"].step == MAX_STEPS and linked["val/psnr"].value == run.data.metrics["val/psnr"]
+    inputs = {tag.value: i.dataset for i in run.inputs.dataset_inputs for tag in i.tags if tag.key == "mlflow.data.context"}
+    for context, manifest in (("training", config.data.train_manifest), ("validation", config.data.eval_manifest)):
+        published = load_manifest(manifest)
+        assert json.loads(inputs[context].source)["uri"] == manifest_url_for(manifest)
+        assert inputs[context].digest == manifest_hash(published)[:36]
 
 
 def test_checkpoint_holds_every_ranks_files_merged_into_one_directory(rn_run):

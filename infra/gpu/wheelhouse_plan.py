@@ -26,9 +26,11 @@ from pathlib import Path
 try:
     from packaging.markers import Marker
     from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
 except ImportError:  # pip vendors packaging
     from pip._vendor.packaging.markers import Marker
     from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_PACKAGES = REPO / "infra" / "gpu" / "host_packages.txt"
@@ -37,6 +39,19 @@ HOST_PACKAGES = REPO / "infra" / "gpu" / "host_packages.txt"
 # skips without Ray; DeepSpeed imports MLflow only if it is there).
 GPU_PATH = ("deepspeed", "torch", "pydantic", "webdataset", "pyyaml", "fsspec", "numpy", "pillow", "psutil",
             "pytest", "pytest-timeout")
+# Upper bounds in pyproject.toml that exist for the CPU suite only, not for tests/gpu: pytest's ``<9.2`` keeps
+# pytest-xdist's ``--dist loadgroup`` working in ``make test``; tests/gpu runs without xdist, on whatever pytest the
+# GPU host image has (not known in advance), so the host is asked for pytest's floor only.
+CPU_SUITE_CAPS = ("pytest",)
+
+
+def gpu_path_requirement(req: Requirement) -> Requirement:
+    """``req`` as the GPU check needs it: without the upper bounds of :data:`CPU_SUITE_CAPS`."""
+    if canonical(req.name) not in CPU_SUITE_CAPS:
+        return req
+    floor = Requirement(str(req))
+    floor.specifier = SpecifierSet(",".join(str(s) for s in req.specifier if s.operator not in ("<", "<=")))
+    return floor
 
 
 def canonical(name: str) -> str:
@@ -117,7 +132,7 @@ def plan(target_python: str, add: set[str]) -> tuple[list[str], dict[str, tuple[
     pack: dict[str, str] = {}
     assumed: dict[str, list[Requirement]] = defaultdict(list)
     needed_by: dict[str, set[str]] = defaultdict(set)
-    todo = [(project[name], "holefill") for name in GPU_PATH]
+    todo = [(gpu_path_requirement(project[name]), "holefill") for name in GPU_PATH]
     while todo:
         req, parent = todo.pop(0)
         name = canonical(req.name)

@@ -179,10 +179,10 @@ def stop_session(
     _reap_if_our_child(leader.pid)
 
 
-def http_answers(url: str, timeout_s: float = 2.0) -> bool:
-    """True when ``url`` answers an HTTP GET with a 2xx status."""
+def http_answers(url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None = None) -> bool:
+    """True when ``url`` answers an HTTP GET (with ``headers``, e.g. a token) with a 2xx status."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers or {})), timeout=timeout_s) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False

@@ -13,7 +13,10 @@ plain ``ray.init()`` elsewhere on the machine never attaches to it by accident.
 
 Ray replaces a loopback ``--node-ip-address`` by the machine's reachable address by design (and
 refuses worker nodes when told not to), so only the HTTP endpoints, the dashboard and the Ray
-client server, are bound to loopback here; Ray's internal gRPC ports are Ray's business.
+client server, are bound to loopback here. Ray's GCS, raylet and dashboard agent still listen on the
+machine's address; what guards them is Ray's token authentication (``RAY_AUTH_MODE=token``), which
+:func:`ray_node_env` turns on when given a token file. The clients here (:func:`alive_node_count`,
+the readiness checks) send that token as Ray's own clients do (:func:`auth_headers`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import socket
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import psutil
 from pydantic import Field, model_validator
@@ -38,6 +41,7 @@ __all__ = [
     "RayNodeSettings",
     "RayPorts",
     "alive_node_count",
+    "auth_headers",
     "find_free_port_block",
     "ray_node_env",
     "ray_start_argv",
@@ -219,10 +223,19 @@ def ray_start_argv(settings: RayNodeSettings) -> list[str]:
     return argv
 
 
-def ray_node_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a local Ray node: auth off on loopback, no usage stats, the venv on PATH."""
+def ray_node_env(base: dict[str, str] | None = None, auth_token_path: Path | None = None) -> dict[str, str]:
+    """Environment for a local Ray node: no usage stats, the venv on PATH, and Ray's token auth.
+
+    With ``auth_token_path`` the node runs with token authentication (``RAY_AUTH_MODE=token``) and reads its
+    token from that file (``RAY_AUTH_TOKEN_PATH``, which Ray reads like ``~/.ray/auth_token``); every job it runs
+    inherits both, so the job's own ``ray.init()`` authenticates too. Without it, ``RAY_AUTH_MODE`` is whatever
+    ``base`` says (unset: Ray's default for a new cluster).
+    """
     env = dict(os.environ if base is None else base)
-    env["RAY_AUTH_MODE"] = "disabled"  # token auth is for shared clusters; this one is loopback-only
+    if auth_token_path is not None:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(auth_token_path)
+        env.pop("RAY_AUTH_TOKEN", None)  # Ray prefers it to the file: a stray one would split the cluster's token
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Draining on SIGTERM lets Serve replicas migrate off a node; a local node has nowhere to
     # migrate to, and the default 30 s wait would only slow every stop down.
@@ -232,10 +245,34 @@ def ray_node_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def alive_node_count(dashboard_url: str) -> int:
-    """Number of ALIVE nodes the cluster behind ``dashboard_url`` reports (0 if it does not answer)."""
+def auth_headers(env: Mapping[str, str]) -> dict[str, str]:
+    """The HTTP header that authenticates to a Ray cluster, from an environment as Ray's clients read it.
+
+    ``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or else the file ``RAY_AUTH_TOKEN_PATH``; empty when the
+    environment does not use token authentication. A token file that cannot be read is a one-line error.
+    """
+    if env.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = env.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"])
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH {path}: cannot read the Ray token ({exc.strerror})") from None
+        if not token:
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH {path}: the Ray token file is empty")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def alive_node_count(dashboard_url: str, headers: Mapping[str, str] | None = None) -> int:
+    """Number of ALIVE nodes the cluster behind ``dashboard_url`` reports (0 if it does not answer).
+
+    ``headers`` authenticate to a cluster with token authentication (:func:`auth_headers`).
+    """
+    request = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?detail=1&limit=1000", headers=dict(headers or {}))
     try:
-        with urllib.request.urlopen(f"{dashboard_url}/api/v0/nodes?detail=1&limit=1000", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             payload = json.load(response)
     except (OSError, ValueError):
         return 0
@@ -258,16 +295,18 @@ def start_ray_node(
     stopped again and :class:`~infra.local.processes.ServiceStartError` carries its log tail.
     """
     settings.temp_dir.mkdir(parents=True, exist_ok=True)
-    leader = launch_detached(ray_start_argv(settings), log_path, env=env or ray_node_env())
+    env = env or ray_node_env()
+    headers = auth_headers(env)  # the node's own token: the readiness checks below go through Ray's auth
+    leader = launch_detached(ray_start_argv(settings), log_path, env=env)
     what = f"Ray {settings.role} node"
 
     def ready() -> bool:
         if settings.role == "head" and settings.ports.dashboard_agent_listen is not None:
             # the raylet's fixed 15 s wait for the dashboard agent fails on a busy machine (pipeline/raycluster.py)
             announce_agent_listen_port(settings.temp_dir, settings.ports.dashboard_agent_listen)
-        if settings.role == "head" and not http_answers(f"{dashboard_url}/api/version"):
+        if settings.role == "head" and not http_answers(f"{dashboard_url}/api/version", headers=headers):
             return False
-        return alive_node_count(dashboard_url) >= expected_alive_nodes
+        return alive_node_count(dashboard_url, headers) >= expected_alive_nodes
 
     try:
         wait_for(ready, what, timeout_s, leader=leader, log_path=log_path)

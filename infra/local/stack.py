@@ -5,8 +5,12 @@
     python infra/local/stack.py stop   [--state-dir .holefill-local]
 
 Everything the stack owns lives under the state directory: ``stack.json`` (what runs, with pids and
-ports), ``logs/``, ``mlflow/`` (``mlflow.db`` and ``artifacts/``) and, when the path is short enough
-for Ray's sockets, ``ray/`` (Ray's temp dir). ``start`` is idempotent: services already running
+ports), ``auth_token`` (the Ray head's token, mode 0600, made by the first ``start``), ``logs/``,
+``mlflow/`` (``mlflow.db`` and ``artifacts/``) and, when the path is short enough for Ray's sockets,
+``ray/`` (Ray's temp dir). The Ray head runs with token authentication: its GCS, raylet and dashboard
+agent listen on the machine's address (Ray's choice), and without a token nobody who reaches them can
+submit a job. Clients use it through the exports ``start`` prints (``RAY_AUTH_MODE=token``,
+``RAY_AUTH_TOKEN_PATH``). ``start`` is idempotent: services already running
 from this state directory are reused. ``stop`` stops exactly the processes this stack started;
 other Ray clusters on the machine are never touched (no ``ray stop``).
 
@@ -18,6 +22,9 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import os
+import secrets
+import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +47,7 @@ from infra.local.ray_node import (
     RayNodeSettings,
     RayPorts,
     alive_node_count,
+    auth_headers,
     find_free_port_block,
     ray_node_env,
     start_ray_node,
@@ -51,6 +59,8 @@ __all__ = ["LocalStack", "ServiceStatus", "StackStatus", "main"]
 
 DEFAULT_STATE_DIR = Path(".holefill-local")
 STATE_FILE = "stack.json"
+TOKEN_FILE = "auth_token"
+TOKEN_BYTES = 32  # 256 bits, as `ray get-auth-token --generate` makes
 
 
 class ServiceRecord(Config):
@@ -71,6 +81,7 @@ class StackState(Config):
     host: str
     ray_temp_dir: Path
     ray_dashboard_port: int | None = None
+    ray_agent_port: int | None = None  # the head's dashboard agent (job agent), on the machine's address
     ray: ServiceRecord | None = None
     mlflow: ServiceRecord | None = None
 
@@ -102,6 +113,7 @@ class StackStatus:
     ray_address: str
     dashboard_url: str
     mlflow_uri: str
+    auth_token_path: Path
 
     @property
     def all_up(self) -> bool:
@@ -116,7 +128,8 @@ class StackStatus:
             f"export RAY_ADDRESS={self.ray_address}              # ray.init()",
             f"export RAY_API_SERVER_ADDRESS={self.dashboard_url}  # ray job submit",
             f"export MLFLOW_TRACKING_URI={self.mlflow_uri}",
-            "export RAY_AUTH_MODE=disabled                  # loopback-only head without token auth",
+            "export RAY_AUTH_MODE=token                     # the head refuses clients without its token",
+            f"export RAY_AUTH_TOKEN_PATH={self.auth_token_path}",
         ])
 
 
@@ -180,15 +193,43 @@ class LocalStack:
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
 
+    @property
+    def auth_token_path(self) -> Path:
+        """The Ray head's authentication token (``RAY_AUTH_TOKEN_PATH`` for every client of this stack)."""
+        return self.state_dir / TOKEN_FILE
+
     def head_env(self) -> dict[str, str]:
-        """Environment of the Ray head: the local node settings plus this stack's MLflow server.
+        """Environment of the Ray head: token authentication with this stack's token, and its MLflow server.
 
         Jobs submitted with ``ray job submit`` inherit the head's environment, not the submitting shell's: with
-        ``MLFLOW_TRACKING_URI`` here they log to this stack's server without a ``--runtime-env-json``.
+        ``MLFLOW_TRACKING_URI`` here they log to this stack's server without a ``--runtime-env-json``, and with
+        ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN_PATH`` their own ``ray.init()`` authenticates to the head.
         """
-        env = ray_node_env()
+        env = ray_node_env(auth_token_path=self.auth_token_path)
         env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
         return env
+
+    def _auth_headers(self) -> dict[str, str]:
+        """What this stack's own HTTP checks send; none while there is no token yet (nothing can answer then)."""
+        if not self.auth_token_path.exists():
+            return {}
+        return auth_headers(self.head_env())
+
+    def _ensure_token(self) -> None:
+        """Make the head's token (0600, created exclusively) unless there is one; refuse one others can read."""
+        path = self.auth_token_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                raise ValueError(f"{path}: the Ray token is readable by others (mode {mode:o}): chmod 600 it") from None
+            if not path.read_text().strip():
+                raise ValueError(f"{path}: the Ray token file is empty: delete it and start again") from None
+            return
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(TOKEN_BYTES))
 
     # -- state file --------------------------------------------------------------------------------
 
@@ -229,6 +270,7 @@ class LocalStack:
         :class:`~infra.local.processes.ServiceStartError` (with the log tail) when one fails to start.
         """
         with self._locked():
+            self._ensure_token()  # before the head starts: it reads the token at start-up
             state = self._read_state()
             # Both services spend their start-up (10-60 s each on a busy machine) importing and
             # initialising, independently of each other: bring them up side by side.
@@ -249,7 +291,8 @@ class LocalStack:
             self._refuse_port_change("Ray head", state.ray.port, self.ray_ports.gcs)
             self._refuse_port_change("Ray dashboard", state.ray_dashboard_port, self.ray_ports.dashboard)
             # Possibly still coming up from a concurrent start: wait for it rather than start a second head.
-            wait_for(lambda: alive_node_count(self.dashboard_url) >= 1, "Ray head", self.startup_timeout_s,
+            headers = self._auth_headers()
+            wait_for(lambda: alive_node_count(self.dashboard_url, headers) >= 1, "Ray head", self.startup_timeout_s,
                      leader=state.ray.handle(), log_path=state.ray.log)
             return
         ports = self.ray_ports
@@ -266,6 +309,7 @@ class LocalStack:
         wait_for(lambda: http_answers(agent), "Ray job agent", self.startup_timeout_s, leader=leader, log_path=log)
         state.ray = ServiceRecord(pid=leader.pid, create_time=leader.create_time, port=self.ray_ports.gcs, log=log)
         state.ray_dashboard_port = self.ray_ports.dashboard
+        state.ray_agent_port = ports.dashboard_agent_listen
         state.ray_temp_dir = self.ray_temp_dir
         self._write_state(state)
 
@@ -304,7 +348,7 @@ class LocalStack:
         ray = ServiceStatus(
             name="ray",
             running=ray_running,
-            answering=ray_running and http_answers(f"{dashboard_url}/api/version"),
+            answering=ray_running and http_answers(f"{dashboard_url}/api/version", headers=self._auth_headers()),
             url=dashboard_url,
             pid=state.ray.pid if state.ray else None,
             log=state.ray.log if state.ray else None,
@@ -318,7 +362,7 @@ class LocalStack:
             log=state.mlflow.log if state.mlflow else None,
         )
         return StackStatus(ray=ray, mlflow=mlflow, ray_address=ray_address,
-                           dashboard_url=dashboard_url, mlflow_uri=mlflow_uri)
+                           dashboard_url=dashboard_url, mlflow_uri=mlflow_uri, auth_token_path=self.auth_token_path)
 
 
 class _CliArgs(Config):
@@ -355,14 +399,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     stack = LocalStack(args.state_dir, ray_dashboard_port=args.dashboard_port, mlflow_port=args.mlflow_port,
                        ray_port=args.ray_port, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    if args.command == "start":
-        print(stack.start().report())
-        return 0
-    if args.command == "stop":
-        stack.stop()
-        print(f"stopped the local stack of {stack.state_dir}")
-        return 0
-    status = stack.status()
+    try:
+        if args.command == "start":
+            print(stack.start().report())
+            return 0
+        if args.command == "stop":
+            stack.stop()
+            print(f"stopped the local stack of {stack.state_dir}")
+            return 0
+        status = stack.status()
+    except ValueError as exc:  # a port clash or a bad token file: one line, no traceback
+        print(f"stack.py {args.command}: {exc}", file=sys.stderr)
+        return 2
     print(status.report())
     return 0 if status.all_up else 3  # 3 = "not running", as in LSB init scripts
 

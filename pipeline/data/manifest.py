@@ -38,6 +38,7 @@ __all__ = [
     "FORMAT_ID",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "WIDS_INDEX_NAME",
     "HoleRatioHistogram",
     "Manifest",
     "ManifestError",
@@ -55,6 +56,7 @@ __all__ = [
     "read_keys",
     "require_samples",
     "verify_shards",
+    "wids_index",
     "write_keys",
     "write_manifest",
 ]
@@ -63,6 +65,11 @@ FORMAT_ID = "holefill.shards"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KEYS_NAME = "keys.txt.gz"
+# webdataset's wids shard index (what its ``widsindex create`` writes, under the name it defaults to), beside the
+# manifest: random-access readers (``wids.ShardListDataset("…/shardindex.json")``) open the shards without a pass of
+# their own. Shard URLs are the manifest's: relative to the index's folder, which is how wids resolves them.
+WIDS_INDEX_NAME = "shardindex.json"
+WIDS_INDEX_KIND = "wids-shard-index-v1"
 FINE_BIN_WIDTH = 0.05
 FINE_BINS = 20  # FINE_BINS * FINE_BIN_WIDTH == 1.0
 BELOW = "below"  # hole ratio <= the first bucket's lower edge
@@ -303,9 +310,21 @@ def manifest_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
+def wids_index(manifest: Manifest) -> bytes:
+    """The wids shard index of ``manifest``'s shards (``url``, ``nsamples``, ``filesize`` each, in manifest order),
+    named after its dataset version; key-sorted JSON, so the same manifest gives the same bytes."""
+    shards = [{"url": shard.url, "nsamples": shard.samples, "filesize": shard.bytes} for shard in manifest.shards]
+    index = {"__kind__": WIDS_INDEX_KIND, "wids_version": 1, "name": manifest.dataset_version, "shardlist": shards}
+    return (json.dumps(index, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+
 def write_manifest(manifest: Manifest, url: str, storage_options: StorageOptionsLike = None) -> str:
-    """Publish ``manifest`` atomically at ``url`` (file or folder URL); returns the manifest file URL."""
+    """Publish ``manifest`` atomically at ``url`` (file or folder URL); returns the manifest file URL.
+
+    Its wids index (:data:`WIDS_INDEX_NAME`, :func:`wids_index`) is published first, beside it and as durably: a
+    manifest is never visible without its index."""
     location = manifest_url_for(url)
+    publish_bytes(join_url(parent_url(location), WIDS_INDEX_NAME), wids_index(manifest), storage_options)
     publish_bytes(location, manifest_bytes(manifest), storage_options)
     manifest.with_location(location)
     return location

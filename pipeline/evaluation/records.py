@@ -1,7 +1,8 @@
 """Evaluations in MLflow: record one as a run (metrics, N, weight hashes, table, pictures) and read it back.
 
-One run in the evaluation experiment holds every number of the summary as a metric (linked to the version's
-logged model when known, so they show on the model's page), the networks' weight sha256s and the metric-set
+One run in the evaluation experiment holds the eval manifest as its dataset input (context ``evaluation``),
+every number of the summary as a metric (linked to the version's logged model when known, so they show on the
+model's page), the networks' weight sha256s and the metric-set
 id as tags, ``eval/per_bucket.json`` (an MLflow table), ``eval/table.txt`` and ``eval/samples.npz`` (the kept
 pictures, so a later promotion can show them without evaluating again). :func:`read_evaluation` rebuilds the
 :class:`EvaluationResult` from such a run: that is what the evaluation cache hands back.
@@ -20,7 +21,8 @@ from typing import Mapping
 import numpy as np
 
 from pipeline.evaluation.evaluate import EvaluationResult, Sample
-from pipeline.tracking import get_or_create_experiment, redact
+from pipeline.data.manifest import manifest_url_for
+from pipeline.tracking import ManifestInput, get_or_create_experiment, log_manifest_inputs, redact, version_model_id
 
 __all__ = ["EVAL_TAG_PREFIX", "log_evaluation", "read_evaluation", "samples_from_npz", "samples_to_npz"]
 
@@ -66,7 +68,7 @@ def log_evaluation(tracking_uri: str, result: EvaluationResult, model_name: str 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     model_id = None
     if model_name and model_version:
-        model_id = client.get_model_version(model_name, str(model_version)).model_id
+        model_id = version_model_id(client.get_model_version(model_name, str(model_version)))
     experiment_id = get_or_create_experiment(client, experiment)
     tags = {
         "holefill.model_ref": redact(result.model_ref), "holefill.arch": result.arch,
@@ -80,6 +82,9 @@ def log_evaluation(tracking_uri: str, result: EvaluationResult, model_name: str 
     run = client.create_run(experiment_id, run_name=f"eval-{model_name or result.arch}-{model_version or 'file'}-{short}",
                             tags=tags)
     run_id = run.info.run_id
+    if result.eval_manifest and result.eval_manifest_hash:
+        log_manifest_inputs(client, run_id, [ManifestInput(manifest_url_for(result.eval_manifest),
+                                                           result.eval_manifest_hash, "evaluation")])
     stamp = int(time.time() * 1000)
     metrics = [Metric(k, v, stamp, 0, model_id=model_id) for k, v in _finite(result.summary).items()]
     for start in range(0, len(metrics), 1000):

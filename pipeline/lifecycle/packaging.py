@@ -134,35 +134,82 @@ def provenance_tags(record: GeneratorRecord) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _fluent_target(tracking_uri: str | None, experiment_id: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API at ``tracking_uri``/``experiment_id`` for a block, then restore exactly.
+def _tracking_uri_for(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``tracking_uri`` for a block, then put back exactly what
+    ``mlflow.get_tracking_uri()`` answered and what ``MLFLOW_TRACKING_URI`` held (public API only).
 
-    ``Model.log`` and ``pyfunc.load_model`` resolve the store (and the logged model's experiment) from
-    process-wide fluent state. MLflow's setters also export ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``
-    for subprocesses, so the previous module state *and* environment are put back afterwards: this library
-    never leaks global configuration into its caller. (Uses MLflow internals; pinned by the tests.)
+    ``Model.log`` talks to the store of the process-wide URI (its logged model, artifacts and metric links); the
+    logged model is created and the version registered here with an explicit client, so nothing else of MLflow's
+    fluent state (registry URI, active experiment) is read or changed. ``set_tracking_uri`` also exports
+    ``MLFLOW_TRACKING_URI`` for subprocesses, so the environment is restored too: this library never leaks global
+    configuration into its caller (tests/test_tracking.py pins it).
     """
     # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
-    import mlflow.tracking._model_registry.utils as registry_state
-    import mlflow.tracking.fluent as fluent
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    import mlflow
 
-    saved_registry = (registry_state._registry_uri, os.environ.get("MLFLOW_REGISTRY_URI"))
-    saved_experiment = fluent._active_experiment_id
-    with _use_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
-        try:
-            if tracking_uri:
-                registry_state._registry_uri = tracking_uri
-            if experiment_id is not None:
-                fluent._active_experiment_id = experiment_id
-            yield
-        finally:
-            registry_state._registry_uri = saved_registry[0]
-            if saved_registry[1] is None:
-                os.environ.pop("MLFLOW_REGISTRY_URI", None)
-            else:
-                os.environ["MLFLOW_REGISTRY_URI"] = saved_registry[1]
-            fluent._active_experiment_id = saved_experiment
+    saved_uri, saved_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+
+    def put_back_environment() -> None:
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unset: MLflow falls back to the environment, then its default
+        put_back_environment()
+        if mlflow.get_tracking_uri() != saved_uri:  # it had been set in-process (not only in the environment)
+            mlflow.set_tracking_uri(saved_uri)
+            put_back_environment()
+
+
+def _model_step(record: GeneratorRecord, step: int | None) -> int:
+    """The training step a logged model is attached to: ``step``, else the record's own (training records carry
+    ``provenance["step"]``), else 0."""
+    if step is not None:
+        return int(step)
+    recorded = str(record.provenance.get("step", ""))
+    return int(recorded) if recorded.isdigit() else 0
+
+
+def _link_final_metrics(client, run_id: str, model_id: str, step: int) -> None:
+    """Link each of the run's metrics (system metrics aside) to the logged model at its last logged value.
+
+    ``Model.log`` links the values logged at exactly the model's step; a metric last logged earlier (validation
+    every N steps, a loss logged every K) is linked here at its last step, so the model's page shows every final
+    number of the run that produced it."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
+    from mlflow.entities import Metric
+
+    links = []
+    for key in client.get_run(run_id).data.metrics:
+        if key.startswith("system/"):
+            continue
+        history = [m for m in client.get_metric_history(run_id, key) if m.model_id is None]
+        if not history:
+            continue
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        if last.step != step:  # at the model's step Model.log has linked it already
+            links.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id, run_id=run_id))
+    for start in range(0, len(links), 1000):
+        client.log_batch(run_id, metrics=links[start: start + 1000])
+
+
+def _registered_version(client, registered_model: str, model_id: str, run_id: str, tags: Mapping[str, str]):
+    """A new version of ``registered_model`` (created if missing) holding logged model ``model_id``."""
+    # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(registered_model)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(registered_model, f"models:/{model_id}", run_id=run_id, tags=dict(tags),
+                                       model_id=model_id, await_creation_for=300)
 
 
 def _pip_requirements() -> list[str]:
@@ -223,7 +270,7 @@ def log_and_register_generator(tracking_uri: str, run_id: str, generator: Genera
                                example_image: torch.Tensor, example_mask: torch.Tensor, registered_model: str,
                                tags: Mapping[str, Any] | None = None, *, arch: str | None = None,
                                generator_kwargs: Mapping[str, Any] | None = None, name: str = "generator",
-                               serving: ServingDefaults | None = None):
+                               serving: ServingDefaults | None = None, step: int | None = None):
     """Log ``generator`` to run ``run_id`` as a model from code and register it under ``registered_model``.
 
     ``generator`` is a :class:`~models.record.GeneratorRecord` (what training and ``jobs/register_official.py``
@@ -232,7 +279,9 @@ def log_and_register_generator(tracking_uri: str, run_id: str, generator: Genera
     example_mask)`` ((1,3,H,W) in [0,1], (1,1,H,W) with a hole; keep them small: MLflow runs the model on them to
     validate serving) become the PNG input example. ``serving`` sets the pixel limit and the high-resolution
     strategy of the served model. ``tags`` (redacted) go on the new model version, with ``holefill.arch`` and the
-    record's provenance (``holefill.provenance.*``). Returns the ``ModelVersion``.
+    record's provenance (``holefill.provenance.*``). The logged model (MLflow 3's model page) carries the run's
+    params, its ``step`` (default: the record's ``provenance["step"]``, what training records carry; else 0) and
+    the run's metrics, each at its last logged value. Returns the ``ModelVersion``.
     """
     # lazy: importing MLflow takes seconds, paid only by the callers that talk to a tracking server
     import mlflow
@@ -254,7 +303,13 @@ def log_and_register_generator(tracking_uri: str, run_id: str, generator: Genera
     client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
     version_tags = tag_dict({**dict(tags or {}), **provenance_tags(record), "holefill.arch": arch})
+    step = _model_step(record, step)
     example = _input_example(example_image.detach().float().cpu(), example_mask.detach().float().cpu())
+    # The logged model carries the run's params (the training config) and its final step; created here, with an
+    # explicit client, in the run's own experiment (whatever experiment the caller's process has active).
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       params={k: str(v) for k, v in run.data.params.items()},
+                                       tags={"holefill.arch": arch})
     with tempfile.TemporaryDirectory(prefix="holefill-model-") as tmp:
         weights = Path(tmp) / "generator.pt"
         spec = Path(tmp) / "generator.json"
@@ -264,19 +319,18 @@ def log_and_register_generator(tracking_uri: str, run_id: str, generator: Genera
         code = _bundle_models_package(Path(tmp))
         # MLflow validates the input example by loading the saved model, which prepends its code folder (in
         # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
-        with _fluent_target(tracking_uri, run.info.experiment_id), _restored_sys_path():
-            info = Model.log(
-                None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(PYFUNC_MODEL_FILE),
-                code_paths=[str(code)], artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
+        with _tracking_uri_for(tracking_uri), _restored_sys_path():
+            Model.log(
+                None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id, step=step,
+                python_model=str(PYFUNC_MODEL_FILE), code_paths=[str(code)],
+                artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
                 model_config=(serving or ServingDefaults()).model_config_dict(),
                 signature=_signature(), input_example=example, pip_requirements=_pip_requirements(),
                 metadata={"holefill_arch": arch, "holefill_format": MODEL_FORMAT},
-                registered_model_name=registered_model, tags={"holefill.arch": arch},
             )
-    version = str(info.registered_model_version)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
-    return client.get_model_version(registered_model, version)
+    _link_final_metrics(client, run_id, model.model_id, step)
+    version = _registered_version(client, registered_model, model.model_id, run_id, version_tags)
+    return client.get_model_version(registered_model, str(version.version))
 
 
 @dataclass(frozen=True)

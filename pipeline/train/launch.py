@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 from pipeline.config import flatten
 from pipeline.data.tario import TarFormatError
 from pipeline.errors import chain, one_line
-from pipeline.data.manifest import load_manifest, manifest_hash, require_samples
+from pipeline.data.manifest import load_manifest, manifest_hash, manifest_url_for, require_samples
 from pipeline.fsutil import StorageSettings, is_remote, join_url, url_to_fs
 from pipeline.raycluster import ensure_ray
-from pipeline.tracking import RunTracker, check_tracking_server, redact, resolve_tracking_uri
+from pipeline.tracking import ManifestInput, RunTracker, check_tracking_server, redact, resolve_tracking_uri
 from models.record import GeneratorRecord
 from pipeline.train.checkpoint import load_generator_record, read_state
 from pipeline.train.config import ScalingSettings, TrainJobConfig
@@ -127,6 +127,14 @@ def _data_tags(config: TrainJobConfig) -> dict[str, str]:
     }
 
 
+def _data_inputs(config: TrainJobConfig, data_tags: dict[str, str]) -> list[ManifestInput]:
+    """The run's dataset inputs: the train manifest (``training``) and the eval manifest (``validation``)."""
+    return [ManifestInput(manifest_url_for(config.data.train_manifest), data_tags["holefill.data.train_manifest_hash"],
+                          "training", data_tags["holefill.data.dataset_version"]),
+            ManifestInput(manifest_url_for(config.data.eval_manifest), data_tags["holefill.data.eval_manifest_hash"],
+                          "validation", data_tags["holefill.data.eval_dataset_version"])]
+
+
 def _trainer(config: TrainJobConfig, payload: WorkerPayload) -> Any:
     # lazy: importing Ray costs seconds, and the config and checkpoint helpers here are used without it
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -197,6 +205,7 @@ def run_training(config: TrainJobConfig, register: Registrar | None = None,
         }
         tracker = RunTracker.start_or_resume(tracking_uri, config.mlflow.experiment, config.run.name, run_tags)
         tracker.log_params(redact(flatten(config)))
+        tracker.log_manifests(_data_inputs(config, data_tags))
         log.info("MLflow run %s at %s", tracker.run_id, redact(tracking_uri))
 
     ensure_ray(config.run.ray_address)
