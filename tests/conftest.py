@@ -27,21 +27,34 @@ import torch  # noqa: E402
 # Under pytest-xdist (`make test` runs two workers) each worker keeps to one core's worth of threads.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
-# Tests that use the suite's services (one Ray head, one MLflow server, one S3 endpoint per session), or start
-# clusters and servers of their own, run in one xdist worker: the services start once, and two e2e tests never
-# fight over the same 2 cores' worth of Ray workers. Everything else spreads over both workers, filling the
-# core that the e2e tests leave idle while one process imports or waits.
-SERVICE_FIXTURES = frozenset({"ray_head", "ray_driver", "mlflow_server", "s3_endpoint"})
+# Tests that use the suite's Ray head or S3 endpoint, or start clusters and servers of their own, run in one xdist
+# worker (group "services"): the services start once, and two e2e tests never fight over the same 2 cores' worth of
+# Ray workers. Tests that need only an MLflow server (registration, promotion, serving through MLflow) run in a
+# second group (its worker starts an MLflow server of its own): they are processes that import and wait, not Ray
+# workers, and the services group alone was most of the suite's wall time. Everything else spreads over both
+# workers, filling the core that the e2e tests leave idle while one process imports or waits.
+RAY_FIXTURES = frozenset({"ray_head", "ray_driver", "s3_endpoint"})
+REGISTRY_FIXTURES = frozenset({"mlflow_server"})
+SERVICE_FIXTURES = RAY_FIXTURES | REGISTRY_FIXTURES
+
+
+def service_group(fixtures: set[str], e2e: bool) -> str | None:
+    """The xdist group of a test that uses ``fixtures`` (``None``: spread freely)."""
+    if fixtures & RAY_FIXTURES:
+        return "services"
+    if fixtures & REGISTRY_FIXTURES:
+        return "registry"
+    return "services" if e2e else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(config, items):
     """``gpu``-marked tests need CUDA: skipped elsewhere with the reason (``make gpu-check`` runs them).
-    Service users and ``e2e`` tests share one xdist group (see ``SERVICE_FIXTURES``)."""
-    services = pytest.mark.xdist_group("services")
+    Service users and ``e2e`` tests are grouped by :func:`service_group`."""
     for item in items:
-        if "e2e" in item.keywords or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(services)
+        group = service_group(set(getattr(item, "fixturenames", ())), "e2e" in item.keywords)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check)")

@@ -3,7 +3,7 @@ is refused in one line naming it before anything of it runs.
 
 Checkpoints live under ``run.storage_path``, often a prefix that jobs and people share. The real checkpoints here
 are written and resumed as a worker does (``tests/support/engine_probe.py``, tiny RN on one-rank DeepSpeed engines
-in a subprocess), at ZeRO 0, 1 and 2 and in fp32 and bf16; a payload that creates a file when unpickled is planted in
+in a subprocess), at ZeRO 0 and 2 and in bf16 and fp32; a payload that creates a file when unpickled is planted in
 each of their files in turn. End to end on Ray Train (the job ends in that line): ``tests/test_train_local.py``.
 """
 
@@ -21,7 +21,9 @@ from pipeline.train.checkpoint import RNG_FORMAT, rng_state, set_rng_state
 from pipeline.train.safe_checkpoint import CheckpointRefused, checkpoint_refusal, load_checkpoint_file
 from support.engine_probe import Payload, run_cases
 
-CASES = ["planted:rn:0:bf16", "planted:rn:1:fp32", "planted:rn:2:bf16"]  # every ZeRO stage, both precisions
+# Both checkpoint layouts (ZeRO 0: model states only; ZeRO 1 and 2 write the same partitioned optimiser files) and
+# both precisions.
+CASES = ["planted:rn:0:bf16", "planted:rn:2:fp32"]
 CPU = torch.device("cpu")
 
 

@@ -24,6 +24,7 @@ from models.inpaint import composite, inpaint_tensor
 from models.rn import RNGenerator, init_rn_weights
 from pipeline.evaluation.evaluate import EvaluationSettings, evaluate_slice
 from pipeline.evaluation.perceptual import MetricWeights
+from pipeline.lifecycle.exporting import _runner, export_program, write_export
 from pipeline.lifecycle.packaging import MODEL_FORMAT, PYFUNC_MODEL_FILE, LoadedModel, ServingDefaults
 from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeJobConfig
 from support.serving_helpers import encode
@@ -137,12 +138,18 @@ def test_validation_during_training(rn, eval_set):
     assert generator.training  # handed back in the mode it came in
 
 
-@pytest.mark.parametrize("fmt", ["exported_program", "onnx"])
-def test_exported_models(rn, pixels, expected, tmp_path, fmt):
-    from pipeline.lifecycle.exporting import _runner, export_generator
+@pytest.fixture(scope="module")
+def rn_program(rn):
+    """One torch.export of the RN for both formats (the slow step; saving and loading are tested in test_export)."""
+    return export_program(copy.deepcopy(rn), "rn")
 
-    path = export_generator(copy.deepcopy(rn), "rn", fmt, tmp_path / f"rn.{fmt}")
-    run = _runner(path, fmt)
+
+@pytest.mark.parametrize("fmt", ["exported_program", "onnx"])
+def test_exported_models(rn_program, pixels, expected, tmp_path, fmt):
+    if fmt == "exported_program":
+        run = rn_program.module()
+    else:
+        run = _runner(write_export(rn_program, fmt, tmp_path / "rn.onnx"), fmt)
     image, mask = _tensors(*pixels)
     with torch.no_grad():
         batched = run(image, mask)

@@ -1,4 +1,4 @@
-"""Helpers for the serving tests: a tiny registered RN, encoded requests, an environment without holefill."""
+"""Helpers for the serving tests: tiny registered generators, encoded requests, an environment without holefill."""
 
 from __future__ import annotations
 
@@ -21,20 +21,32 @@ from pipeline.tracking import RunTracker
 TINY_RN = {"residual_blocks": 1}
 
 
-def register_tiny_rn(tracking_uri: str, name: str, seed: int = 0, serving: ServingDefaults | None = None,
-                     size: int = 32):
-    """Register a randomly initialised tiny RN under ``name``; returns the ``ModelVersion``."""
+# LBAM at 1/8 width: the real architecture, exported and verified in seconds (RN's export takes far longer).
+TINY_LBAM = {"width": 0.125}
+TINY = {"rn": TINY_RN, "lbam": TINY_LBAM}
+
+
+def register_tiny(tracking_uri: str, name: str, arch: str = "rn", seed: int = 0,
+                  serving: ServingDefaults | None = None, size: int | None = None):
+    """Register a randomly initialised tiny ``arch`` (:data:`TINY`) under ``name``; returns the ``ModelVersion``."""
     torch.manual_seed(seed)
-    generator = get_architecture("rn").generator(**TINY_RN).eval()
+    size = size or max(32, get_architecture(arch).size_multiple)
+    generator = get_architecture(arch).generator(**TINY[arch]).eval()
     image = torch.rand(1, 3, size, size)
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4: size // 2, size // 4: size // 2] = 1
     tracker = RunTracker.start_or_resume(tracking_uri, "serving-test", f"{name}-{seed}")
     try:
         return log_and_register_generator(tracking_uri, tracker.run_id, generator, image, mask, name,
-                                          arch="rn", generator_kwargs=TINY_RN, serving=serving)
+                                          arch=arch, generator_kwargs=TINY[arch], serving=serving)
     finally:
         tracker.finish()
+
+
+def register_tiny_rn(tracking_uri: str, name: str, seed: int = 0, serving: ServingDefaults | None = None,
+                     size: int = 32):
+    """Register a randomly initialised tiny RN under ``name``; returns the ``ModelVersion``."""
+    return register_tiny(tracking_uri, name, "rn", seed, serving, size)
 
 
 TINY_CHAMPION = "tiny-rn"
