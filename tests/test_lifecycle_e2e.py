@@ -249,7 +249,7 @@ def _add_new_images(world, count: int) -> list[Path]:
 def test_retrain_shards_only_new_images_fine_tunes_registers_a_challenger_and_gates_it(world):
     from pipeline.data.manifest import load_manifest
     from pipeline.lifecycle.promotion import CHALLENGER, current_champion
-    from pipeline.lifecycle.retraining import read_latest, run_retraining
+    from pipeline.lifecycle.retraining import read_latest, run_name, run_retraining
 
     _add_new_images(world, 4)
     client = mlflow_client(world)
@@ -266,6 +266,9 @@ def test_retrain_shards_only_new_images_fine_tunes_registers_a_challenger_and_ga
     version = client.get_model_version(MODEL, outcome.model_version)
     assert current_champion(client, MODEL, CHALLENGER) == outcome.model_version
     assert version.tags["holefill.retrain.dataset_version"] == "1"
+    # The training run is bound to this data: a retry on other images is another run, not a resume of this one.
+    assert outcome.details["run_name"] == run_name(MODEL, 1, manifest.plan_sha256)
+    assert version.tags["holefill.retrain.data_plan"] == manifest.plan_sha256
     # Fine-tuned from the champion of the moment: its weights were exported beside the new data version.
     assert version.tags["holefill.retrain.fine_tuned_from"] == f"version {champion_before}"
     assert (world["root"] / "versions" / "v0001" / "init" / f"champion-v{champion_before}.pt").is_file()

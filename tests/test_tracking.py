@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.lifecycle.packaging import load_generator, log_and_register_generator
+from models.registry import get_architecture
+from pipeline.lifecycle.packaging import load_generator, load_generator_record, log_and_register_generator
 from pipeline.tracking import (
     REDACTED,
     ManifestInput,
@@ -31,6 +32,8 @@ from pipeline.tracking import (
     to_hwc_uint8,
     version_model_id,
 )
+
+from support.serving_helpers import TINY_RN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,8 +277,6 @@ _LOAD_SCRIPT = textwrap.dedent("""
 
 
 def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_server, tmp_path):
-    from models.registry import get_architecture
-
     generator = get_architecture("rn").generator().eval()
     image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
@@ -334,8 +335,6 @@ def test_generator_round_trips_through_registry_into_a_fresh_process(mlflow_serv
 
 
 def test_loading_a_registered_model_leaves_no_download_behind(mlflow_server, tmp_path, monkeypatch):
-    from models.registry import get_architecture
-
     tracker = RunTracker.start_or_resume(mlflow_server, "model-test", "rn-download")
     image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
     mask[..., 4:8, 4:8] = 1
@@ -353,3 +352,26 @@ def test_loading_a_registered_model_leaves_no_download_behind(mlflow_server, tmp
 def test_loading_a_model_that_does_not_exist_is_a_clear_error(mlflow_server):
     with pytest.raises(ValueError, match="cannot load model models:/no-such-model@champion"):
         load_generator("models:/no-such-model@champion", mlflow_server)
+
+
+def test_a_generator_registers_into_a_local_sqlite_store_whatever_the_process_points_at(tmp_path, monkeypatch):
+    # make demo and a laptop register into sqlite:///<cwd>/mlflow.db; MLflow's local registry looks a logged model
+    # up in the process-wide store, so the caller's URI must reach it (and be put back afterwards).
+    monkeypatch.chdir(tmp_path)  # a local store keeps its artifacts under ./mlruns
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    torch.manual_seed(0)
+    generator = get_architecture("rn").generator(**TINY_RN).eval()
+    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:16, 8:16] = 1
+    tracker = RunTracker.start_or_resume(store, "local-store", "rn-local")
+    try:
+        version = log_and_register_generator(store, tracker.run_id, generator, image, mask, "local-rn", arch="rn",
+                                             generator_kwargs=TINY_RN)
+    finally:
+        tracker.finish()
+    assert str(version.version) == "1" and os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+    record = load_generator_record("models:/local-rn/1", store)
+    assert record.kwargs == TINY_RN
+    assert all(torch.equal(record.state_dict[k], v) for k, v in generator.state_dict().items())

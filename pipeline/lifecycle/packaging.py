@@ -329,7 +329,10 @@ def log_and_register_generator(tracking_uri: str, run_id: str, generator: Genera
                 metadata={"holefill_arch": arch, "holefill_format": MODEL_FORMAT},
             )
     _link_final_metrics(client, run_id, model.model_id, step)
-    version = _registered_version(client, registered_model, model.model_id, run_id, version_tags)
+    # A local (SQLite or file) registry looks the logged model up in the process-wide tracking store, not the
+    # client's: without this a registration into a local store fails with "Logged model ... not found".
+    with _tracking_uri_for(tracking_uri):
+        version = _registered_version(client, registered_model, model.model_id, run_id, version_tags)
     return client.get_model_version(registered_model, str(version.version))
 
 
