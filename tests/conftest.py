@@ -27,12 +27,12 @@ import torch  # noqa: E402
 # Under pytest-xdist (`make test` runs two workers) each worker keeps to one core's worth of threads.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
-# Tests that use the suite's Ray head or S3 endpoint, or start clusters and servers of their own, run in one xdist
-# worker (group "services"): the services start once, and two e2e tests never fight over the same 2 cores' worth of
-# Ray workers. Tests that need only an MLflow server (registration, promotion, serving through MLflow) run in a
-# second group (its worker starts an MLflow server of its own): they are processes that import and wait, not Ray
-# workers, and the services group alone was most of the suite's wall time. Everything else spreads over both
-# workers, filling the core that the e2e tests leave idle while one process imports or waits.
+# Tests that use the suite's Ray head or S3 endpoint run in one xdist worker (group "services"): those services
+# start once, and two of its e2e tests never fight over the same 2 cores' worth of Ray workers. Tests that need only
+# an MLflow server (registration, promotion, serving through MLflow) and e2e tests that start what they need
+# themselves (the local stack, an embedded Ray) run in a second group (its worker starts an MLflow server of its
+# own): the services group alone was most of the suite's wall time. Everything else spreads over both workers,
+# filling the core that the e2e tests leave idle while one process imports or waits.
 RAY_FIXTURES = frozenset({"ray_head", "ray_driver", "s3_endpoint"})
 REGISTRY_FIXTURES = frozenset({"mlflow_server"})
 SERVICE_FIXTURES = RAY_FIXTURES | REGISTRY_FIXTURES
@@ -42,9 +42,9 @@ def service_group(fixtures: set[str], e2e: bool) -> str | None:
     """The xdist group of a test that uses ``fixtures`` (``None``: spread freely)."""
     if fixtures & RAY_FIXTURES:
         return "services"
-    if fixtures & REGISTRY_FIXTURES:
+    if fixtures & REGISTRY_FIXTURES or e2e:
         return "registry"
-    return "services" if e2e else None
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
