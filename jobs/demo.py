@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             print("embedded mode: no servers; Ray starts inside this process")
         else:
             stack = LocalStack(state_dir=str(REPO / ".holefill-local"))
-            print(stack.start().report())
-            # The jobs below join this cluster and log to this server, as `ray job submit` jobs would.
-            os.environ["RAY_ADDRESS"] = stack.ray_address
+            status = stack.start()
+            print(status.report())
+            # The jobs below join this cluster (with its token) and log to this server, as `ray job submit` jobs
+            # would: the exports the stack printed.
+            os.environ.update(status.client_env())
+            os.environ.pop("RAY_AUTH_TOKEN", None)  # Ray prefers it to the token file: a stray one is refused
             tracking_uri = ui = stack.mlflow_uri
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
 

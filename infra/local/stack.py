@@ -119,18 +119,19 @@ class StackStatus:
     def all_up(self) -> bool:
         return all(s.running and s.answering for s in (self.ray, self.mlflow))
 
+    def client_env(self) -> dict[str, str]:
+        """What a client of the stack exports (the ``export`` lines of :meth:`report`, as a mapping)."""
+        return {"RAY_ADDRESS": self.ray_address, "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+                "MLFLOW_TRACKING_URI": self.mlflow_uri, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.auth_token_path)}
+
     def report(self) -> str:
         """Human-readable status, ending with the exports that point jobs and clients at the stack."""
-        return "\n".join([
-            self.ray.line(),
-            self.mlflow.line(),
-            "",
-            f"export RAY_ADDRESS={self.ray_address}              # ray.init()",
-            f"export RAY_API_SERVER_ADDRESS={self.dashboard_url}  # ray job submit",
-            f"export MLFLOW_TRACKING_URI={self.mlflow_uri}",
-            "export RAY_AUTH_MODE=token                     # the head refuses clients without its token",
-            f"export RAY_AUTH_TOKEN_PATH={self.auth_token_path}",
-        ])
+        why = {"RAY_ADDRESS": "ray.init()", "RAY_API_SERVER_ADDRESS": "ray job submit",
+               "RAY_AUTH_MODE": "the head refuses clients without its token"}
+        exports = [f"export {key}={value}" + (f"  # {why[key]}" if key in why else "")
+                   for key, value in self.client_env().items()]
+        return "\n".join([self.ray.line(), self.mlflow.line(), "", *exports])
 
 
 class LocalStack:
