@@ -139,9 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             status = stack.start()
             print(status.report())
             # The jobs below join this cluster (with its token) and log to this server, as `ray job submit` jobs
-            # would: the exports the stack printed.
-            os.environ.update(status.client_env())
-            os.environ.pop("RAY_AUTH_TOKEN", None)  # Ray prefers it to the token file: a stray one is refused
+            # would: the exports the stack printed. Ray reads its authentication settings once, when it is
+            # imported, so without them in this process's environment the rest runs in a process started with them.
+            client_env = status.client_env()
+            if any(os.environ.get(key) != value for key, value in client_env.items()) or "RAY_AUTH_TOKEN" in os.environ:
+                env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}  # it beats the file
+                print("demo: continuing with the stack's exports in the environment", flush=True)
+                sys.stderr.flush()
+                os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()),
+                                           *(sys.argv[1:] if argv is None else argv)], {**env, **client_env})
             tracking_uri = ui = stack.mlflow_uri
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
 
