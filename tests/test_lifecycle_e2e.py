@@ -331,3 +331,67 @@ def test_a_retrain_with_an_empty_day_old_lock_breaks_it_and_runs(world, tmp_path
     lock.unlink()
     assert young.returncode == 2 and young.stderr.strip().splitlines()[-1].startswith(
         "retrain: the retrain job lock"), young.stderr[-2000:]
+
+
+def _add_images(world, folder: str, count: int, offset: int) -> None:
+    """``count`` images (copies of existing ones under other names) arriving in ``<source>/<folder>/``."""
+    source = Path(world["sample"].train_root)
+    originals = sorted(p for p in source.rglob("*.jpg") if "arrived" not in p.parts[-2] and folder not in p.parts)
+    for path in originals[offset: offset + count]:
+        target = source / folder / f"{path.stem}-{folder}{path.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.environ.get("HOLEFILL_LONG_E2E"), reason="two retrain runs, ~4.5 min on 2 cores: the "
+                    "suite's 15-minute budget leaves it out; HOLEFILL_LONG_E2E=1 make test runs it")
+def test_a_retrain_killed_after_training_then_rerun_with_more_images_trains_a_new_run_on_all_of_them(
+        world, ray_head, tmp_path):
+    from pipeline.data.manifest import load_manifest
+    from pipeline.lifecycle.promotion import current_champion
+    from pipeline.lifecycle.retraining import read_latest, run_retraining
+
+    client = mlflow_client(world)
+    data_root = str(world["root"] / "versions")
+    latest_before = read_latest(data_root)
+    previous_url = latest_before["manifest"] if latest_before else world["base"]
+    previous_total = load_manifest(previous_url).total_samples
+    _add_images(world, "arrived-first", 2, 0)
+    config_path = tmp_path / "retrain.json"
+    config_path.write_text(json.dumps(_retrain_config(world).model_dump(mode="json")))
+    # A real process, killed (SIGKILL) right after its training run registered a version: nothing after that ran.
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal
+        from pipeline.lifecycle.retraining import RetrainJobConfig, run_retraining
+        from pipeline.lifecycle.training import train_and_register
+
+        def train_then_die(train_config):
+            result = train_and_register(train_config)
+            print("trained", train_config.run.name, result.model_version, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        run_retraining(RetrainJobConfig.model_validate_json(open({str(config_path)!r}).read()), env=dict(os.environ),
+                       train_fn=train_then_die)
+    """)], cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_head.address}, capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    _, killed_run, killed_version = killed.stdout.split()[-3:]
+    assert read_latest(data_root) == latest_before  # the watermark did not move: nothing was gated
+
+    # More images arrive; the re-run must train on all new ones: another plan, so another run, from the champion.
+    _add_images(world, "arrived-second", 2, 2)
+    champion = current_champion(client, MODEL)
+    outcome = run_retraining(_retrain_config(world), env={})
+    assert outcome.action == "retrained" and outcome.new_items == 4, outcome
+    assert outcome.details["run_name"] != killed_run and outcome.model_version != killed_version
+    assert outcome.details["fine_tuned_from"] == (f"version {champion}" if champion else "none (trained from scratch)")
+    manifest = load_manifest(outcome.manifest_url)
+    assert manifest.total_samples == previous_total + 4
+    version = client.get_model_version(MODEL, outcome.model_version)
+    assert version.tags["holefill.retrain.data_plan"] == manifest.plan_sha256
+    assert version.tags["holefill.retrain.manifest"] == outcome.manifest_url
+    # A run folder of its own beside the killed attempt's (which Ray Train would have resumed, zero steps, had the
+    # run name been reused): trained from the champion's weights, not resumed from weights that never saw the data.
+    assert (world["root"] / "ray_results" / killed_run).is_dir()
+    assert (world["root"] / "ray_results" / outcome.details["run_name"]).is_dir()
+    assert read_latest(data_root)["manifest"] == outcome.manifest_url  # moved, after the challenger was registered
