@@ -35,7 +35,6 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # filling the core that the e2e tests leave idle while one process imports or waits.
 RAY_FIXTURES = frozenset({"ray_head", "ray_driver", "s3_endpoint"})
 REGISTRY_FIXTURES = frozenset({"mlflow_server"})
-SERVICE_FIXTURES = RAY_FIXTURES | REGISTRY_FIXTURES
 
 
 def service_group(fixtures: set[str], e2e: bool) -> str | None:

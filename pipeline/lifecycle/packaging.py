@@ -317,22 +317,22 @@ def log_and_register_generator(tracking_uri: str, run_id: str, generator: Genera
         spec.write_text(json.dumps({"arch": arch, "generator_kwargs": record.kwargs, "format": MODEL_FORMAT,
                                     "provenance": redact(record.provenance)}))
         code = _bundle_models_package(Path(tmp))
-        # MLflow validates the input example by loading the saved model, which prepends its code folder (in
-        # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
-        with _tracking_uri_for(tracking_uri), _restored_sys_path():
-            Model.log(
-                None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id, step=step,
-                python_model=str(PYFUNC_MODEL_FILE), code_paths=[str(code)],
-                artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
-                model_config=(serving or ServingDefaults()).model_config_dict(),
-                signature=_signature(), input_example=example, pip_requirements=_pip_requirements(),
-                metadata={"holefill_arch": arch, "holefill_format": MODEL_FORMAT},
-            )
-    _link_final_metrics(client, run_id, model.model_id, step)
-    # A local (SQLite or file) registry looks the logged model up in the process-wide tracking store, not the
-    # client's: without this a registration into a local store fails with "Logged model ... not found".
-    with _tracking_uri_for(tracking_uri):
-        version = _registered_version(client, registered_model, model.model_id, run_id, version_tags)
+        # Model.log writes to the process-wide tracking store, and a local (SQLite or file) registry looks the
+        # logged model up there when the version is created: both run with the caller's store in place.
+        with _tracking_uri_for(tracking_uri):
+            # MLflow validates the input example by loading the saved model, which prepends its code folder (in
+            # this temporary directory) to sys.path for good; put sys.path back so registrations leave no trace.
+            with _restored_sys_path():
+                Model.log(
+                    None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id, step=step,
+                    python_model=str(PYFUNC_MODEL_FILE), code_paths=[str(code)],
+                    artifacts={GENERATOR_WEIGHTS: str(weights), GENERATOR_SPEC: str(spec)},
+                    model_config=(serving or ServingDefaults()).model_config_dict(),
+                    signature=_signature(), input_example=example, pip_requirements=_pip_requirements(),
+                    metadata={"holefill_arch": arch, "holefill_format": MODEL_FORMAT},
+                )
+            _link_final_metrics(client, run_id, model.model_id, step)
+            version = _registered_version(client, registered_model, model.model_id, run_id, version_tags)
     return client.get_model_version(registered_model, str(version.version))
 
 

@@ -285,7 +285,8 @@ class LocalCopies:
             version = str(json.loads((self.root / f"@{self.alias}").read_text())["version"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return version if (self.folder(version) / "MLmodel").is_file() else None
+        # a registry version is a number: anything else in the pointer (a planted "../…") names no copy of ours
+        return version if version.isdigit() and (self.folder(version) / "MLmodel").is_file() else None
 
 
 class AliasFollowingInpainter:
