@@ -210,3 +210,39 @@ def test_the_wheelhouse_asks_the_gpu_host_for_any_pytest_from_8_while_the_cpu_su
     assert assumed["pytest-timeout"].contains("2.4.0")
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"pytest>=8,<9.2"' in pyproject and '"pytest-xdist>=' in pyproject  # the CPU suite's pin is untouched
+
+
+# Run in a fresh interpreter: every module of a distribution that neither the wheelhouse nor the GPU host image carries
+# is made missing (as it is on that host), then the GPU check's imports are imported.
+_IMPORT_AS_ON_THE_GPU_HOST = """
+import importlib, importlib.abc, importlib.metadata as metadata, sys
+sys.path.insert(0, "infra/gpu")
+import wheelhouse_plan as plan
+from offline_install import GPU_PATH_IMPORTS
+
+carried_names = set(plan.read_host_packages()) | {plan.canonical(name) for name in plan.GPU_PATH}
+carried = plan.host_closure(dict.fromkeys(carried_names), plan.target_environment("3.12"))
+missing = {module for module, dists in metadata.packages_distributions().items()
+           if not any(plan.canonical(dist) in carried for dist in dists)}
+missing -= {"pipeline", "models", "jobs", "infra", "bench", "tests", "_distutils_hack"}  # holefill's own, setuptools' shim
+
+class MissingOnTheHost(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in missing:
+            raise ModuleNotFoundError(f"{name} (not on the GPU host)", name=name)
+
+sys.meta_path.insert(0, MissingOnTheHost())
+for module in GPU_PATH_IMPORTS:
+    importlib.import_module(module)
+print("made missing:", sorted(missing & {"scipy", "ray", "mlflow", "s3fs", "boto3"}))
+"""
+
+
+def test_the_gpu_check_imports_nothing_that_neither_the_wheelhouse_nor_the_host_image_carries():
+    """``make gpu-check-offline`` imports the GPU path in a venv of the wheelhouse on the host image, which has no
+    scipy, Ray or MLflow: a module on that path importing one of them at import time stops the check on the lent
+    machine before it measures anything. Checked here on this venv with those distributions made missing."""
+    result = subprocess.run([sys.executable, "-c", _IMPORT_AS_ON_THE_GPU_HOST], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "made missing: ['boto3', 'mlflow', 'ray', 's3fs', 'scipy']" in result.stdout, result.stdout[-2000:]

@@ -3,6 +3,7 @@
 # installs ~5 GB the first time), never by `make test`:
 #
 #   nice -n 19 bash infra/gpu/simulate_host.sh [SIM_DIR] 2>&1 | tee simulate_host.log   # SIM_DIR: /tmp/holefill-gpu-sim
+#   HOST_PYTEST=8.4.2 bash infra/gpu/simulate_host.sh   # the same host with another pytest (the image's is not known)
 #
 # 1. The host image: Python 3.12 (pyenv's, or BASE_PYTHON) in a virtualenv, SIM_DIR/opt/torch/.venv, like the
 #    lent machines' /opt/torch/.venv/bin/python3, holding infra/gpu/host_packages.txt (torch 2.11.0: PyPI's
@@ -134,13 +135,17 @@ if ! cmp -s "$REPO/infra/gpu/host_packages.txt" "$HOST/.simulated-host" 2>/dev/n
     $(grep -v '^#' "$REPO/infra/gpu/host_packages.txt")
   cp "$REPO/infra/gpu/host_packages.txt" "$HOST/.simulated-host"
 fi
+if [ -n "${HOST_PYTEST:-}" ]; then
+  say "the host's pytest: $HOST_PYTEST"
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$HOST/bin/python" -m pip install -q "pytest==$HOST_PYTEST"
+fi
 "$HOST/bin/python3" - <<'EOF'
 import importlib.metadata as m, sys, torch
 assert sys.prefix != sys.base_prefix, "the host's python3 must be a venv"
 assert torch.version.cuda, "torch must be a CUDA build"
 print(f"[simulate-host] host python3: {sys.executable} (Python {sys.version.split()[0]}, a venv of "
       f"{sys.base_prefix}), torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: "
-      f"{torch.cuda.is_available()}), {len(list(m.distributions()))} distributions")
+      f"{torch.cuda.is_available()}), pytest {m.version('pytest')}, {len(list(m.distributions()))} distributions")
 EOF
 
 # 2. The wheelhouse (needs a package index: here, not on the host).

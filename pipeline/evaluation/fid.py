@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import scipy.linalg
 
 __all__ = ["feature_statistics", "frechet_distance", "fid_from_features"]
 
@@ -33,6 +32,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
+    # Imported here, not at the top: training imports this module (validation is the evaluation loop) without ever
+    # computing FID, and the GPU hosts' image, where training runs, has no scipy.
+    import scipy.linalg
+
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
