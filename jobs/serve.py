@@ -13,7 +13,8 @@ the others batched with it are answered). The limits and the large-photo windows
 serving defaults unless the config overrides them; README "Serving a model" lists them. A replica keeps a local
 copy of the version it serves (``cache_dir``) and starts from it while the registry is down.
 ``POST /inpaint/-/refresh`` re-resolves the alias at once on every replica (it is re-resolved every
-``refresh_interval_s`` anyway); ``GET /inpaint/-/version`` names the version of every replica. Connects to the
+``refresh_interval_s`` anyway; ``alias_webhook_url`` makes the registry call it when an alias moves);
+``GET /inpaint/-/version`` names the version of every replica. Connects to the
 Ray cluster in ``RAY_ADDRESS`` (else starts a local one) and runs until interrupted.
 """
 
@@ -27,6 +28,7 @@ import ray
 from ray import serve
 
 from pipeline.jobcli import Flag, run_job
+from pipeline.lifecycle.alias_webhook import register_alias_webhook
 from pipeline.lifecycle.serving import ServeJobConfig, build_app
 from pipeline.tracking import check_tracking_server, resolve_tracking_uri
 
@@ -41,6 +43,9 @@ def serve_champion(config: ServeJobConfig) -> int:
     """Start Ray Serve and the application, then block until interrupted."""
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri, os.environ)
     check_tracking_server(config.tracking_uri)
+    if config.alias_webhook_url:
+        webhook = register_alias_webhook(config.tracking_uri, config.alias_webhook_url)
+        print(f"serve: the registry calls {config.alias_webhook_url} when an alias moves (webhook {webhook})")
     ray.init(log_to_driver=True)  # the cluster in RAY_ADDRESS (or the one `ray job submit` ran us on), else local
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)

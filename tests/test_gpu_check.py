@@ -224,7 +224,8 @@ carried_names = set(plan.read_host_packages()) | {plan.canonical(name) for name 
 carried = plan.host_closure(dict.fromkeys(carried_names), plan.target_environment("3.12"))
 missing = {module for module, dists in metadata.packages_distributions().items()
            if not any(plan.canonical(dist) in carried for dist in dists)}
-missing -= {"pipeline", "models", "jobs", "infra", "bench", "tests", "_distutils_hack"}  # holefill's own, setuptools' shim
+# holefill's own packages, and setuptools' shim
+missing -= {"pipeline", "models", "jobs", "infra", "bench", "tests", "_distutils_hack"}
 
 class MissingOnTheHost(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from models.registry import get_architecture
 from pipeline.lifecycle.packaging import MODEL_FORMAT, HiresSettings, LoadedModel, ServingDefaults
+from pipeline.lifecycle.alias_webhook import ALIAS_EVENTS, register_alias_webhook
 from pipeline.lifecycle.serving import AliasFollowingInpainter, ServeJobConfig, build_app
 from support.serving_helpers import (
     TINY_MAX_WHOLE_PIXELS,
@@ -80,7 +81,8 @@ def served(ray_head, mlflow_server, tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="holefill-test", route_prefix="/inpaint")
-        yield {"url": f"http://127.0.0.1:{port}/inpaint", "client": client, "versions": (first, second)}
+        yield {"url": f"http://127.0.0.1:{port}/inpaint", "client": client, "versions": (first, second),
+               "tracking_uri": mlflow_server}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -111,6 +113,25 @@ def test_served_version_follows_the_alias_on_the_admin_call_and_on_its_own(serve
         assert time.monotonic() < deadline, "the replicas did not follow the alias within 90 s"
         time.sleep(0.5)
     assert _call(url, _request(pixels, hole))[1]["model_version"] == first
+
+
+@pytest.mark.e2e
+def test_the_registry_calls_the_refresh_endpoint_through_the_alias_webhook_serve_registers(served):
+    url, client, (first, second) = served["url"], served["client"], served["versions"]
+    webhook = register_alias_webhook(served["tracking_uri"], f"{url}/-/refresh")  # what jobs/serve.py does
+    assert register_alias_webhook(served["tracking_uri"], f"{url}/-/refresh") == webhook  # every start: the same one
+    registered = client.get_webhook(webhook)
+    assert {f"{event.entity}.{event.action}" for event in registered.events} == set(ALIAS_EVENTS)
+    assert registered.url == f"{url}/-/refresh"
+
+    serving = set(_call(f"{url}/-/version")[1]["replicas"].values())
+    moved_to = second if serving == {first} else first
+    client.set_registered_model_alias(MODEL, "champion", moved_to)  # delivers model_version_alias.created
+    # MLflow's own test delivery of that event, answered by the refresh: every replica on the moved alias
+    delivery = client.test_webhook(webhook, "model_version_alias.created")
+    assert delivery.success and delivery.response_status == 200, delivery
+    answer = json.loads(delivery.response_body)
+    assert answer["model_version"] == moved_to and set(answer["replicas"].values()) == {moved_to}
 
 
 @pytest.mark.e2e

@@ -17,7 +17,14 @@ from infra.local.processes import ProcessHandle, http_answers, launch_detached, 
 from infra.local.ray_node import venv_bin
 from pipeline.config import Config
 
-__all__ = ["MlflowServerSettings", "mlflow_server_argv", "start_mlflow_server", "stop_mlflow_server"]
+__all__ = ["LOCAL_WEBHOOK_TARGETS", "MlflowServerSettings", "mlflow_server_argv", "start_mlflow_server",
+           "stop_mlflow_server"]
+
+# Registry webhooks (serving's alias push, pipeline/lifecycle/alias_webhook.py) may call http:// addresses on this
+# machine. MLflow refuses both by default (https only, public addresses only: its guard against a webhook made to
+# reach internal services). The local server listens on loopback only, so whoever can create a webhook here is
+# already on this machine and reaches those addresses anyway.
+LOCAL_WEBHOOK_TARGETS = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "https,http", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
 
 
 def require_loopback(host: str) -> str:
@@ -81,7 +88,7 @@ def start_mlflow_server(settings: MlflowServerSettings, log_path: Path, timeout_
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     # MLflow 3 servers also start a job runner with a dozen huey consumer processes (~2 GB) for its GenAI
     # jobs; holefill runs none of them, and a test session or laptop running a few servers runs out of memory.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **LOCAL_WEBHOOK_TARGETS}
     leader = launch_detached(mlflow_server_argv(settings), log_path, env=env)
     try:
         wait_for(lambda: http_answers(f"{settings.tracking_uri}/health"), "MLflow server", timeout_s,

@@ -145,6 +145,9 @@ class ServeJobConfig(Config):
     route_prefix: str = "/inpaint"
     host: str = "127.0.0.1"  # HTTP proxy address (0.0.0.0 to serve other hosts)
     port: int = Field(default=8000, ge=0, le=65535)
+    # The refresh endpoint as the MLflow server reaches it (http://<host>:<port><route_prefix>/-/refresh): set,
+    # jobs/serve.py registers a registry webhook that calls it when an alias moves (pipeline/lifecycle/alias_webhook.py)
+    alias_webhook_url: str | None = None
 
     def ongoing_requests(self) -> int:
         """Requests a replica takes at once: a batch being inpainted, the next one filling, and the admin calls
