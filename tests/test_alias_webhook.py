@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.lifecycle.alias_webhook import register_alias_webhook
+from pipeline.lifecycle.serving import ServeJobConfig
 
 pytest.importorskip("mlflow")
 
@@ -16,6 +17,9 @@ pytest.importorskip("mlflow")
 def test_only_an_http_url_of_the_refresh_endpoint_is_registered(url):
     with pytest.raises(ValueError, match="alias_webhook_url must be"):
         register_alias_webhook("sqlite:///unused.db", url)
+    with pytest.raises(ValueError, match="alias_webhook_url must be"):  # refused where the serve config is read
+        ServeJobConfig(alias_webhook_url=url)
+    assert ServeJobConfig(alias_webhook_url="http://serve.internal:8000/inpaint/-/refresh").alias_webhook_url
 
 
 def test_a_registry_that_refuses_http_targets_says_which_server_settings_allow_them(tmp_path, monkeypatch):

@@ -19,13 +19,14 @@ import urllib.parse
 from pipeline.errors import one_line
 from pipeline.tracking import mlflow_client
 
-__all__ = ["ALIAS_EVENTS", "WEBHOOK_NAME", "register_alias_webhook"]
+__all__ = ["ALIAS_EVENTS", "WEBHOOK_NAME", "check_refresh_url", "register_alias_webhook"]
 
 WEBHOOK_NAME = "holefill-serving-refresh"
 ALIAS_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 
 
-def _check_refresh_url(url: str) -> None:
+def check_refresh_url(url: str) -> None:
+    """``ValueError`` unless ``url`` is an http(s) URL of a serving app's ``<route>/-/refresh``."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"alias_webhook_url must be an http(s) URL with a host, got {url!r}")
@@ -39,7 +40,7 @@ def register_alias_webhook(tracking_uri: str | None, refresh_url: str) -> str:
     Idempotent: a webhook of this name already pointing at ``refresh_url`` is kept (re-activated and given both
     events if someone changed it), so every start of ``jobs/serve.py`` may call it.
     """
-    _check_refresh_url(refresh_url)
+    check_refresh_url(refresh_url)
     from mlflow.exceptions import MlflowException  # lazy, as mlflow_client
 
     try:

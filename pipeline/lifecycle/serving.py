@@ -65,7 +65,7 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, field_validator
 import ray
 from ray import serve
 from starlette.responses import Response
@@ -74,6 +74,7 @@ from models.codec import decode_opened, encode_png, read_headers, to_float
 from models.inpaint import CropStrategy, DeadlineExceeded, check_deadline, inpaint_tensor
 from pipeline.config import Config, load_config
 from pipeline.errors import one_line
+from pipeline.lifecycle.alias_webhook import check_refresh_url
 from pipeline.lifecycle.packaging import HiresSettings, LoadedModel, ServingDefaults, download_model, load_model
 from pipeline.tracking import mlflow_client, redact, resolve_tracking_uri
 
@@ -148,6 +149,13 @@ class ServeJobConfig(Config):
     # The refresh endpoint as the MLflow server reaches it (http://<host>:<port><route_prefix>/-/refresh): set,
     # jobs/serve.py registers a registry webhook that calls it when an alias moves (pipeline/lifecycle/alias_webhook.py)
     alias_webhook_url: str | None = None
+
+    @field_validator("alias_webhook_url")
+    @classmethod
+    def _refresh_endpoint(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_refresh_url(url)
+        return url
 
     def ongoing_requests(self) -> int:
         """Requests a replica takes at once: a batch being inpainted, the next one filling, and the admin calls
