@@ -24,8 +24,8 @@ unexport PYTHONDONTWRITEBYTECODE
 demo: $(SIMD_STAMP)
 	$(PY) jobs/demo.py
 
-# Two pytest-xdist workers: the end-to-end tests (one group, one set of services) in one, the rest spread over
-# both; on 2 cores the e2e tests leave one idle while a process imports or waits (tests/conftest.py).
+# Two pytest-xdist workers, one per core: the end-to-end tests that share the Ray head in one, those that need an
+# MLflow server or start their own services in the other, the rest spread over both (tests/conftest.py).
 # TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
